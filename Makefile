@@ -1,0 +1,29 @@
+# The two set-up commands of the README are `make demo` and `make test`; each installs first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+
+.PHONY: install demo test test-fast lint bench clean
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(VENV)/bin/hvd-yolo demo --np $(NP)
+
+test: install
+	$(VENV)/bin/hvd-yolo env
+	$(PY) -m pytest -ra tests
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" tests
+
+lint:
+	$(VENV)/bin/ruff check hvd_yolo tests scripts
+
+bench: install
+	bash benchmarks/run_matrix.sh
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache runs demo_out

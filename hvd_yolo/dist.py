@@ -1,0 +1,168 @@
+"""Everything Horovod: init, device binding, optimizer wrapping, broadcasts, metric averaging.
+
+This is the only module that imports ``horovod``. The rest of the package asks it for the
+rank, the world size and the collectives it needs, so the model and data code know nothing of
+ranks and every collective is easy to audit (each must be called on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import horovod.torch as hvd
+import torch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    device: torch.device
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+def init(threads: int | None = None, use_cuda: bool | None = None) -> DistContext:
+    """``hvd.init()``, then bind this rank to a device.
+
+    CUDA (when available and not disabled): device = local rank. CPU: ``torch.set_num_threads``
+    to ``threads`` or ``max(1, cores // local_size)`` so co-located ranks do not oversubscribe.
+    """
+    hvd.init()
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(threads or max(1, (cores or 1) // hvd.local_size()))
+    return DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), device)
+
+
+def is_initialized() -> bool:
+    return hvd.is_initialized()
+
+
+def rank() -> int:
+    return hvd.rank() if hvd.is_initialized() else 0
+
+
+def size() -> int:
+    return hvd.size() if hvd.is_initialized() else 1
+
+
+def is_root() -> bool:
+    return rank() == 0
+
+
+def allreduce_mean(value: float | torch.Tensor, name: str) -> torch.Tensor:
+    """Average a scalar or tensor over ranks (every rank must call it with the same name)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    return hvd.allreduce(t, name=name, op=hvd.Average)
+
+
+def allreduce_sum(value: float | torch.Tensor, name: str) -> torch.Tensor:
+    """Sum a scalar or tensor over ranks (every rank must call it with the same name)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    return hvd.allreduce(t, name=name, op=hvd.Sum)
+
+
+def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
+    """Gather a picklable object from every rank; every rank receives the list (rank order)."""
+    if not hvd.is_initialized() or hvd.size() == 1:
+        return [obj]
+    return hvd.allgather_object(obj, name=name)
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:
+    """Send ``obj`` from ``root_rank`` to every rank."""
+    if not hvd.is_initialized() or hvd.size() == 1:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=root_rank, name=name)
+
+
+def barrier() -> None:
+    if hvd.is_initialized() and hvd.size() > 1:
+        hvd.barrier()
+
+
+def join() -> int:
+    """``hvd.join()``: a guard that lets a rank with fewer batches wait instead of hanging."""
+    return hvd.join() if hvd.is_initialized() else 0
+
+
+def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Make every rank start from rank 0's weights (and optimizer state)."""
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    if optimizer is not None:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+
+def distributed_optimizer(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    compression: str = "fp16",
+    accumulate: int = 1,
+    op: str = "average",
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` in ``hvd.DistributedOptimizer``.
+
+    ``named_parameters`` makes each gradient's allreduce start from its backward hook, so
+    communication overlaps the rest of the backward pass. ``accumulate`` maps to
+    ``backward_passes_per_step`` (allreduce once every k backward passes).
+    """
+    compressions = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    ops = {"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}
+    if compression not in compressions:
+        raise ValueError(f"compression must be one of {sorted(compressions)}, got {compression!r}")
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    return hvd.DistributedOptimizer(
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=compressions[compression],
+        backward_passes_per_step=accumulate,
+        op=ops[op],
+    )
+
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm with ``hvd.SyncBatchNorm`` (statistics over all ranks)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            sync = hvd.SyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine,
+                child.track_running_stats,
+            )
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            sync_batchnorm(child)
+    return model
+
+
+def build_info() -> dict[str, Any]:
+    """What this Horovod was built with (controllers, tensor operations)."""
+    return {
+        "horovod": __import__("horovod").__version__,
+        "controllers": {"mpi": hvd.mpi_built(), "gloo": hvd.gloo_built()},
+        "tensor_operations": {
+            "nccl": hvd.nccl_built() != 0,
+            "ddl": hvd.ddl_built(),
+            "ccl": hvd.ccl_built(),
+            "cuda": hvd.cuda_built(),
+            "rocm": hvd.rocm_built(),
+            "mpi": hvd.mpi_built(),
+            "gloo": hvd.gloo_built(),
+        },
+    }
