@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+from hvd_yolo import launch
 
 VENV_BIN = Path(sys.executable).parent
 _TAG = re.compile(r"^\[(?:1,)?(\d+)\]<std(?:out|err)>:")
@@ -53,19 +54,8 @@ class JobResult:
 
 
 def mpirun_argv(np: int) -> list[str]:
-    """The Open MPI launch line used by the tests (and recommended by mpi/mpirun.sh)."""
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        raise RuntimeError("mpirun not found: run `make install` (Open MPI: openmpi-bin)")
-    argv = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none", "--tag-output",
-            "--mca", "mpi_yield_when_idle", "1", "--mca", "btl", "^openib",
-            "--mca", "btl_vader_single_copy_mechanism", "none"]
-    if os.geteuid() == 0:
-        argv.append("--allow-run-as-root")
-    for var in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH"):
-        if var in os.environ:
-            argv += ["-x", var]
-    return argv
+    """The package's recommended Open MPI line (hvd_yolo.launch), with rank-tagged output."""
+    return launch.mpirun_argv(np, tag_output=True)
 
 
 def horovodrun_argv(np: int) -> list[str]:

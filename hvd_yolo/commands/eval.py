@@ -1,0 +1,49 @@
+"""`hvd-yolo eval`: distributed COCO-mAP of a checkpoint on a shard directory.
+
+Run under ``mpirun -np N`` (each rank evaluates its share; rank 0 scores) or alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hvd_yolo import config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
+    parser.add_argument("--data", required=True, help="shard directory to evaluate on")
+    parser.add_argument("--size", type=int, help="input size (default: the training size)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    parser.add_argument("--json", dest="json_out", help="write the figures to this file")
+    parser.add_argument("--results", help="write the COCO results json (detections) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvd_yolo import dist
+    from hvd_yolo.checkpoint import restore_model
+    from hvd_yolo.data.dataset import ShardDataset
+    from hvd_yolo.train import evaluate, make_eval_loader
+
+    ctx = dist.init()
+    model, state = restore_model(args.checkpoint, use_ema=not args.no_ema)
+    cfg = config.from_dict(state["config"])
+    cfg.input.size = args.size or cfg.input.size
+    cfg.eval.batch_size = args.batch
+    cfg.validate()
+    ds = ShardDataset(args.data)
+    if list(ds.class_names) != list(state["class_names"]):
+        raise SystemExit(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
+                         f"{state['class_names']}")
+    figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device)
+    if ctx.is_root:
+        print(f"images {figures['images']}  mAP@0.5:0.95 {figures['mAP']:.4f}  "
+              f"mAP@0.5 {figures['mAP50']:.4f}")
+        for name, ap in (figures.get("per_class_AP") or {}).items():
+            print(f"  AP {name}: {ap:.4f}")
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(figures, f, indent=2, default=str)
+    return 0

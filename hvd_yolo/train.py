@@ -1,0 +1,328 @@
+"""The training loop, top to bottom: `hvd-yolo train` under mpirun/horovodrun (or alone).
+
+One optimizer step:
+  every rank reads its own batches (ShardSampler: same number of batches on every rank)
+  -> resize the batch to this step's input size (same on every rank, no communication)
+  -> forward, loss, backward: each gradient's allreduce starts from its backward hook
+     (hvd.DistributedOptimizer with named_parameters; fp16-compressed by default)
+  -> after ``accumulate`` backward passes: synchronize (wait for the allreduces), clip,
+     step, EMA update
+  -> every ``log_every`` steps: average the loss parts over ranks; rank 0 logs them.
+Rank 0 alone prints, logs and writes checkpoints; every rank runs every collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from hvd_yolo import checkpoint, dist
+from hvd_yolo.config import Config
+from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate
+from hvd_yolo.data.dataset import ShardDataset
+from hvd_yolo.data.multiscale import resize_batch, size_for_step
+from hvd_yolo.data.sampler import ShardSampler
+from hvd_yolo.evaluate import evaluate_loader
+from hvd_yolo.model.darknet_io import load_darknet_weights
+from hvd_yolo.model.loss import YoloLoss
+from hvd_yolo.model.yolov3 import build_model
+from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (Slurm's time limit or preemption) asks for a checkpoint and a clean
+    exit. The flag is combined over ranks every step, so all ranks stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+def horovod_environment(cfg: Config, timeline: str | None) -> None:
+    """Horovod reads these at ``hvd.init()``: set them before it runs."""
+    if timeline:
+        os.environ["HOROVOD_TIMELINE"] = str(Path(timeline).resolve())
+    if cfg.dist.fusion_threshold_mb is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.dist.fusion_threshold_mb * 2**20))
+    if cfg.dist.cycle_time_ms is not None:
+        os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.dist.cycle_time_ms)
+
+
+def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> DataLoader:
+    """Each rank's share of the validation set, letterboxed at ``input.size`` (padded evenly)."""
+    sampler = EpochIndices(ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
+                                        shuffle=False, tail="pad"))
+    return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
+                      batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
+                      collate_fn=collate)
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
+             device: torch.device) -> dict[str, Any]:
+    """Distributed COCO evaluation (every rank calls it; every rank gets the figures)."""
+    batches = ((b["images"].to(device).float().div_(255), b["metas"]) for b in loader)
+    return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
+                           cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det)
+
+
+class MetricsLog:
+    """Rank 0's JSON-lines log (``metrics.jsonl``) and optional TensorBoard."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("run.tensorboard=true needs the tensorboard package "
+                                   "(.venv/bin/pip install tensorboard)") from exc
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+
+def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
+    """Train as configured; returns the final summary (same on every rank)."""
+    # ---------------------------------------------------------------- set-up
+    horovod_environment(cfg, timeline)
+    ctx = dist.init(threads=cfg.dist.threads, use_cuda=cfg.dist.cuda)
+    device, world, acc, bs = ctx.device, ctx.size, cfg.optim.accumulate, cfg.optim.batch_size
+    out_dir = Path(cfg.run.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if ctx.is_root:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    rank_log = out_dir / "ranks" / f"rank{ctx.rank}.jsonl"
+    rank_log.parent.mkdir(parents=True, exist_ok=True)
+
+    train_ds = ShardDataset(cfg.data.train)
+    val_ds = ShardDataset(cfg.data.val) if cfg.data.val else None
+    num_classes = len(train_ds.class_names)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (broadcast anyway)
+    model = build_model(cfg.model.name, num_classes)
+    if cfg.model.weights:
+        load_darknet_weights(model, cfg.model.weights)
+    if cfg.dist.sync_bn:
+        model = dist.sync_batchnorm(model, cuda=device.type == "cuda")
+    model.to(device)
+    criterion = YoloLoss(model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
+    sampler = ShardSampler(train_ds.shard_sizes, ctx.rank, world, seed=cfg.run.seed,
+                           shuffle=True, tail=cfg.data.tail)
+    batches_per_epoch = (len(sampler) // bs) // acc * acc  # whole optimizer steps only
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data.train}: {len(train_ds)} images give each of {world} ranks {len(sampler)} "
+            f"samples, fewer than one step of batch_size {bs} x accumulate {acc}: lower them")
+    steps_per_epoch = batches_per_epoch // acc
+    total_steps = steps_per_epoch * cfg.optim.epochs  # the LR schedule's length
+    stop_at = min(total_steps, cfg.run.max_steps or total_steps)  # max_steps: stop early
+    base_lr = cfg.optim.lr * world * acc  # LR scales with the global batch
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step, skip_batches, best_map = 0, 0, 0, -1.0
+    ckpt_path = checkpoint.resolve(resume, out_dir) if resume else None
+    if ckpt_path is not None:
+        state = checkpoint.load(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        if use_amp and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best_map = state["epoch"], state.get("best_map", -1.0)
+        saved = state["sampler"]
+        consumed = saved["offset"] if saved["epoch"] == start_epoch else 0
+        if state["world_size"] == world:
+            skip_batches = consumed // bs
+        else:
+            # Another world size deals the shards differently: keep the fraction of the epoch
+            # done (so the schedule continues), re-derive the LR scale from the new world size.
+            frac = consumed * state["world_size"] / max(1, len(sampler) * world)
+            skip_batches = min(batches_per_epoch, int(frac * batches_per_epoch)) // acc * acc
+            if ctx.is_root:
+                warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on {world} ranks: "
+                              f"LR rescaled to {base_lr:g} (world x accumulate), sampler re-dealt "
+                              f"from batch {skip_batches} of epoch {start_epoch}", stacklevel=1)
+        sampler.load_state_dict({"epoch": start_epoch, "offset": skip_batches * bs})
+        step = start_epoch * steps_per_epoch + skip_batches // acc
+        if ctx.is_root:
+            print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
+
+    # Rank 0's weights everywhere. A fresh optimizer is identical on every rank by
+    # construction; Horovod's broadcast_optimizer_state would take a zero-gradient step to
+    # create its state, which applies weight decay, so it is only broadcast when there is state.
+    dist.broadcast_state(model, optimizer if optimizer.state_dict()["state"] else None)
+    optimizer = dist.distributed_optimizer(optimizer, model, cfg.dist.compression, acc, cfg.dist.op)
+
+    loader = DataLoader(
+        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
+                         hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
+        sampler=EpochIndices(sampler), batch_size=bs, num_workers=cfg.data.workers,
+        collate_fn=collate, drop_last=True, pin_memory=use_amp,
+        persistent_workers=False)
+    eval_loader = make_eval_loader(val_ds, cfg, ctx) if val_ds is not None else None
+    log = MetricsLog(out_dir, ctx.is_root, cfg.run.tensorboard)
+    stop = StopRequest()
+    if ctx.is_root:
+        print(f"training {cfg.model.name} ({num_classes} classes) on {world} rank(s), "
+              f"{len(train_ds)} images, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
+              f"global batch {bs * world * acc}, lr {base_lr:g}, compression {cfg.dist.compression}",
+              flush=True)
+
+    def save(epoch: int, batches_done: int, is_best: bool = False) -> None:
+        """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch``."""
+        if not ctx.is_root:
+            return
+        if batches_done:  # the sampler counts from where this epoch's iteration started
+            sampler_state = sampler.state_dict((batches_done - first) * bs)
+        else:
+            sampler_state = {**sampler.state_dict(0), "epoch": epoch, "offset": 0}
+        state = {
+            "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+            "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "lr": lr},
+            "scaler": scaler.state_dict() if use_amp else None,
+            "epoch": epoch, "step": step, "best_map": best_map,
+            "sampler": sampler_state, "config": cfg.to_dict(),
+            "world_size": world, "class_names": train_ds.class_names,
+            "category_ids": train_ds.category_ids, "model_name": cfg.model.name,
+        }
+        checkpoint.save(state, ckpt_dir, step, cfg.run.keep_last, is_best)
+
+    def run_eval(epoch: int) -> dict[str, Any]:
+        nonlocal best_map
+        figures = evaluate(ema.ema if ema else model, eval_loader, val_ds, cfg, device)
+        is_best = figures["mAP"] > best_map
+        best_map = max(best_map, figures["mAP"])
+        log.write({"type": "eval", "step": step, "epoch": epoch, "mAP": figures["mAP"],
+                   "mAP50": figures["mAP50"], "per_class_AP": figures.get("per_class_AP")})
+        if ctx.is_root:
+            print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
+                  flush=True)
+        save(epoch + 1, 0, is_best)
+        return figures
+
+    # ---------------------------------------------------------------- the loop
+    lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps, cfg.optim.final_lr_ratio)
+    figures, stopped, done = None, False, step >= stop_at
+    t_last, images_since, first = time.perf_counter(), 0, 0
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if done or stopped:
+            break
+        loader.sampler.set_epoch(epoch)  # keeps a resumed offset for the resumed epoch
+        first = skip_batches if epoch == start_epoch else 0
+        bar = None
+        if ctx.is_root and cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=batches_per_epoch, initial=first, desc=f"epoch {epoch}", unit="batch",
+                       dynamic_ncols=True)
+        model.train()
+        batches = iter(loader)
+        for b in range(first, batches_per_epoch):
+            batch = next(batches)
+            size = (size_for_step(step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
+                                  cfg.input.max_size) if cfg.input.multiscale else cfg.input.size)
+            images = batch["images"].to(device, non_blocking=True).float().div_(255)
+            images, targets = resize_batch(images, batch["targets"].to(device), size)
+            with torch.autocast(device.type, enabled=use_amp):
+                outputs = model(images)
+            loss, parts = criterion([o.float() for o in outputs], targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"rank {ctx.rank}: loss is {loss.item()} at step {step} "
+                                         f"(epoch {epoch}, batch {b}); lower optim.lr")
+            scaler.scale(loss / acc).backward()  # allreduces start in the backward hooks
+            images_since += images.shape[0]
+            if (b + 1) % acc:
+                continue
+            # ------------------------------------------------ optimizer step
+            lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps, cfg.optim.final_lr_ratio)
+            set_lr(optimizer, lr)
+            optimizer.synchronize()  # wait for this step's allreduces
+            scaler.unscale_(optimizer)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            with optimizer.skip_synchronize():
+                scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            with rank_log.open("a") as f:
+                f.write(json.dumps({"step": step, "size": size, "loss": loss.item()}) + "\n")
+            if step % cfg.run.log_every == 0 or step == stop_at:
+                values = torch.stack([loss.detach().cpu(), *(parts[k].detach().cpu().reshape(())
+                                                              for k in ("box", "obj", "cls"))])
+                avg = dist.allreduce_mean(values, name="hvd_yolo.train.metrics").tolist()
+                now = time.perf_counter()
+                img_s = images_since * world / max(now - t_last, 1e-9)
+                t_last, images_since = now, 0
+                record = {"type": "step", "step": step, "epoch": epoch, "lr": lr, "size": size,
+                          "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3],
+                          "img_s": img_s}
+                log.write(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{avg[0]:.3f}", box=f"{avg[1]:.3f}", obj=f"{avg[2]:.3f}",
+                                    cls=f"{avg[3]:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}",
+                                    size=size)
+            if bar is not None:
+                bar.update(acc)
+            stopped = bool(dist.allreduce_sum(float(stop.requested), "hvd_yolo.train.stop") > 0)
+            done = step >= stop_at
+            if stopped or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
+                save(epoch, b + 1)
+            if stopped or done:
+                break
+        if bar is not None:
+            bar.close()
+        dist.join()  # guard: every rank has finished the epoch's collectives
+        if stopped:
+            if ctx.is_root:
+                print(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint written "
+                      f"at step {step}; resume with --resume auto", flush=True)
+            break
+        epoch_done = b + 1 >= batches_per_epoch
+        last_epoch = epoch + 1 == cfg.optim.epochs or done
+        if eval_loader is not None and epoch_done and (
+                (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
+            figures = run_eval(epoch)
+        else:
+            save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else b + 1)
+
+    summary = {"steps": step, "stopped": stopped,
+               "mAP": figures["mAP"] if figures else None,
+               "mAP50": figures["mAP50"] if figures else None, "best_mAP": best_map,
+               "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / "last.pt")}
+    log.write({"type": "summary", "step": step, **summary})
+    return summary

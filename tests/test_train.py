@@ -1,0 +1,223 @@
+"""The Horovod training loop: allreduce correctness, multi-scale agreement, resume, uneven data.
+
+Every multi-rank test runs real ranks under mpirun (tests/mpi_harness.py, with timeouts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hvd_yolo.launch import hvd_yolo_argv
+from tests.mpi_harness import mpirun_argv, run_cli, run_python
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """13 small synthetic images in 3 shards: 13 is not divisible by ranks x batch."""
+    from hvd_yolo.data.convert import convert_dataset
+    from hvd_yolo.data.synthetic import write_yolo_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_yolo_dataset(root / "src", 13, seed=3, size_range=(96, 144))
+    convert_dataset("yolo", root / "src", root / "shards", shards=3)
+    return root / "shards"
+
+
+def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--set", f"data.train={shards}", "--set", "data.workers=1",
+            "--set", "input.size=128", "--set", "optim.batch_size=2", "--set", "optim.epochs=3",
+            "--set", "optim.warmup_steps=2", "--set", f"run.out_dir={out}",
+            "--set", "run.progress=false", "--set", "dist.threads=1", *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ allreduce correctness
+EQUIVALENCE = """
+    import torch, copy
+    from hvd_yolo import dist
+    from hvd_yolo.config import OptimConfig
+    from hvd_yolo.model.loss import YoloLoss
+    from hvd_yolo.model.yolov3 import build_model
+    from hvd_yolo.optim import build_optimizer
+
+    ctx = dist.init(threads=1)
+    COMPRESSION, ACC, B = "{compression}", {accumulate}, 2
+    torch.manual_seed(0)
+    model = build_model("yolov3-tiny", 3)
+    g = torch.Generator().manual_seed(1)
+    n = B * 2  # the global batch of one optimizer step
+    images = torch.rand(3, n, 3, 64, 64, generator=g)  # 3 steps
+    targets = []
+    for s in range(3):
+        rows = [[i, i % 3, 8 + 4 * i, 10, 40 + 3 * i, 50] for i in range(n)]
+        targets.append(torch.tensor(rows, dtype=torch.float32))
+    cfg = OptimConfig(name="sgd", lr=0.01, weight_decay=5e-4)
+
+    def split(s, part, parts):
+        # images part of step s, with their targets re-indexed inside the part
+        per = n // parts
+        t = targets[s]
+        t = t[(t[:, 0] >= part * per) & (t[:, 0] < (part + 1) * per)].clone()
+        t[:, 0] -= part * per
+        return images[s, part * per:(part + 1) * per], t
+
+    # Reference: one process, no Horovod, the whole global batch per step (full-batch BN).
+    ref = copy.deepcopy(model)
+    ref_opt = build_optimizer(ref, cfg)
+    ref_loss = YoloLoss(ref)
+    for s in range(3):
+        loss, _ = ref_loss(ref(images[s]), targets[s])
+        ref_opt.zero_grad(); loss.backward(); ref_opt.step()
+
+    # Horovod: the same global batch split over ranks (SyncBN) and/or accumulation steps.
+    net = copy.deepcopy(model)
+    if ACC == 1:
+        net = dist.sync_batchnorm(net)
+    opt = dist.distributed_optimizer(build_optimizer(net, cfg), net, COMPRESSION, ACC)
+    crit = YoloLoss(net)
+    parts = ctx.size * ACC
+    for s in range(3):
+        for a in range(ACC):
+            x, t = split(s, ctx.rank * ACC + a, parts)
+            loss, _ = crit(net(x), t)
+            (loss / ACC).backward()
+        opt.step(); opt.zero_grad()
+    ref_sd, sd = ref.state_dict(), net.state_dict()
+    diff = max((ref_sd[k].float() - sd[k].float()).abs().max().item() for k in ref_sd
+               if ref_sd[k].is_floating_point())
+    moved = max((model.state_dict()[k].float() - ref_sd[k].float()).abs().max().item()
+                for k in ref_sd if ref_sd[k].is_floating_point())
+    print(f"diff={{diff:.3e}}")
+    print(f"moved={{moved:.3e}}")
+"""
+
+
+@pytest.mark.parametrize("compression,accumulate,np,tol", [
+    ("none", 1, 2, 1e-5),   # fp32: only summation order differs
+    ("fp16", 1, 2, 2e-3),   # fp16 gradients on the wire: ~1e-3 relative error per step
+    ("none", 2, 1, 1e-5),   # accumulate 2 on one rank == one step of the doubled batch
+])
+def test_distributed_step_equals_one_big_batch(compression: str, accumulate: int, np: int,
+                                               tol: float) -> None:
+    """2 ranks x batch b (SyncBN) == 1 process x batch 2b; accumulate 2 == doubled batch.
+
+    Tolerances are on the largest absolute weight difference after 3 SGD steps, checked to be
+    far below how much the weights moved.
+    """
+    code = EQUIVALENCE.format(compression=compression, accumulate=accumulate)
+    res = run_python(code, np=np, timeout=300)
+    for rank in range(np):
+        diff, moved = float(res.values("diff")[rank]), float(res.values("moved")[rank])
+        assert moved > 50 * tol, f"weights barely moved ({moved}); the test would prove nothing"
+        assert diff < tol, f"rank {rank}: weights differ by {diff} > {tol}\n{res.output}"
+
+
+# ------------------------------------------------------------------ multi-scale, uneven data
+def test_two_ranks_use_the_same_input_size_at_every_step(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_cli(train_args(shards, out, "--set", "input.multiscale=true", "--set", "input.min_size=64",
+                       "--set", "input.max_size=160", "--set", "input.every=1",
+                       "--set", "run.max_steps=8"), np=2, timeout=400)
+    sizes = [[r["size"] for r in read_jsonl(out / "ranks" / f"rank{r}.jsonl")] for r in (0, 1)]
+    assert len(sizes[0]) == 8 and sizes[0] == sizes[1], sizes
+    assert len(set(sizes[0])) > 1 and all(s % 32 == 0 and 64 <= s <= 160 for s in sizes[0])
+
+
+def test_uneven_dataset_finishes_on_two_ranks(shards: Path, tmp_path: Path) -> None:
+    # 13 images, 2 ranks x batch 2 x accumulate 2: the sampler pads, the loop takes whole
+    # steps only, and every rank runs the same number of collectives.
+    out = tmp_path / "run"
+    res = run_cli(train_args(shards, out, "--set", "optim.accumulate=2", "--set", "data.tail=drop",
+                             "--set", "optim.epochs=2"), np=2, timeout=400)
+    steps = [len(read_jsonl(out / "ranks" / f"rank{r}.jsonl")) for r in (0, 1)]
+    assert steps[0] == steps[1] > 0, res.output
+    summary = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "summary"][-1]
+    assert summary["steps"] == steps[0] and not summary["stopped"]
+
+
+# ------------------------------------------------------------------ resume
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"}
+
+
+def test_killed_run_resumes_on_the_same_loss_trajectory(shards: Path, tmp_path: Path) -> None:
+    """Kill -9 a 2-rank run after its step-4 checkpoint; resume; steps 5-6 match an
+    uninterrupted run to 1e-4 relative (same data order, augmentation and weights)."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    common = ("--set", "run.checkpoint_every=2", "--set", "optim.epochs=20")
+    run_cli(train_args(shards, ref, *common, "--set", "run.max_steps=6"), np=2, timeout=400)
+
+    argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, cut, *common))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = cut / "checkpoints" / "step-00000004.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out = proc.communicate()[0].decode(errors="replace")
+    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + out
+
+    run_cli(train_args(shards, cut, *common, "--set", "run.max_steps=6", "--resume", "auto"),
+            np=2, timeout=400)
+    a, b = losses(ref), losses(cut)
+    for step in (5, 6):
+        assert step in b, f"resumed run logged no step {step}: {sorted(b)}"
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # 13 images: 2 ranks x batch 2 -> 3 steps per epoch; 1 rank -> 6 steps per epoch. The
+    # 2-rank run stops after epoch 0; on 1 rank that is step 6, and the schedule goes on.
+    run_cli(train_args(shards, out, "--set", "run.max_steps=3"), np=2, timeout=400)
+    res = run_cli(train_args(shards, out, "--set", "run.max_steps=8", "--resume", "auto"),
+                  np=1, timeout=400)
+    assert "resuming a 2-rank checkpoint on 1 ranks" in res.output
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == [1, 2, 3, 7, 8], steps
+
+
+# ------------------------------------------------------------------ signals (Slurm time limit)
+def test_sigterm_checkpoints_on_rank0_and_every_rank_exits(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, out, "--set", "optim.epochs=50"))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "ranks" / "rank0.jsonl"
+    deadline = time.time() + 300
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    # As Slurm does at the time limit: SIGTERM to every task of the step.
+    ranks = subprocess.run(["pgrep", "-f", f"run.out_dir={out}"], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        output = proc.communicate(timeout=120)[0].decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ranks did not exit after SIGTERM:\n" + proc.communicate()[0].decode())
+    assert proc.returncode == 0, output
+    assert "stop requested (SIGTERM)" in output, output
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    assert last["type"] == "summary" and last["stopped"], last
+    assert (out / "checkpoints" / "last.pt").exists()
+    stopped_at = last["steps"]
+    res = run_cli(train_args(shards, out, "--set", f"run.max_steps={stopped_at + 2}",
+                             "--resume", "auto"), np=2, timeout=400)
+    assert f"step {stopped_at}" in res.output
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
+    assert steps[-1] == stopped_at + 2
