@@ -52,6 +52,14 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: Slurm signals every process of a step, and a
+    worker killed by it would abort the main process before it can checkpoint. The main
+    process stops them itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def horovod_environment(cfg: Config, timeline: str | None) -> None:
     """Horovod reads these at ``hvd.init()``: set them before it runs."""
     if timeline:
@@ -68,7 +76,7 @@ def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> Da
                                         shuffle=False, tail="pad"))
     return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
                       batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                      collate_fn=collate)
+                      collate_fn=collate, worker_init_fn=ignore_stop_signals)
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
@@ -155,7 +163,6 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     if ckpt_path is not None:
         state = checkpoint.load(ckpt_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
         if use_amp and state.get("scaler"):
@@ -182,14 +189,18 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     # Rank 0's weights everywhere. A fresh optimizer is identical on every rank by
     # construction; Horovod's broadcast_optimizer_state would take a zero-gradient step to
     # create its state, which applies weight decay, so it is only broadcast when there is state.
-    dist.broadcast_state(model, optimizer if optimizer.state_dict()["state"] else None)
+    # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
+    # carried over), so a checkpoint's optimizer state is loaded into the wrapper.
     optimizer = dist.distributed_optimizer(optimizer, model, cfg.dist.compression, acc, cfg.dist.op)
+    if ckpt_path is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    dist.broadcast_state(model, optimizer if optimizer.state_dict()["state"] else None)
 
     loader = DataLoader(
         AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
                          hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
         sampler=EpochIndices(sampler), batch_size=bs, num_workers=cfg.data.workers,
-        collate_fn=collate, drop_last=True, pin_memory=use_amp,
+        collate_fn=collate, worker_init_fn=ignore_stop_signals, drop_last=True, pin_memory=use_amp,
         persistent_workers=False)
     eval_loader = make_eval_loader(val_ds, cfg, ctx) if val_ds is not None else None
     log = MetricsLog(out_dir, ctx.is_root, cfg.run.tensorboard)
@@ -249,6 +260,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                        dynamic_ncols=True)
         model.train()
         batches = iter(loader)
+        b = first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
         for b in range(first, batches_per_epoch):
             batch = next(batches)
             size = (size_for_step(step, cfg.run.seed, cfg.input.every, cfg.input.min_size,

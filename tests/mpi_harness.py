@@ -33,14 +33,15 @@ class JobResult:
     def rank_lines(self, rank: int) -> list[str]:
         """The lines printed by ``rank`` (stdout and stderr), tags removed.
 
-        Open MPI 4.1's ``--tag-output`` sometimes repeats the tag at the end of a line; any
-        tag after the first is dropped too.
+        Open MPI 4.1's ``--tag-output`` sometimes drops a line's newline, so the next tagged
+        line (of any rank, stdout or stderr) follows on the same line: every tag starts a line.
         """
         out = []
-        for line in self.output.splitlines():
+        text = _TAG_ANYWHERE.sub(lambda m: "\n" + m.group(0), self.output)
+        for line in text.splitlines():
             m = _TAG.match(line)
             if m and int(m.group(1)) == rank:
-                out.append(_TAG_ANYWHERE.sub("", line[m.end():]))
+                out.append(line[m.end():])
         return out
 
     def values(self, key: str) -> dict[int, str]:

@@ -1,0 +1,1 @@
+"""Benchmark matrix and report (not part of the installed package)."""

@@ -1,0 +1,173 @@
+"""`hvd-yolo bench data`: images/s of read + decode from shards vs the same images as files.
+
+Both readers decode with the same torchvision decoder and visit the images in the same shuffled
+order (``ShardSampler`` for one rank), through a DataLoader with 0 and k workers; only where
+the bytes come from differs (one HDF5 slice vs one ``open()`` per file). Without ``--shards`` a
+synthetic YOLO dataset is written and converted first. The OS page cache is warm for both after
+the warm-up pass, so this measures per-sample overhead, not cold-disk reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", metavar="DIR", help="existing shard directory (default: "
+                        "write and convert a synthetic dataset)")
+    parser.add_argument("--image-root", metavar="DIR", help="folder of the original images "
+                        "(default: the manifest's source image folder)")
+    parser.add_argument("--images", type=int, default=256, help="synthetic images (default 256)")
+    parser.add_argument("--size", type=int, default=320, help="synthetic image side (default 320)")
+    parser.add_argument("--workers", default="0,2", help="DataLoader worker counts (default 0,2)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--passes", type=int, default=2, help="timed passes (after one warm-up)")
+    parser.add_argument("--limit", type=int, default=0, help="read at most this many images")
+    parser.add_argument("--workdir", metavar="DIR", help="where the synthetic data goes "
+                        "(default: a temporary directory, removed at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+
+
+class FileImages:
+    """The folder-of-files baseline: read each file's bytes, decode like ShardDataset does."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from hvd_yolo.data.shards import decode_rgb
+
+        with open(self.paths[i], "rb") as f:
+            return decode_rgb(f.read())
+
+
+class ShardImages:
+    """Read + decode only (the same work as FileImages), from shards."""
+
+    def __init__(self, root: str) -> None:
+        from hvd_yolo.data.dataset import ShardDataset
+
+        self.ds = ShardDataset(root)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        from hvd_yolo.data.shards import decode_rgb
+
+        return decode_rgb(self.ds.image_bytes(i))
+
+
+def _count(batch: list[Any]) -> int:
+    return len(batch)
+
+
+def measure(dataset: Any, order: list[int], workers: int, batch_size: int, passes: int
+            ) -> dict[str, float]:
+    """Images/s over ``passes`` passes of ``order`` after one warm-up pass."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                        collate_fn=_count, persistent_workers=workers > 0)
+    sum(loader)  # warm-up: page cache, worker start, decoder tables
+    t0 = time.perf_counter()
+    n = sum(sum(loader) for _ in range(passes))
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt if dt > 0 else float("inf")}
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvd_yolo.data.convert import convert_dataset
+    from hvd_yolo.data.sampler import ShardSampler
+    from hvd_yolo.data.shards import ShardError, load_manifest
+    from hvd_yolo.data.synthetic import write_yolo_dataset
+
+    tmp = None
+    try:
+        if args.shards:
+            shards = Path(args.shards)
+        else:
+            base = Path(args.workdir) if args.workdir else Path(
+                tmp := tempfile.mkdtemp(prefix="hvd_yolo_bench_data_"))
+            src = write_yolo_dataset(base / "yolo", args.images, seed=args.seed,
+                                     size=args.size)
+            shards = base / "shards"
+            convert_dataset("yolo", src, shards, shards=4, overwrite=True, progress=False)
+        try:
+            manifest = load_manifest(shards)
+        except ShardError as e:
+            print(f"hvd-yolo bench data: {e}")
+            return 1
+        image_root = Path(args.image_root or manifest["source"]["image_root"])
+        shard_ds = ShardImages(str(shards))
+        names = [shard_ds.ds.annotations(i)["name"] for i in range(len(shard_ds))]
+        paths = [str(image_root / n) for n in names]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            print(f"hvd-yolo bench data: {len(missing)} original images not found (e.g. "
+                  f"{missing[0]}): pass --image-root DIR")
+            return 1
+        order = list(ShardSampler(shard_ds.ds.shard_sizes, 0, 1, seed=args.seed))
+        if args.limit:
+            order = order[:args.limit]
+        nbytes = sum(os.path.getsize(paths[i]) for i in order)
+        workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+        results = []
+        for w in workers:
+            for reader, ds in (("shards", shard_ds), ("files", FileImages(paths))):
+                r = measure(ds, order, w, args.batch_size, args.passes)
+                r.update(reader=reader, workers=w,
+                         mb_per_s=nbytes * args.passes / 2**20 / r["seconds"])
+                results.append(r)
+        out = {
+            "benchmark": "data",
+            "shards": str(shards),
+            "image_root": str(image_root),
+            "images": len(order),
+            "mean_image_kb": nbytes / max(len(order), 1) / 1024,
+            "batch_size": args.batch_size,
+            "passes": args.passes,
+            "results": results,
+            "env": _env(),
+        }
+        print(format_table(out))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_table(out: dict[str, Any]) -> str:
+    lines = [f"data loading: {out['images']} images (mean {out['mean_image_kb']:.1f} KiB), "
+             f"batch {out['batch_size']}, {out['passes']} timed passes after a warm-up",
+             f"{'workers':>7}  {'reader':<7} {'images/s':>10} {'MiB/s':>8}  {'vs files':>8}"]
+    files = {r["workers"]: r["images_per_s"] for r in out["results"] if r["reader"] == "files"}
+    for r in out["results"]:
+        ratio = r["images_per_s"] / files[r["workers"]] if files.get(r["workers"]) else 0
+        lines.append(f"{r['workers']:>7}  {r['reader']:<7} {r['images_per_s']:>10.1f} "
+                     f"{r['mb_per_s']:>8.1f}  {ratio:>7.2f}x")
+    return "\n".join(lines)
+
+
+def _env() -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads()}

@@ -1,0 +1,396 @@
+"""`hvd-yolo bench train`: synthetic training-step throughput, Horovod or torch DDP.
+
+In the spirit of Horovod's ``pytorch_synthetic_benchmark.py``: a fixed random batch (and a few
+random boxes per image for the real ``YoloLoss``), warm-up iterations, then timed iterations of
+forward, backward, gradient allreduce and SGD step. Rank 0 prints img/s per rank (mean and 95%
+confidence interval over the timed iterations) and the total, and writes JSON with every rank's
+per-iteration times and the time each spent waiting for the allreduce.
+
+``--overlap on``: each gradient's allreduce starts from its backward hook (Horovod's
+``DistributedOptimizer``, DDP's buckets); the wait is what is left after backward
+(``optimizer.synchronize()``). ``--overlap off``: all gradients are averaged after backward in
+one grouped call (``hvd.grouped_allreduce``; one flat ``all_reduce`` for DDP), so its time is the
+whole allreduce time; comparing the two gives the fraction that overlap hides.
+
+Launch: ``mpirun -np N ... hvd-yolo bench train ...`` for both backends (DDP takes rank and size
+from Open MPI's environment, see ``hvd_yolo.bench.ddp``), or ``torchrun`` for ``--backend ddp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS = ("yolov3-tiny", "yolov3")
+# Two-sided 95% Student t quantiles for n-1 degrees of freedom (1..30); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--backend", choices=("horovod", "ddp"), default="horovod")
+    p.add_argument("--model", choices=MODELS, default="yolov3-tiny")
+    p.add_argument("--size", type=int, default=320, help="input size in pixels (multiple of 32)")
+    p.add_argument("--batch", type=int, default=8, help="images per rank per backward pass")
+    p.add_argument("--accumulate", type=int, default=1,
+                   help="backward passes per optimizer step (allreduce once every k)")
+    p.add_argument("--classes", type=int, default=80, help="number of classes (80: COCO-sized head)")
+    p.add_argument("--loss", choices=("yolo", "sumsq"), default="yolo",
+                   help="yolo: the real YoloLoss on random boxes; sumsq: sum of squared outputs")
+    p.add_argument("--compression", choices=("none", "fp16"), default="none")
+    p.add_argument("--overlap", choices=("on", "off"), default="on")
+    p.add_argument("--iterations", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (default: cores // ranks on the node)")
+    p.add_argument("--interop-threads", type=int, default=1, help="torch inter-op threads")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cycle-time-ms", type=float, default=None,
+                   help="Horovod: sets HOROVOD_CYCLE_TIME before init (default: Horovod's)")
+    p.add_argument("--fusion-threshold-mb", type=float, default=None,
+                   help="Horovod: sets HOROVOD_FUSION_THRESHOLD before init (default: Horovod's)")
+    p.add_argument("--timeline", default=None,
+                   help="Horovod: write a Chrome-trace timeline of the timed iterations here")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% confidence interval of the mean)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = statistics.fmean(values)
+    if n == 1:
+        return m, float("nan")
+    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+    return m, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("torch", "horovod", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return out
+
+
+def launch_env() -> dict[str, str]:
+    """The environment that shapes the run: thread counts, Horovod and Open MPI settings."""
+    keep = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HOROVOD_", "OMPI_MCA_", "NCCL_", "GLOO_",
+            "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(keep) and "PASSWORD" not in k and "SECRET" not in k}
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def set_threads(interop: int) -> None:
+    """Inter-op threads must be set before any parallel work; ignore if already fixed."""
+    try:
+        torch.set_num_interop_threads(max(1, interop))
+    except RuntimeError:
+        pass
+    torch.set_flush_denormal(True)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+class _Comm:
+    """The collectives the benchmark needs, for either backend."""
+
+    def __init__(self, backend: str, threads: int | None, use_cuda: bool | None):
+        self.backend = backend
+        if backend == "horovod":
+            from hvd_yolo import dist
+
+            self._dist = dist
+            ctx = dist.init(threads=threads, use_cuda=use_cuda)
+        else:
+            from hvd_yolo.bench import ddp
+
+            self._ddp = ddp
+            ctx = ddp.init(threads=threads, use_cuda=use_cuda)
+        self.rank, self.size, self.local_size, self.device = (ctx.rank, ctx.size, ctx.local_size,
+                                                             ctx.device)
+        self.ddp_ctx = ctx if backend == "ddp" else None
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        if self.backend == "horovod":
+            return self._dist.allgather_object(obj, name="bench.gather")
+        return self._ddp.allgather_object(obj)
+
+    def close(self) -> None:
+        if self.backend == "ddp":
+            self._ddp.shutdown()
+
+
+def synthetic_batch(batch: int, size: int, classes: int, device: torch.device, seed: int,
+                    boxes_per_image: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images in 0..1 and ``[N, 6]`` targets (batch_index, class, x1, y1, x2, y2)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    n = batch * boxes_per_image
+    wh = torch.rand(n, 2, generator=g) * (size / 2 - 16) + 16
+    xy = torch.rand(n, 2, generator=g) * (size - wh)
+    cls = torch.randint(0, classes, (n,), generator=g).float()
+    idx = torch.arange(batch).repeat_interleave(boxes_per_image).float()
+    targets = torch.cat([idx[:, None], cls[:, None], xy, xy + wh], 1)
+    return images.to(device), targets.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("batch", "accumulate", "iterations", "classes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"bench train: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise SystemExit(f"bench train: --warmup must be >= 0, got {args.warmup}")
+    if args.size % 32 or args.size < 32:
+        raise SystemExit(f"bench train: --size must be a positive multiple of 32, got {args.size}")
+    if args.backend == "horovod":
+        if args.cycle_time_ms is not None:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(args.cycle_time_ms)
+        if args.fusion_threshold_mb is not None:
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(args.fusion_threshold_mb * 2**20))
+    elif args.timeline or args.cycle_time_ms is not None or args.fusion_threshold_mb is not None:
+        raise SystemExit("bench train: --timeline/--cycle-time-ms/--fusion-threshold-mb are "
+                         "Horovod settings; drop them with --backend ddp")
+    set_threads(args.interop_threads)
+    use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
+    comm = _Comm(args.backend, args.threads, use_cuda)
+    try:
+        result = _benchmark(args, comm)
+    finally:
+        comm.close()
+    if comm.rank == 0:
+        _report(args, result)
+        write_json(args.json_path, result)
+    return 0
+
+
+def _build(args: argparse.Namespace, device: torch.device):
+    from hvd_yolo.model.yolov3 import build_model
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.classes).to(device)
+    if args.loss == "yolo":
+        from hvd_yolo.model.loss import YoloLoss
+
+        crit = YoloLoss(model).to(device)
+
+        def loss_fn(outputs, targets):
+            return crit(outputs, targets)[0]
+    else:
+        def loss_fn(outputs, targets):
+            return sum((o.float() ** 2).mean() for o in outputs)
+    return model, loss_fn
+
+
+def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
+    device = comm.device
+    model, loss_fn = _build(args, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    images, targets = synthetic_batch(args.batch, args.size, args.classes, device,
+                                      args.seed + 1000 * comm.rank)
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+    k, distributed = args.accumulate, comm.size > 1
+    forward_model: torch.nn.Module = model
+    hvd_ext = None
+
+    if args.backend == "horovod":
+        from hvd_yolo import dist
+
+        if args.overlap == "on":
+            opt = dist.distributed_optimizer(opt, model, compression=args.compression,
+                                             accumulate=k)
+        else:
+            from hvd_yolo.bench import _hvd as hvd_ext
+        dist.broadcast_state(model, opt)
+    else:
+        ddp = comm._ddp
+        if args.overlap == "on" and distributed:
+            forward_model = ddp.wrap(model, comm.ddp_ctx, args.compression)
+        else:
+            ddp.broadcast_parameters(model)
+
+    def one_iteration() -> tuple[float, float, float, float, float]:
+        """(forward+backward, allreduce wait, optimizer step, process CPU, main-thread CPU) s.
+
+        Process CPU minus main-thread CPU is what the other threads burnt (Horovod's background
+        thread, MPI/Gloo progress, torch pools): the cost of busy-polling shows up there.
+        """
+        _sync(device)
+        c0, m0 = time.process_time(), time.thread_time()
+        t0 = time.perf_counter()
+        for micro in range(k):
+            no_sync = (args.backend == "ddp" and args.overlap == "on" and distributed
+                       and micro < k - 1)
+            ctx = forward_model.no_sync() if no_sync else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(forward_model(images), targets)
+                (loss / k if k > 1 else loss).backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        if args.backend == "horovod" and args.overlap == "on":
+            opt.synchronize()
+        elif args.overlap == "off" and distributed:
+            grads = [p.grad for p in params]
+            if args.backend == "horovod":
+                hvd_ext.grouped_allreduce_(grads, "bench.grads", args.compression)
+            else:
+                comm._ddp.allreduce_flat_(grads, args.compression)
+        _sync(device)
+        t2 = time.perf_counter()
+        if args.backend == "horovod" and args.overlap == "on":
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+        _sync(device)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, time.thread_time() - m0
+
+    for _ in range(args.warmup):
+        one_iteration()
+    if args.timeline and comm.rank == 0:
+        Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
+    if args.timeline and args.backend == "horovod":
+        from hvd_yolo.bench import _hvd
+
+        _hvd.start_timeline(str(Path(args.timeline).resolve()))
+    rows = []
+    t_start = time.perf_counter()
+    for i in range(args.iterations):
+        rows.append(one_iteration())
+        if comm.rank == 0 and not args.quiet:
+            c, w, s, cpu, main = rows[-1]
+            print(f"iter {i + 1}/{args.iterations}: {c + w + s:.3f} s "
+                  f"(compute {c:.3f}, allreduce wait {w:.3f}, step {s:.3f}; cpu {cpu:.3f}, "
+                  f"other threads {cpu - main:.3f}), "
+                  f"{args.batch * k / (c + w + s):.2f} img/s per rank", flush=True)
+    wall = time.perf_counter() - t_start
+    if args.timeline and args.backend == "horovod":
+        from hvd_yolo.bench import _hvd
+
+        _hvd.stop_timeline()
+    # Every rank must end with bitwise the same weights (their gradients were averaged):
+    # compare a sample of every parameter tensor exactly.
+    fingerprint = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 16)].float().cpu()
+                             for p in params]).tolist()
+    per_rank = comm.allgather_object({"rows": rows, "wall": wall, "fingerprint": fingerprint})
+    return _summarize(args, comm, model, per_rank)
+
+
+def _summarize(args: argparse.Namespace, comm: _Comm, model: torch.nn.Module,
+               per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    imgs = args.batch * args.accumulate
+    n_iter = args.iterations
+    # One optimizer step is as slow as its slowest rank: per-iteration time = max over ranks.
+    step_times = [max(r["rows"][i][0] + r["rows"][i][1] + r["rows"][i][2] for r in per_rank)
+                  for i in range(n_iter)]
+    rate = [imgs / t for t in step_times]
+    mean, ci = mean_ci95(rate)
+    total_imgs = imgs * n_iter * comm.size
+    wall = max(r["wall"] for r in per_rank)
+    waits = [[row[1] for row in r["rows"]] for r in per_rank]
+    wait_mean = statistics.fmean(w for ws in waits for w in ws)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bytes_per_value = 2 if args.compression == "fp16" else 4
+    ddp_wait_hidden = args.backend == "ddp" and args.overlap == "on" and comm.size > 1
+    return {
+        "benchmark": "train",
+        "backend": args.backend,
+        "model": args.model,
+        "size": args.size,
+        "batch": args.batch,
+        "accumulate": args.accumulate,
+        "classes": args.classes,
+        "loss": args.loss,
+        "compression": args.compression,
+        "overlap": args.overlap,
+        "iterations": n_iter,
+        "warmup": args.warmup,
+        "world_size": comm.size,
+        "local_size": comm.local_size,
+        "device": str(comm.device),
+        "threads": {"intra_op": torch.get_num_threads(),
+                    "inter_op": torch.get_num_interop_threads()},
+        "versions": versions(),
+        "env": launch_env(),
+        "parameters": n_params,
+        "gradient_tensors": sum(1 for p in model.parameters() if p.requires_grad),
+        # What one rank sends into the allreduce per optimizer step (0 on one rank).
+        "allreduce_bytes_per_step": n_params * bytes_per_value if comm.size > 1 else 0,
+        "img_per_sec_per_rank": mean,
+        "img_per_sec_per_rank_ci95": ci,
+        "img_per_sec_total": mean * comm.size,
+        "img_per_sec_total_wall": total_imgs / wall,
+        "step_time_mean_s": statistics.fmean(step_times),
+        "compute_time_mean_s": statistics.fmean(row[0] for r in per_rank for row in r["rows"]),
+        # CPU seconds per step burnt by threads other than the training thread (mean of ranks).
+        "other_threads_cpu_mean_s": statistics.fmean(row[3] - row[4] for r in per_rank
+                                                     for row in r["rows"]),
+        "process_cpu_mean_s": statistics.fmean(row[3] for r in per_rank for row in r["rows"]),
+        # Time in optimizer.synchronize() (overlap on) or the grouped allreduce (overlap off).
+        # DDP with overlap waits inside backward: not separable, reported as null.
+        "allreduce_wait_mean_s": None if ddp_wait_hidden else wait_mean,
+        "allreduce_wait_fraction": None if ddp_wait_hidden else wait_mean / statistics.fmean(
+            step_times),
+        "per_iteration": [
+            {"rank": rank, "compute_s": [row[0] for row in r["rows"]],
+             "allreduce_wait_s": [row[1] for row in r["rows"]],
+             "step_s": [row[2] for row in r["rows"]],
+             "process_cpu_s": [row[3] for row in r["rows"]],
+             "main_thread_cpu_s": [row[4] for row in r["rows"]]}
+            for rank, r in enumerate(per_rank)
+        ],
+        "step_time_s": step_times,
+        # Largest difference between rank 0's weights and any rank's (sampled); 0 when in sync.
+        "weights_max_abs_diff": max(max(abs(a - b) for a, b in zip(r["fingerprint"],
+                                                                   per_rank[0]["fingerprint"]))
+                                    for r in per_rank),
+        "timeline": args.timeline,
+    }
+
+
+def _report(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    wait = r["allreduce_wait_mean_s"]
+    wait_s = "n/a (inside backward)" if wait is None else f"{wait * 1000:.1f} ms/step"
+    print(f"bench train: {r['backend']} {r['model']} {r['size']}px batch {r['batch']}x"
+          f"{r['accumulate']} compression={r['compression']} overlap={r['overlap']} "
+          f"ranks={r['world_size']} threads={r['threads']['intra_op']}")
+    print(f"img/s per rank: {r['img_per_sec_per_rank']:.2f} +- "
+          f"{r['img_per_sec_per_rank_ci95']:.2f} (95% CI)")
+    print(f"img/s total ({r['world_size']} ranks): {r['img_per_sec_total']:.2f}; "
+          f"allreduce wait {wait_s}; {r['allreduce_bytes_per_step'] / 2**20:.1f} MiB "
+          f"allreduced per step", flush=True)

@@ -1,0 +1,52 @@
+"""`hvd-yolo shards verify DIR` and `hvd-yolo shards info DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    v = sub.add_parser("verify", help="checksums, decodes, boxes and counts; exit 1 at the first "
+                       "bad shard/sample")
+    v.add_argument("dir", help="shard directory (with manifest.json)")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    i = sub.add_parser("info", help="counts, classes, boxes per class, size histograms")
+    i.add_argument("dir", help="shard directory (with manifest.json)")
+    i.add_argument("--json", metavar="PATH", help="also write the numbers as JSON ('-': stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hvd_yolo.data.shards import ShardError, format_info, shard_info, verify_shards
+
+    try:
+        if args.action == "verify":
+            bar = None
+            if sys.stderr.isatty() and not args.no_decode:
+                from tqdm import tqdm
+
+                bar = tqdm(desc="verify", unit="img")
+            try:
+                res = verify_shards(args.dir, decode=not args.no_decode,
+                                    progress=bar.update if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            checks = "sha256, boxes, counts" + ("" if args.no_decode else ", every image decodes")
+            print(f"OK {args.dir}: {res.shards} shards, {res.images} images, {res.boxes} boxes "
+                  f"({checks})")
+            return 0
+        info = shard_info(args.dir)
+        if args.json == "-":
+            print(json.dumps(info, indent=1))
+            return 0
+        print(format_info(info))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(info, f, indent=1)
+        return 0
+    except ShardError as e:
+        print(f"hvd-yolo shards {args.action}: FAILED: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,186 @@
+"""Distributed COCO evaluation: every rank detects on its share, rank 0 scores, all receive.
+
+``evaluate_loader`` runs the model over a loader of ``(images, metas)`` (letterboxed float
+images in 0..1 and their letterbox metas with ``"image_id"``), turns the detections into COCO
+results in original image pixels, then ``score_distributed`` allgathers them, drops the
+duplicates that sampler padding creates (an image seen by several ranks, or twice by one, is
+scored once: from the first rank that saw it), and rank 0 runs pycocotools; the figures are
+broadcast so every rank returns the same dict. Every rank makes the same two collective calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hvd_yolo.metrics import coco_evaluate, to_coco_results
+from hvd_yolo.model.postprocess import postprocess, to_original
+
+_ERROR = "__error__"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block, then restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Collate ``Letterbox``-transformed samples into ``(float images [B,3,h,w] 0..1, metas)``."""
+    images = torch.stack([s["image"] for s in samples])
+    if not images.is_floating_point():
+        images = images.float().div_(255.0)
+    metas = []
+    for s in samples:
+        meta = dict(s["meta"])
+        meta.setdefault("image_id", int(s["image_id"]))
+        metas.append(meta)
+    return images, metas
+
+
+@torch.no_grad()
+def detect_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    metas: Sequence[dict[str, Any]],
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 100,
+    category_ids: Sequence[int] | None = None,
+    *,
+    multi_label: bool = False,
+) -> list[dict[str, Any]]:
+    """Detect on a letterboxed batch; COCO result dicts in each image's original pixels."""
+    if len(metas) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(metas)} metas")
+    device = next(model.parameters()).device
+    images = images.to(device)
+    if not images.is_floating_point():
+        images = images.float() / 255.0
+    with eval_mode(model):
+        outputs = model(images)
+    dets = postprocess(outputs, model, conf_thres, iou_thres, max_det, multi_label=multi_label)
+    results = []
+    for det, meta in zip(dets, metas):
+        if "image_id" not in meta:
+            raise ValueError("each meta needs an 'image_id' (the COCO image id) to export results")
+        results += to_coco_results(to_original(det.cpu(), meta), meta["image_id"], category_ids)
+    return results
+
+
+def evaluate_loader(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, Sequence[dict[str, Any]]]],
+    gt_coco: dict[str, Any],
+    category_ids: Sequence[int] | None = None,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 100,
+    *,
+    multi_label: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate this rank's share of the data and score everything (call on every rank).
+
+    Returns the same figures on every rank: ``{"mAP", "mAP50", "per_class_AP", "images",
+    "detections"}`` (see ``hvd_yolo.metrics.coco_evaluate``).
+    """
+    results: list[dict[str, Any]] = []
+    seen: list[int] = []
+    seen_set: set[int] = set()
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+    for images, metas in batches:
+        # An image this rank has already scored (sampler padding) is skipped, not doubled.
+        fresh = [i for i, m in enumerate(metas) if int(m["image_id"]) not in seen_set]
+        for i in fresh:
+            seen_set.add(int(metas[i]["image_id"]))
+            seen.append(int(metas[i]["image_id"]))
+        if not fresh:
+            continue
+        if len(fresh) < len(metas):
+            images, metas = images[fresh], [metas[i] for i in fresh]
+        results += detect_batch(model, images, metas, conf_thres, iou_thres, max_det,
+                                category_ids, multi_label=multi_label)
+    return score_distributed(results, gt_coco, seen, max_det=max_det)
+
+
+def _pack(results: list[dict[str, Any]]) -> np.ndarray:
+    """Results as a compact float64 array ``[n, 7]`` (image, category, x, y, w, h, score)."""
+    arr = np.zeros((len(results), 7), dtype=np.float64)
+    for i, r in enumerate(results):
+        arr[i, 0], arr[i, 1] = r["image_id"], r["category_id"]
+        arr[i, 2:6] = r["bbox"]
+        arr[i, 6] = r["score"]
+    return arr
+
+
+def _unpack(arr: np.ndarray) -> list[dict[str, Any]]:
+    return [{"image_id": int(a[0]), "category_id": int(a[1]), "bbox": [float(v) for v in a[2:6]],
+             "score": float(a[6])} for a in arr]
+
+
+def merge_rank_results(
+    gathered: Sequence[tuple[Sequence[int], np.ndarray]],
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Merge per-rank ``(seen image ids, packed results)`` in rank order, each image once.
+
+    An image's detections come from the first rank that saw it; exact duplicate rows within
+    that rank are dropped too. Returns ``(results, unique image ids)``.
+    """
+    owner: dict[int, int] = {}
+    for r, (seen, _) in enumerate(gathered):
+        for img in seen:
+            owner.setdefault(int(img), r)
+    parts = []
+    for r, (_, arr) in enumerate(gathered):
+        arr = np.asarray(arr, dtype=np.float64).reshape(-1, 7)
+        if len(arr):
+            mine = np.array([owner.get(int(i), -1) == r for i in arr[:, 0]], dtype=bool)
+            arr = np.unique(arr[mine], axis=0)
+            parts.append(arr)
+    merged = np.concatenate(parts) if parts else np.zeros((0, 7))
+    merged = merged[np.argsort(-merged[:, 6], kind="stable")] if len(merged) else merged
+    return _unpack(merged), sorted(owner)
+
+
+def score_distributed(
+    local_results: list[dict[str, Any]],
+    gt_coco: dict[str, Any],
+    seen_image_ids: Iterable[int],
+    max_det: int = 100,
+) -> dict[str, Any]:
+    """Allgather every rank's results, dedupe by image id, score on rank 0, broadcast.
+
+    Call on every rank (two collectives). ``seen_image_ids``: the images this rank evaluated
+    (including those with no detection); ``local_results``: their COCO results, at most one
+    pass per image (``evaluate_loader`` guarantees it).
+    """
+    from hvd_yolo import dist
+
+    local = ([int(i) for i in seen_image_ids], _pack(local_results))
+    gathered = dist.allgather_object(local, name="hvd_yolo.eval.gather")
+    figures: dict[str, Any] | None = None
+    if dist.rank() == 0:
+        try:
+            results, image_ids = merge_rank_results(gathered)
+            figures = coco_evaluate(gt_coco, results, image_ids, max_det=max_det)
+        except Exception as exc:  # every rank must reach the broadcast, then all raise
+            figures = {_ERROR: f"{type(exc).__name__}: {exc}"}
+    figures = dist.broadcast_object(figures, root_rank=0, name="hvd_yolo.eval.figures")
+    if _ERROR in figures:
+        raise RuntimeError(f"evaluation failed on rank 0: {figures[_ERROR]}")
+    return figures

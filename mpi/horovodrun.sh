@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Launch hvd-yolo (or any command) on N ranks through `horovodrun`.
+#
+# Usage: mpi/horovodrun.sh [options] [--] [hvd-yolo arguments...]
+#        mpi/horovodrun.sh [options] --exec [--] COMMAND [ARGS...]
+#
+#   -np N                 number of ranks (default: local cores)
+#   -H HOSTS              host:slots list, e.g. node1:4,node2:4 (default localhost:N)
+#   --hostfile FILE       hostfile ("host slots=N" lines; see mpi/hostfile.example)
+#   --gloo                Gloo controller: no mpirun needed, ranks started over ssh/locally
+#   --mpi                 MPI controller (the default): horovodrun builds an mpirun line
+#   --iface IF            network interface(s) for the controller and data (comma list)
+#   --ssh-port PORT       ssh port of the other nodes (e.g. 2222 for the Docker images)
+#   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
+#                         lists a GPU here; HVD_YOLO_GPU=0|1 does the same)
+#   --start-timeout S     seconds for all ranks to start (default horovodrun's, 30)
+#   --horovodrun-arg ARG  pass ARG to horovodrun as is (repeat as needed)
+#   --exec                the arguments are a whole command, not hvd-yolo arguments
+#   --dry-run             print the horovodrun command line instead of running it
+#   -h, --help            this help
+# The first argument that is not one of these options (or everything after `--`) starts the
+# hvd-yolo arguments: `mpi/horovodrun.sh -np 4 --gloo train --config cfg.yaml`.
+# Environment: HVD_YOLO_BIN (default: hvd-yolo of this checkout's .venv, else on PATH),
+# HOROVODRUN (default: horovodrun next to that, else on PATH). horovodrun passes the whole
+# environment to the ranks itself.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+die() { printf 'mpi/horovodrun.sh: error: %s\n' "$*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+np="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
+exec_mode=0 dry=0 start_timeout=""
+extra=()
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -np|-n|--np|--num-proc) need "$@"; np=$2; shift 2 ;;
+    -H|--hosts) need "$@"; hosts=$2; shift 2 ;;
+    --hostfile) need "$@"; hostfile=$2; shift 2 ;;
+    --gloo) controller=gloo; shift ;;
+    --mpi) controller=mpi; shift ;;
+    --iface) need "$@"; iface=$2; shift 2 ;;
+    --ssh-port) need "$@"; ssh_port=$2; shift 2 ;;
+    --cpu) gpu=0; shift ;;
+    --gpu) gpu=1; shift ;;
+    --start-timeout) need "$@"; start_timeout=$2; shift 2 ;;
+    --horovodrun-arg) need "$@"; extra+=("$2"); shift 2 ;;
+    --exec) exec_mode=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+
+[ -n "$np" ] || np=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+[[ "$np" =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
+[ -z "$hostfile" ] || [ -r "$hostfile" ] || die "hostfile '$hostfile' not found or not readable"
+[ -z "$hostfile" ] || [ -z "$hosts" ] || die "give --hostfile or -H, not both"
+[ -n "$hostfile" ] || [ -n "$hosts" ] || hosts="localhost:$np"
+
+HOROVODRUN=${HOROVODRUN:-}
+if [ -z "$HOROVODRUN" ]; then
+  if [ -x "$root/.venv/bin/horovodrun" ]; then HOROVODRUN=$root/.venv/bin/horovodrun
+  else HOROVODRUN=$(command -v horovodrun || true); fi
+fi
+[ -n "$HOROVODRUN" ] && [ -x "$HOROVODRUN" ] \
+  || die "horovodrun not found: run scripts/install.sh (Horovod into .venv) or set HOROVODRUN"
+if [ "$controller" = mpi ] && ! command -v mpirun >/dev/null 2>&1; then
+  die "mpirun not found for the MPI controller: install Open MPI or use --gloo"
+fi
+
+if [ "$exec_mode" = 1 ]; then
+  [ $# -gt 0 ] || die "--exec needs a command"
+  cmd=("$@")
+else
+  bin=${HVD_YOLO_BIN:-}
+  if [ -z "$bin" ]; then
+    if [ -x "$root/.venv/bin/hvd-yolo" ]; then bin=$root/.venv/bin/hvd-yolo
+    else bin=$(command -v hvd-yolo || true); fi
+  fi
+  [ -n "$bin" ] || die "hvd-yolo not found: run scripts/install.sh (or set HVD_YOLO_BIN, or use --exec)"
+  [ $# -gt 0 ] || die "no hvd-yolo arguments given (e.g. train --config cfg.yaml); see --help"
+  cmd=("$bin" "$@")
+fi
+
+if [ -z "$gpu" ]; then
+  gpu=0
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
+fi
+
+argv=("$HOROVODRUN" -np "$np")
+[ -n "$hosts" ] && argv+=(-H "$hosts")
+[ -n "$hostfile" ] && argv+=(--hostfile "$hostfile")
+argv+=("--$controller")
+[ -n "$iface" ] && argv+=(--network-interfaces "$iface")
+[ -n "$ssh_port" ] && argv+=(--ssh-port "$ssh_port")
+[ -n "$start_timeout" ] && argv+=(--start-timeout "$start_timeout")
+if [ "$controller" = mpi ]; then
+  mpi_args=""
+  # CPU-only: Open MPI otherwise busy-polls while a rank waits, stealing the cores.
+  [ "$gpu" = 0 ] && mpi_args="--mca mpi_yield_when_idle 1"
+  # More local ranks than cores (a laptop, CI): allow oversubscription.
+  if [ -z "$hostfile" ] && [ "$hosts" = "localhost:$np" ] && [ "$np" -gt "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" ]; then
+    mpi_args="$mpi_args --oversubscribe"
+  fi
+  [ -n "$iface" ] && mpi_args="$mpi_args --mca btl_tcp_if_include $iface --mca oob_tcp_if_include $iface"
+  [ -n "$mpi_args" ] && argv+=(--mpi-args="${mpi_args# }")
+fi
+if [ -n "$iface" ]; then
+  export NCCL_SOCKET_IFNAME=$iface HOROVOD_GLOO_IFACE=$iface
+fi
+argv+=(${extra[@]+"${extra[@]}"})
+argv+=("${cmd[@]}")
+
+if [ "$dry" = 1 ]; then
+  printf '%q ' "${argv[@]}"; printf '\n'
+  exit 0
+fi
+export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}  # NFS/Lustre: no HDF5 flock
+export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
+exec "${argv[@]}"

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Launch hvd-yolo (or any command) on N ranks with the Open MPI line recommended for Horovod.
+#
+# Usage: mpi/mpirun.sh [options] [--] [hvd-yolo arguments...]
+#        mpi/mpirun.sh [options] --exec [--] COMMAND [ARGS...]
+#
+#   -np N                 number of ranks (default: the slots of the hostfile, else local cores)
+#   --hostfile FILE       Open MPI hostfile ("host slots=N" lines; see mpi/hostfile.example)
+#   -H HOSTS              host list, e.g. node1:4,node2:4
+#   --cpus-per-rank N     bind each rank to N cores (-map-by slot:PE=N -bind-to core)
+#                         instead of Horovod's default -bind-to none -map-by slot
+#   --iface IF            network interface for MPI, Gloo and NCCL (e.g. eth0, ib0)
+#   --ssh-port PORT       ssh port of the other nodes (e.g. 2222 for the Docker images)
+#   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
+#                         lists a GPU here; HVD_YOLO_GPU=0|1 does the same)
+#   --term-grace SECONDS  on SIGTERM/SIGINT, give the ranks this long to checkpoint before
+#                         SIGKILL (default 1 s, Open MPI's; HVD_YOLO_TERM_GRACE)
+#   --mpirun-arg ARG      pass ARG to mpirun as is (repeat as needed)
+#   --exec                the arguments are a whole command, not hvd-yolo arguments
+#   --dry-run             print the mpirun command line instead of running it
+#   -h, --help            this help
+# The first argument that is not one of these options (or everything after `--`) starts the
+# hvd-yolo arguments: `mpi/mpirun.sh -np 4 train --config cfg.yaml`.
+# Environment: HVD_YOLO_BIN (default: hvd-yolo next to this checkout's .venv, else on PATH),
+# MPIRUN (default mpirun). The ranks get PATH and every set HOROVOD_*, NCCL_*, HVD_YOLO_*,
+# TORCH_* variable plus the few others listed in mpi/README.md.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+die() { printf 'mpi/mpirun.sh: error: %s\n' "$*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+np="" pe="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} exec_mode=0 dry=0
+grace=${HVD_YOLO_TERM_GRACE:-}
+extra=()
+need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -np|-n|--np) need "$@"; np=$2; shift 2 ;;
+    --hostfile|-hostfile|--machinefile) need "$@"; hostfile=$2; shift 2 ;;
+    -H|--host) need "$@"; hosts=$2; shift 2 ;;
+    --cpus-per-rank) need "$@"; pe=$2; shift 2 ;;
+    --iface) need "$@"; iface=$2; shift 2 ;;
+    --ssh-port) need "$@"; ssh_port=$2; shift 2 ;;
+    --cpu) gpu=0; shift ;;
+    --gpu) gpu=1; shift ;;
+    --term-grace) need "$@"; grace=$2; shift 2 ;;
+    --mpirun-arg) need "$@"; extra+=("$2"); shift 2 ;;
+    --exec) exec_mode=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+
+[ -z "$np" ] || [[ "$np" =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
+[ -z "$pe" ] || [[ "$pe" =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-rank must be a positive integer, got '$pe'"
+[ -z "$grace" ] || [[ "$grace" =~ ^[0-9]+$ ]] || die "--term-grace must be whole seconds, got '$grace'"
+[ -z "$hostfile" ] || [ -r "$hostfile" ] || die "hostfile '$hostfile' not found or not readable"
+[ -z "$hostfile" ] || [ -z "$hosts" ] || die "give --hostfile or -H, not both"
+MPIRUN=${MPIRUN:-mpirun}
+command -v "$MPIRUN" >/dev/null 2>&1 \
+  || die "'$MPIRUN' not found: install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; on a cluster: module load openmpi) or run scripts/install.sh"
+
+if [ "$exec_mode" = 1 ]; then
+  [ $# -gt 0 ] || die "--exec needs a command"
+  cmd=("$@")
+else
+  bin=${HVD_YOLO_BIN:-}
+  if [ -z "$bin" ]; then
+    if [ -x "$here/../.venv/bin/hvd-yolo" ]; then bin=$(cd "$here/.." && pwd)/.venv/bin/hvd-yolo
+    else bin=$(command -v hvd-yolo || true); fi
+  fi
+  [ -n "$bin" ] || die "hvd-yolo not found: run scripts/install.sh (or set HVD_YOLO_BIN, or use --exec)"
+  [ $# -gt 0 ] || die "no hvd-yolo arguments given (e.g. train --config cfg.yaml); see --help"
+  cmd=("$bin" "$@")
+fi
+
+if [ -z "$gpu" ]; then
+  gpu=0
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
+fi
+
+argv=("$MPIRUN")
+[ -n "$np" ] && argv+=(-np "$np")
+[ -n "$hostfile" ] && argv+=(--hostfile "$hostfile")
+[ -n "$hosts" ] && argv+=(-H "$hosts")
+if [ -n "$pe" ]; then argv+=(-map-by "slot:PE=$pe" -bind-to core)
+else argv+=(-bind-to none -map-by slot); fi
+argv+=(-mca pml ob1 -mca btl '^openib')
+[ "$(id -u)" = 0 ] && argv+=(--allow-run-as-root)
+# Alone on this machine with more ranks than cores (a laptop, CI): allow oversubscription.
+if [ -z "$hostfile" ] && [ -z "$hosts" ] && [ -z "${SLURM_JOB_ID:-}" ] && [ -n "$np" ] \
+   && [ "$np" -gt "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" ]; then
+  argv+=(--oversubscribe)
+fi
+# CPU-only: Open MPI otherwise busy-polls while a rank waits, stealing the cores from compute.
+[ "$gpu" = 0 ] && argv+=(--mca mpi_yield_when_idle 1)
+if [ -n "$iface" ]; then
+  argv+=(--mca btl_tcp_if_include "$iface" --mca oob_tcp_if_include "$iface")
+  export NCCL_SOCKET_IFNAME=$iface HOROVOD_GLOO_IFACE=$iface
+fi
+[ -n "$ssh_port" ] && argv+=(--mca plm_rsh_args "-p $ssh_port")
+[ -n "$grace" ] && argv+=(--mca odls_base_sigkill_timeout "$grace")
+
+export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}  # NFS/Lustre: no HDF5 flock
+# Export the environment the ranks need. `-x HOROVOD_*` is not mpirun syntax: list each name.
+argv+=(-x PATH)
+for name in $(compgen -e | sort); do
+  case "$name" in
+    LD_LIBRARY_PATH|PYTHONPATH|PYTHONUNBUFFERED|VIRTUAL_ENV|OMP_NUM_THREADS|MKL_NUM_THREADS|\
+    HDF5_USE_FILE_LOCKING|CUDA_VISIBLE_DEVICES|HOROVOD_*|NCCL_*|HVD_YOLO_*|TORCH_*)
+      argv+=(-x "$name") ;;
+  esac
+done
+argv+=(${extra[@]+"${extra[@]}"})
+argv+=("${cmd[@]}")
+
+if [ "$dry" = 1 ]; then
+  printf '%q ' "${argv[@]}"; printf '\n'
+  exit 0
+fi
+exec "${argv[@]}"

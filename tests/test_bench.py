@@ -1,0 +1,94 @@
+"""`hvd-yolo bench train|allreduce` on 2 real ranks, tiny settings: the JSON is complete and sane.
+
+No speed assertions (speed lives in benchmarks/); these check that the benchmarks run every
+backend/mode, that gradients really are averaged (ranks end with bitwise equal weights) and
+that the reported quantities are consistent (fp16 halves the bytes, bus = alg bandwidth at 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.mpi_harness import run_cli
+
+TINY = ["--model", "yolov3-tiny", "--size", "64", "--batch", "1", "--classes", "3",
+        "--iterations", "2", "--warmup", "1", "--quiet"]
+
+
+def _train(tmp_path, *extra: str, np: int = 2) -> dict:
+    out = tmp_path / "train.json"
+    res = run_cli(["bench", "train", *TINY, *extra, "--json", str(out)], np=np, timeout=240)
+    assert "img/s per rank" in "\n".join(res.rank_lines(0)), res.output
+    return json.loads(out.read_text())
+
+
+def _check_common(r: dict, np: int, iterations: int = 2) -> None:
+    assert r["benchmark"] == "train" and r["world_size"] == np
+    assert r["threads"]["intra_op"] >= 1 and r["threads"]["inter_op"] >= 1
+    assert r["versions"]["torch"] and r["parameters"] > 1_000_000
+    assert [p["rank"] for p in r["per_iteration"]] == list(range(np))
+    for p in r["per_iteration"]:
+        assert len(p["compute_s"]) == len(p["allreduce_wait_s"]) == iterations
+        assert all(t > 0 for t in p["compute_s"]) and all(t >= 0 for t in p["allreduce_wait_s"])
+    assert len(r["step_time_s"]) == iterations
+    assert math.isfinite(r["img_per_sec_per_rank"]) and r["img_per_sec_per_rank"] > 0
+    assert r["img_per_sec_total"] == pytest.approx(np * r["img_per_sec_per_rank"])
+    # Gradients were averaged: every rank holds bitwise the same weights after the steps.
+    assert r["weights_max_abs_diff"] == 0.0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_bench_train_overlap_fp16(tmp_path, backend):
+    r = _train(tmp_path, "--backend", backend, "--compression", "fp16", "--overlap", "on")
+    _check_common(r, 2)
+    assert (r["backend"], r["compression"], r["overlap"]) == (backend, "fp16", "on")
+    assert r["allreduce_bytes_per_step"] == 2 * r["parameters"]  # half of fp32's 4 bytes
+    if backend == "horovod":
+        assert r["allreduce_wait_mean_s"] >= 0
+    else:  # DDP waits inside backward: not separable, reported as null
+        assert r["allreduce_wait_mean_s"] is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", ["horovod", "ddp"])
+def test_bench_train_no_overlap_accumulate(tmp_path, backend):
+    r = _train(tmp_path, "--backend", backend, "--overlap", "off", "--accumulate", "2")
+    _check_common(r, 2)
+    assert r["accumulate"] == 2 and r["allreduce_bytes_per_step"] == 4 * r["parameters"]
+    # Without overlap the whole allreduce is waited for after backward: strictly positive.
+    assert r["allreduce_wait_mean_s"] > 0
+    assert 0 < r["allreduce_wait_fraction"] < 1
+
+
+@pytest.mark.mpi
+def test_bench_train_one_rank(tmp_path):
+    r = _train(tmp_path, "--threads", "1", np=1)
+    _check_common(r, 1)
+    assert r["allreduce_bytes_per_step"] == 0 and r["threads"]["intra_op"] == 1
+
+
+@pytest.mark.mpi
+def test_bench_allreduce(tmp_path):
+    out = tmp_path / "ar.json"
+    run_cli(["bench", "allreduce", "--models", "yolov3-tiny", "--classes", "3",
+             "--sizes-kib", "4,256", "--dtypes", "fp32,fp16", "--seconds-per-case", "0.05",
+             "--min-iterations", "2", "--max-iterations", "5", "--memcpy-mib", "8",
+             "--json", str(out)], np=2, timeout=240)
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "allreduce" and r["world_size"] == 2
+    assert r["memcpy_GBps"] > 0 and len(r["memcpy_GBps_per_rank"]) == 2
+    cases = {(c["buffer"], c["dtype"]): c for c in r["cases"]}
+    assert set(cases) == {(b, d) for b in ("yolov3-tiny gradients", "flat 4 KiB", "flat 256 KiB")
+                          for d in ("fp32", "fp16")}
+    grads32, grads16 = cases["yolov3-tiny gradients", "fp32"], cases["yolov3-tiny gradients", "fp16"]
+    assert grads16["bytes"] * 2 == grads32["bytes"] and grads32["tensors"] > 10
+    assert cases["flat 256 KiB", "fp32"]["bytes"] == cases["flat 256 KiB", "fp16"]["bytes"] == 262144
+    for c in r["cases"]:
+        assert c["iterations"] >= 2 and c["time_median_s"] > 0
+        # 2 ranks: bus bandwidth = algorithm bandwidth * 2(n-1)/n = algorithm bandwidth
+        assert c["busbw_GBps"] == pytest.approx(c["algbw_GBps"])
+        assert c["busbw_vs_memcpy"] == pytest.approx(c["busbw_GBps"] / r["memcpy_GBps"])

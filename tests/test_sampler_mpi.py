@@ -1,0 +1,71 @@
+"""Two real ranks (mpirun + Horovod): sampler + DataLoader workers give equal step counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hvd_yolo.data.convert import convert_dataset
+from hvd_yolo.data.synthetic import write_yolo_dataset
+from tests.mpi_harness import run_python
+
+REPO = Path(__file__).resolve().parents[1]
+
+RANK_CODE = """
+import torch
+from torch.utils.data import DataLoader
+from hvd_yolo import dist
+from hvd_yolo.data.dataset import ShardDataset, ShardIterableDataset
+from hvd_yolo.data.sampler import ShardSampler
+
+ctx = dist.init(threads=1)
+ds = ShardDataset({root!r})
+print(f"sizes={{ds.shard_sizes}}", flush=True)
+for tail in ("pad", "drop"):
+    for mode in ("map", "iterable"):
+        sampler = ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=7, tail=tail)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            if mode == "map":
+                loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2,
+                                    collate_fn=list)
+            else:
+                loader = DataLoader(ShardIterableDataset(ds, sampler), batch_size=2,
+                                    num_workers=2, collate_fn=list)
+            steps, ids = 0, []
+            for batch in loader:
+                # one collective per step, as in training: unequal step counts would hang here
+                dist.allreduce_sum(1.0, name=f"step.{{tail}}.{{mode}}.{{epoch}}")
+                steps += 1
+                ids += [s["image_id"] for s in batch]
+            total = int(dist.allreduce_sum(steps, name=f"steps.{{tail}}.{{mode}}.{{epoch}}"))
+            everyone = dist.allgather_object(sorted(ids), name=f"ids.{{tail}}.{{mode}}.{{epoch}}")
+            key = f"{{tail}}_{{mode}}_{{epoch}}"
+            print(f"steps_{{key}}={{steps}}", flush=True)
+            print(f"total_{{key}}={{total}}", flush=True)
+            print(f"seen_{{key}}={{len(set().union(*map(set, everyone)))}}", flush=True)
+            print(f"samples_{{key}}={{len(ids)}}", flush=True)
+print("done=1", flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_two_ranks_equal_steps_with_workers(tmp_path: Path) -> None:
+    src = write_yolo_dataset(tmp_path / "yolo", 11, seed=31, size=(32, 32))
+    convert_dataset("yolo", src, tmp_path / "shards", shards=3)  # 3 + 4 + 4 samples
+    res = run_python(RANK_CODE.format(root=str(tmp_path / "shards")), np=2, timeout=300,
+                     cwd=REPO)
+    assert res.values("done") == {0: "1", 1: "1"}
+    assert res.values("sizes") == {0: "[3, 4, 4]", 1: "[3, 4, 4]"}
+    for tail, per_rank in (("pad", 7), ("drop", 4)):  # shard loads 7 and 4 on the two ranks
+        for mode in ("map", "iterable"):
+            for epoch in (0, 1):
+                key = f"{tail}_{mode}_{epoch}"
+                steps = res.values(f"steps_{key}")
+                assert steps[0] == steps[1], (key, steps)  # equal step counts on both ranks
+                assert res.values(f"total_{key}") == {0: str(2 * int(steps[0]))} | {
+                    1: str(2 * int(steps[0]))}
+                assert res.values(f"samples_{key}") == {0: str(per_rank), 1: str(per_rank)}
+                if tail == "pad":
+                    assert res.values(f"seen_{key}")[0] == "11", key  # every image seen
