@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     for split in ("train", "val"):
         _run(mpirun_argv(args.np) + hvd_yolo_argv(
-            "convert", "--format", "yolo", str(src / split), str(out / "shards" / split),
+            "convert", "yolo", str(src / split), str(out / "shards" / split),
             "--shards", str(2 * args.np)), f"2/4 converting {split} to shards on {args.np} ranks")
 
     cfg_path = out / "demo.yaml"
