@@ -23,7 +23,7 @@ lint:
 	$(VENV)/bin/ruff check hvd_yolo tests scripts
 
 bench: install
-	bash benchmarks/run_matrix.sh
+	$(PY) benchmarks/run_matrix.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs demo_out
