@@ -138,13 +138,16 @@ def test_distributed_step_equals_one_big_batch(compression: str, accumulate: int
 
 # ------------------------------------------------------------------ multi-scale, uneven data
 def test_two_ranks_use_the_same_input_size_at_every_step(shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+    out, timeline = tmp_path / "run", tmp_path / "timeline.json"
     run_cli(train_args(shards, out, "--set", "input.multiscale=true", "--set", "input.min_size=64",
                        "--set", "input.max_size=160", "--set", "input.every=1",
-                       "--set", "run.max_steps=8"), np=2, timeout=400)
+                       "--set", "run.max_steps=8", "--timeline", str(timeline)), np=2, timeout=400)
     sizes = [[r["size"] for r in read_jsonl(out / "ranks" / f"rank{r}.jsonl")] for r in (0, 1)]
     assert len(sizes[0]) == 8 and sizes[0] == sizes[1], sizes
     assert len(set(sizes[0])) > 1 and all(s % 32 == 0 and 64 <= s <= 160 for s in sizes[0])
+    # --timeline: Horovod wrote its profile, with the gradient allreduces in it
+    text = timeline.read_text()
+    assert "ALLREDUCE" in text and "allreduce.layers.0.conv.weight" in text, text[:2000]
 
 
 def test_uneven_dataset_finishes_on_two_ranks(shards: Path, tmp_path: Path) -> None:
