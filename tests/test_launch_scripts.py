@@ -1,7 +1,8 @@
 """mpi/mpirun.sh and mpi/horovodrun.sh: the launch lines they build, and real 2-rank jobs.
 
 The real jobs run tests/slurm/allreduce_job.py (hvd_yolo.dist: an allreduce and an
-allgather) on 2 ranks; every one has a timeout and shows all output on failure. The
+allgather) and a short `hvd-yolo train` on 2 ranks; every one has a timeout and shows all
+output on failure. The
 ``--dry-run`` checks need no MPI at all.
 """
 
@@ -159,3 +160,49 @@ def test_launch_scripts_pass_shellcheck() -> None:
                            *map(str, scripts)], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
     assert proc.returncode == 0, f"shellcheck:\n{proc.stdout}{proc.stderr}"
+
+
+# ------------------------------------------------------------------ a short training run
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hvd_yolo.data.convert import convert_dataset
+    from hvd_yolo.data.synthetic import write_yolo_dataset
+
+    root = tmp_path_factory.mktemp("launch_data")
+    write_yolo_dataset(root / "src", 8, seed=5, size_range=(96, 128))
+    convert_dataset("yolo", root / "src", root / "shards", shards=2)
+    return root / "shards"
+
+
+def short_training(shards: Path, out: Path) -> list[str]:
+    return ["train", "--set", f"data.train={shards}", "--set", "data.workers=0",
+            "--set", "input.size=96", "--set", "optim.batch_size=2", "--set", "optim.epochs=1",
+            "--set", "run.max_steps=2", "--set", "run.progress=false", "--set", "dist.threads=1",
+            "--set", f"run.out_dir={out}"]
+
+
+def check_training(out: Path, result: JobResult) -> None:
+    """Both ranks took the same 2 steps, rank 0 logged them and wrote a checkpoint."""
+    for r in (0, 1):
+        lines = (out / "ranks" / f"rank{r}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2], result.output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["type"] == "summary"][-1]["steps"] == 2, result.output
+    assert (out / "checkpoints" / "last.pt").exists(), result.output
+
+
+@pytest.mark.mpi
+def test_mpirun_script_completes_a_short_training_run(tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = run_script([str(MPIRUN_SH), "-np", "2", *short_training(tiny_shards, out)], timeout=300)
+    check_training(out, res)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("controller", ["--gloo", "--mpi"])
+def test_horovodrun_script_completes_a_short_training_run(tiny_shards: Path, tmp_path: Path,
+                                                          controller: str) -> None:
+    out = tmp_path / "run"
+    res = run_script([str(HOROVODRUN_SH), "-np", "2", controller,
+                      *short_training(tiny_shards, out)], timeout=300)
+    check_training(out, res)
