@@ -60,7 +60,7 @@ class _Coll:
         self.backend = backend
         if backend == "horovod":
             from hvd_yolo import dist
-            from hvd_yolo.bench import _hvd
+            from hvd_yolo import dist as _hvd
 
             self._dist, self._hvd = dist, _hvd
             ctx = dist.init(threads=threads, use_cuda=use_cuda)

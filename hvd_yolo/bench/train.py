@@ -233,7 +233,7 @@ def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
             opt = dist.distributed_optimizer(opt, model, compression=args.compression,
                                              accumulate=k)
         else:
-            from hvd_yolo.bench import _hvd as hvd_ext
+            from hvd_yolo import dist as hvd_ext
         dist.broadcast_state(model, opt)
     else:
         ddp = comm._ddp
@@ -285,7 +285,7 @@ def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
     if args.timeline and comm.rank == 0:
         Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo.bench import _hvd
+        from hvd_yolo import dist as _hvd
 
         _hvd.start_timeline(str(Path(args.timeline).resolve()))
     rows = []
@@ -300,7 +300,7 @@ def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
                   f"{args.batch * k / (c + w + s):.2f} img/s per rank", flush=True)
     wall = time.perf_counter() - t_start
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo.bench import _hvd
+        from hvd_yolo import dist as _hvd
 
         _hvd.stop_timeline()
     # Every rank must end with bitwise the same weights (their gradients were averaged):
