@@ -310,6 +310,9 @@ def write_report(out_dir: Path) -> None:
         for x in d["results"]:
             lines.append(f"| {x['reader']} | {x['workers']} | {x['images_per_s']:.1f} | "
                          f"{x['mb_per_s']:.1f} |")
+        for x in d.get("bytes_only", []):
+            lines.append(f"| {x['reader']}, bytes only (no decode) | 0 | "
+                         f"{x['images_per_s']:.1f} | {x['mb_per_s']:.1f} |")
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -99,13 +99,46 @@ def test_workers_open_their_own_handles_after_fork(shards: Path) -> None:
     assert all(pid != os.getpid() and pid == handles_pid for pid, handles_pid, _ in reads)
     assert len({pid for pid, _, _ in reads}) == 2
     # the parent's handle is untouched and still valid
-    assert ds._files[0][0] is parent_file and parent_file.id.valid
+    assert ds._files[0][0] is parent_file and _valid(parent_file)
     assert torch.equal(ds[0]["image"], first["image"])
     # pickling (spawn start method) drops the handles; the copy reopens lazily
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._files == {} and torch.equal(clone[1]["image"], ds[1]["image"])
     ds.close()
-    assert ds._files == {} and not parent_file.id.valid
+    assert ds._files == {} and not _valid(parent_file)
+
+
+def _valid(handle) -> bool:
+    """An open file: a raw descriptor (contiguous bytes) or an h5py file (fallback)."""
+    if isinstance(handle, int):
+        try:
+            os.fstat(handle)
+            return True
+        except OSError:
+            return False
+    return bool(handle.id.valid)
+
+
+def test_contiguous_bytes_are_read_directly_and_chunked_fall_back_to_h5py(
+        shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
+    direct = ShardDataset(shards)
+    expected = [direct.image_bytes(i) for i in range(len(direct))]
+    assert isinstance(direct._files[0][0], int)  # the contiguous dataset: one pread per sample
+    copy = tmp_path / "chunked"
+    shutil.copytree(shards, copy)
+    for path in copy.glob("*.h5"):  # rewrite images/bytes chunked + compressed
+        with h5py.File(path, "r+") as f:
+            data = f["images/bytes"][()]
+            del f["images/bytes"]
+            f.create_dataset("images/bytes", data=data, chunks=(4096,), compression="gzip")
+    chunked = ShardDataset(copy)
+    assert [chunked.image_bytes(i) for i in range(len(chunked))] == expected
+    assert isinstance(chunked._files[0][1], h5py.Dataset)
+    assert torch.equal(chunked[1]["image"], direct[1]["image"])
 
 
 def test_iterable_dataset_splits_rank_across_workers(shards: Path) -> None:

@@ -22,7 +22,9 @@ def test_bench_data_synthetic_then_existing_shards(tmp_path: Path, capsys: Any) 
     for r in out["results"]:
         assert r["images"] == 12 and r["images_per_s"] > 0 and r["mb_per_s"] > 0
     assert out["images"] == 12 and out["env"]["torch"]
-    assert "images/s" in table and "vs files" in table
+    assert "images/s" in table and "vs files" in table and "bytes only" in table
+    assert [r["reader"] for r in out["bytes_only"]] == ["shards", "files"]
+    assert all(r["images"] == 12 * 5 and r["images_per_s"] > 0 for r in out["bytes_only"])
     assert len([ln for ln in table.splitlines() if " shards " in ln or " files " in ln]) == 4
 
     # an existing shard directory, a subset of its images

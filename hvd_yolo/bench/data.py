@@ -4,7 +4,9 @@ Both readers decode with the same torchvision decoder and visit the images in th
 order (``ShardSampler`` for one rank), through a DataLoader with 0 and k workers; only where
 the bytes come from differs (one HDF5 slice vs one ``open()`` per file). Without ``--shards`` a
 synthetic YOLO dataset is written and converted first. The OS page cache is warm for both after
-the warm-up pass, so this measures per-sample overhead, not cold-disk reads.
+the warm-up pass, so this measures per-sample overhead, not cold-disk reads. Decoding dominates
+read + decode, so the bytes alone are also timed (in-process, no decode): that is where the
+readers differ.
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ def measure(dataset: Any, order: list[int], workers: int, batch_size: int, passe
     return {"images": n, "seconds": dt, "images_per_s": n / dt if dt > 0 else float("inf")}
 
 
+def measure_bytes(read: Any, order: list[int], passes: int) -> dict[str, float]:
+    """Images/s reading only the encoded bytes of ``order`` in this process (after a warm-up)."""
+    sum(len(read(i)) for i in order)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(passes):
+        for i in order:
+            read(i)
+            n += 1
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt if dt > 0 else float("inf")}
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.sampler import ShardSampler
@@ -130,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
                 r.update(reader=reader, workers=w,
                          mb_per_s=nbytes * args.passes / 2**20 / r["seconds"])
                 results.append(r)
+        passes = max(args.passes, 5)  # bytes are cheap: more passes for a steadier figure
+        bytes_only = [
+            dict(measure_bytes(shard_ds.ds.image_bytes, order, passes), reader="shards"),
+            dict(measure_bytes(lambda i: _read_file(paths[i]), order, passes), reader="files"),
+        ]
+        for r in bytes_only:
+            r["mb_per_s"] = nbytes * passes / 2**20 / r["seconds"]
         out = {
             "benchmark": "data",
             "shards": str(shards),
@@ -139,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "passes": args.passes,
             "results": results,
+            "bytes_only": bytes_only,
             "env": _env(),
         }
         print(format_table(out))
@@ -161,6 +189,10 @@ def format_table(out: dict[str, Any]) -> str:
         ratio = r["images_per_s"] / files[r["workers"]] if files.get(r["workers"]) else 0
         lines.append(f"{r['workers']:>7}  {r['reader']:<7} {r['images_per_s']:>10.1f} "
                      f"{r['mb_per_s']:>8.1f}  {ratio:>7.2f}x")
+    b = {r["reader"]: r["images_per_s"] for r in out.get("bytes_only", [])}
+    if b.get("shards") and b.get("files"):
+        lines.append(f"bytes only, no decode, 0 workers: shard reader {b['shards']:.0f} img/s, "
+                     f"file reader {b['files']:.0f} img/s = {b['shards'] / b['files']:.2f}x")
     return "\n".join(lines)
 
 
