@@ -222,6 +222,9 @@ def write_report(out_dir: Path) -> None:
         f"{manifest['machine']['cpu']}, {manifest['machine']['cores']} cores "
         f"(load average before: {', '.join(f'{x:.2f}' for x in manifest['machine']['load_before'])})"
         f". {manifest['threads_per_rank']} torch thread(s) per rank.",
+        *([f"The runs re-measured then were merged (`--merge`) into those of "
+           f"{manifest['merged_into']['created']}; each run's JSON has its own settings."]
+          if manifest.get("merged_into") else []),
         "",
         f"Launch line: `{manifest['launch']} ...`. Horovod settings: "
         + ", ".join(f"{k}={v if v is not None else 'default'}"

@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/run_matrix.py            # full matrix, ~15 min on 2 cores
     .venv/bin/python benchmarks/run_matrix.py --quick    # smoke run, ~3 min
     .venv/bin/python benchmarks/run_matrix.py --report-only   # re-make RESULTS.md/PNG
+    .venv/bin/python benchmarks/run_matrix.py --models yolov3 --iterations 10 --no-data \
+        --no-allreduce --merge    # re-measure a subset, keep the other runs' results
 
 Training throughput (`hvd-yolo bench train`) for each model at np in --nps (1 thread per rank,
 so the work per rank is the same at every np: weak scaling), Horovod and torch DDP, fp32/fp16
@@ -74,6 +76,8 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     for m in _model_plan(args.quick):
         if args.models and m["model"] not in args.models.split(","):
             continue
+        if args.iterations:
+            m = {**m, "iterations": args.iterations}
         base = ["bench", "train", "--model", m["model"], "--size", str(m["size"]),
                 "--batch", str(m["batch"]), "--iterations", str(m["iterations"]),
                 "--warmup", str(m["warmup"]), "--threads", str(args.threads), "--quiet"]
@@ -180,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="HOROVOD_FUSION_THRESHOLD for the Horovod runs (default: Horovod's 128)")
     p.add_argument("--mpirun-arg", action="append", default=[],
                    help="extra argument for mpirun (repeat), e.g. --mpirun-arg=--bind-to ...")
+    p.add_argument("--iterations", type=int, default=0,
+                   help="timed iterations of every training run (default: per model, 8 or 4)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the existing matrix.json's other runs (replace same-named ones)")
     p.add_argument("--no-ddp", action="store_true", help="skip the DDP baseline")
     p.add_argument("--no-allreduce", action="store_true")
     p.add_argument("--no-data", action="store_true")
@@ -207,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{status} in {rec['seconds']:.0f} s", flush=True)
     if args.dry_run:
         return 0
+    merged_from = None
+    if args.merge and (out_dir / "matrix.json").exists():
+        old = json.loads((out_dir / "matrix.json").read_text())
+        mine = {r["name"] for r in records}
+        records = [r for r in old["runs"] if r["name"] not in mine] + records
+        merged_from = {k: old.get(k) for k in ("created", "seconds", "machine")}
     manifest = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": time.perf_counter() - t_start,
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "horovod_settings": {"HOROVOD_CYCLE_TIME": args.cycle_time_ms,
                              "HOROVOD_FUSION_THRESHOLD_MB": args.fusion_threshold_mb},
         "runs": records,
+        "merged_into": merged_from,  # --merge: the earlier invocation whose other runs are kept
     }
     (out_dir / "matrix.json").write_text(json.dumps(manifest, indent=1) + "\n")
     write_report(out_dir)
