@@ -11,7 +11,9 @@ broadcast so every rank returns the same dict. Every rank makes the same two col
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,11 +91,13 @@ def evaluate_loader(
     *,
     multi_label: bool = False,
     progress: bool = False,
+    results_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate this rank's share of the data and score everything (call on every rank).
 
     Returns the same figures on every rank: ``{"mAP", "mAP50", "per_class_AP", "images",
-    "detections"}`` (see ``hvd_yolo.metrics.coco_evaluate``).
+    "detections"}`` (see ``hvd_yolo.metrics.coco_evaluate``). ``results_path``: rank 0 also
+    writes the merged detections there as a COCO results json.
     """
     results: list[dict[str, Any]] = []
     seen: list[int] = []
@@ -115,7 +119,7 @@ def evaluate_loader(
             images, metas = images[fresh], [metas[i] for i in fresh]
         results += detect_batch(model, images, metas, conf_thres, iou_thres, max_det,
                                 category_ids, multi_label=multi_label)
-    return score_distributed(results, gt_coco, seen, max_det=max_det)
+    return score_distributed(results, gt_coco, seen, max_det=max_det, results_path=results_path)
 
 
 def _pack(results: list[dict[str, Any]]) -> np.ndarray:
@@ -162,6 +166,7 @@ def score_distributed(
     gt_coco: dict[str, Any],
     seen_image_ids: Iterable[int],
     max_det: int = 100,
+    results_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Allgather every rank's results, dedupe by image id, score on rank 0, broadcast.
 
@@ -178,6 +183,8 @@ def score_distributed(
         try:
             results, image_ids = merge_rank_results(gathered)
             figures = coco_evaluate(gt_coco, results, image_ids, max_det=max_det)
+            if results_path is not None:  # COCO results json: image_id, category_id, bbox, score
+                Path(results_path).write_text(json.dumps(results))
         except Exception as exc:  # every rank must reach the broadcast, then all raise
             figures = {_ERROR: f"{type(exc).__name__}: {exc}"}
     figures = dist.broadcast_object(figures, root_rank=0, name="hvd_yolo.eval.figures")

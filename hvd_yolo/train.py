@@ -80,11 +80,13 @@ def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> Da
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
-             device: torch.device) -> dict[str, Any]:
-    """Distributed COCO evaluation (every rank calls it; every rank gets the figures)."""
+             device: torch.device, results_path: str | None = None) -> dict[str, Any]:
+    """Distributed COCO evaluation (every rank calls it; every rank gets the figures; rank 0
+    writes the detections as a COCO results json to ``results_path`` when given)."""
     batches = ((b["images"].to(device).float().div_(255), b["metas"]) for b in loader)
     return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
-                           cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det)
+                           cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det,
+                           results_path=results_path)
 
 
 class MetricsLog:

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if list(ds.class_names) != list(state["class_names"]):
         raise SystemExit(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
                          f"{state['class_names']}")
-    figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device)
+    figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device,
+                       results_path=args.results)
     if ctx.is_root:
         print(f"images {figures['images']}  mAP@0.5:0.95 {figures['mAP']:.4f}  "
               f"mAP@0.5 {figures['mAP50']:.4f}")
@@ -46,4 +47,6 @@ def run(args: argparse.Namespace) -> int:
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(figures, f, indent=2, default=str)
+        if args.results:
+            print(f"detections (COCO results json): {args.results}")
     return 0
