@@ -128,6 +128,13 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
             jobs.append(Job(f"allreduce_np{top}_{backend}", top,
                             ar + ["--backend", backend] + knobs, 300 if args.quick else 420,
                             meta=dict(kind="allreduce")))
+        if args.fusion_threshold_mb is None:
+            # Horovod's 128 MiB fusion buffer streams every pass of Open MPI's shared-memory
+            # allreduce through DRAM; 1 MiB pieces stay in cache (benchmarks/NOTES.md).
+            jobs.append(Job(f"allreduce_np{top}_horovod_fusion1MiB", top,
+                            ar + ["--backend", "horovod", "--sizes-kib", ""] + hvd_knobs
+                            + ["--fusion-threshold-mb", "1"], 300 if args.quick else 420,
+                            meta=dict(kind="allreduce")))
     if not args.no_data:
         data = ["bench", "data", "--images", "64" if args.quick else "256", "--workers", "0,1",
                 "--passes", "1" if args.quick else "2"]

@@ -67,7 +67,7 @@ class DistConfig:
     sync_bn: bool = False
     threads: int | None = None  # CPU threads per rank (default cores // local ranks)
     fusion_threshold_mb: float | None = None  # HOROVOD_FUSION_THRESHOLD
-    cycle_time_ms: float | None = None  # HOROVOD_CYCLE_TIME
+    cycle_time_ms: float | None = None  # HOROVOD_CYCLE_TIME (default: 10 on CPU, Horovod's on GPU)
     cuda: bool | None = None  # None: use CUDA when available
 
 

@@ -14,7 +14,6 @@ Rank 0 alone prints, logs and writes checkpoints; every rank runs every collecti
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import warnings
@@ -60,14 +59,10 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def horovod_environment(cfg: Config, timeline: str | None) -> None:
+def horovod_environment(cfg: Config, timeline: str | None) -> dict[str, str]:
     """Horovod reads these at ``hvd.init()``: set them before it runs."""
-    if timeline:
-        os.environ["HOROVOD_TIMELINE"] = str(Path(timeline).resolve())
-    if cfg.dist.fusion_threshold_mb is not None:
-        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(cfg.dist.fusion_threshold_mb * 2**20))
-    if cfg.dist.cycle_time_ms is not None:
-        os.environ["HOROVOD_CYCLE_TIME"] = str(cfg.dist.cycle_time_ms)
+    return dist.horovod_settings(cfg.dist.cycle_time_ms, cfg.dist.fusion_threshold_mb, cfg.dist.cuda,
+                          timeline)
 
 
 def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> DataLoader:
@@ -118,7 +113,7 @@ class MetricsLog:
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the final summary (same on every rank)."""
     # ---------------------------------------------------------------- set-up
-    horovod_environment(cfg, timeline)
+    hvd_env = horovod_environment(cfg, timeline)
     ctx = dist.init(threads=cfg.dist.threads, use_cuda=cfg.dist.cuda)
     device, world, acc, bs = ctx.device, ctx.size, cfg.optim.accumulate, cfg.optim.batch_size
     out_dir = Path(cfg.run.out_dir)
@@ -210,7 +205,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     if ctx.is_root:
         print(f"training {cfg.model.name} ({num_classes} classes) on {world} rank(s), "
               f"{len(train_ds)} images, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
-              f"global batch {bs * world * acc}, lr {base_lr:g}, compression {cfg.dist.compression}",
+              f"global batch {bs * world * acc}, lr {base_lr:g}, compression {cfg.dist.compression}; "
+              + (" ".join(f"{k}={v}" for k, v in hvd_env.items()) or "Horovod defaults"),
               flush=True)
 
     def save(epoch: int, batches_done: int, is_best: bool = False) -> None:

@@ -49,6 +49,8 @@ def test_bench_train_overlap_fp16(tmp_path, backend):
     assert r["allreduce_bytes_per_step"] == 2 * r["parameters"]  # half of fp32's 4 bytes
     if backend == "horovod":
         assert r["allreduce_wait_mean_s"] >= 0
+        # CPU ranks get the project's measured cycle time unless the user exported one.
+        assert r["env"]["HOROVOD_CYCLE_TIME"] == "10.0"
     else:  # DDP waits inside backward: not separable, reported as null
         assert r["allreduce_wait_mean_s"] is None
 
@@ -77,8 +79,9 @@ def test_bench_allreduce(tmp_path):
     run_cli(["bench", "allreduce", "--models", "yolov3-tiny", "--classes", "3",
              "--sizes-kib", "4,256", "--dtypes", "fp32,fp16", "--seconds-per-case", "0.05",
              "--min-iterations", "2", "--max-iterations", "5", "--memcpy-mib", "8",
-             "--json", str(out)], np=2, timeout=240)
+             "--fusion-threshold-mb", "1", "--json", str(out)], np=2, timeout=240)
     r = json.loads(out.read_text())
+    assert r["env"]["HOROVOD_FUSION_THRESHOLD"] == str(2**20)
     assert r["benchmark"] == "allreduce" and r["world_size"] == 2
     assert r["memcpy_GBps"] > 0 and len(r["memcpy_GBps_per_rank"]) == 2
     cases = {(c["buffer"], c["dtype"]): c for c in r["cases"]}

@@ -12,7 +12,6 @@ on every rank at once, same thread count), the physical limit of a shared-memory
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from typing import Any
@@ -47,9 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores // ranks on the node)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--cycle-time-ms", type=float, default=None, help="sets HOROVOD_CYCLE_TIME")
+    p.add_argument("--cycle-time-ms", type=float, default=None,
+                   help="sets HOROVOD_CYCLE_TIME (default: 10 on CPU, Horovod's on GPU)")
     p.add_argument("--fusion-threshold-mb", type=float, default=None,
-                   help="sets HOROVOD_FUSION_THRESHOLD")
+                   help="sets HOROVOD_FUSION_THRESHOLD (default: Horovod's 128 MiB; 1 MiB "
+                        "triples the bus bandwidth on a 2-core CPU, see benchmarks/NOTES.md)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
 
 
@@ -166,11 +167,11 @@ def _time_case(coll: _Coll, tensors: list[torch.Tensor], name: str,
 
 
 def run(args: argparse.Namespace) -> int:
+    use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
-        if args.cycle_time_ms is not None:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(args.cycle_time_ms)
-        if args.fusion_threshold_mb is not None:
-            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(args.fusion_threshold_mb * 2**20))
+        from hvd_yolo.dist import horovod_settings
+
+        horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in ("fp32", "fp16")]
     if bad:
@@ -188,7 +189,6 @@ def run(args: argparse.Namespace) -> int:
         args.seconds_per_case = min(args.seconds_per_case, 0.3)
         args.memcpy_mib = min(args.memcpy_mib, 64.0)
     set_threads(1)
-    use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     coll = _Coll(args.backend, args.threads, use_cuda)
     try:
         result = _benchmark(args, coll, models, sizes_kib, dtypes)

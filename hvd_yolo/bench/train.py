@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--interop-threads", type=int, default=1, help="torch inter-op threads")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--cycle-time-ms", type=float, default=None,
-                   help="Horovod: sets HOROVOD_CYCLE_TIME before init (default: Horovod's)")
+                   help="Horovod: sets HOROVOD_CYCLE_TIME before init (default: 10 on CPU, "
+                        "Horovod's 1 on GPU; an exported value is kept)")
     p.add_argument("--fusion-threshold-mb", type=float, default=None,
                    help="Horovod: sets HOROVOD_FUSION_THRESHOLD before init (default: Horovod's)")
     p.add_argument("--timeline", default=None,
@@ -176,16 +177,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench train: --warmup must be >= 0, got {args.warmup}")
     if args.size % 32 or args.size < 32:
         raise SystemExit(f"bench train: --size must be a positive multiple of 32, got {args.size}")
+    use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
-        if args.cycle_time_ms is not None:
-            os.environ["HOROVOD_CYCLE_TIME"] = str(args.cycle_time_ms)
-        if args.fusion_threshold_mb is not None:
-            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(args.fusion_threshold_mb * 2**20))
+        from hvd_yolo.dist import horovod_settings
+
+        horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     elif args.timeline or args.cycle_time_ms is not None or args.fusion_threshold_mb is not None:
         raise SystemExit("bench train: --timeline/--cycle-time-ms/--fusion-threshold-mb are "
                          "Horovod settings; drop them with --backend ddp")
     set_threads(args.interop_threads)
-    use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     comm = _Comm(args.backend, args.threads, use_cuda)
     try:
         result = _benchmark(args, comm)
