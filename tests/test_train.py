@@ -136,6 +136,36 @@ def test_distributed_step_equals_one_big_batch(compression: str, accumulate: int
         assert diff < tol, f"rank {rank}: weights differ by {diff} > {tol}\n{res.output}"
 
 
+ADASUM = """
+    import torch
+    from hvd_yolo import dist
+
+    ctx = dist.init(threads=1)
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = dist.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model,
+                                     compression="none", op="adasum")
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]])[ctx.rank]  # rank r's gradient is x_r
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    print("w=" + ",".join(f"{v:.6f}" for v in model.weight.detach().flatten().tolist()))
+"""
+
+
+def test_adasum_combines_the_ranks_updates_by_the_adasum_rule() -> None:
+    """dist.op=adasum: two ranks' SGD steps combine as Adasum, not as their average or sum.
+
+    Adasum(a, b) = (1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b. Here a = (1, 0), b = (1, 1):
+    (1.25, 0.75), where the average is (1, 0.5) and the sum (2, 1). Hand-worked, so a wrong op,
+    a skipped allreduce (each rank keeps its own step) or a sum would all fail.
+    """
+    res = run_python(ADASUM, np=2, timeout=240)
+    for rank in (0, 1):
+        w = [float(v) for v in res.values("w")[rank].split(",")]
+        assert w == pytest.approx([-1.25, -0.75], abs=1e-5), (rank, w, res.output)
+
+
 # ------------------------------------------------------------------ multi-scale, uneven data
 def test_two_ranks_use_the_same_input_size_at_every_step(shards: Path, tmp_path: Path) -> None:
     out, timeline = tmp_path / "run", tmp_path / "timeline.json"
