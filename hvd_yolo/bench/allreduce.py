@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cycle-time-ms", type=float, default=None,
                    help="sets HOROVOD_CYCLE_TIME (default: 10 on CPU, Horovod's on GPU)")
     p.add_argument("--fusion-threshold-mb", type=float, default=None,
-                   help="sets HOROVOD_FUSION_THRESHOLD (default: Horovod's 128 MiB; 1 MiB "
-                        "triples the bus bandwidth on a 2-core CPU, see benchmarks/NOTES.md)")
+                   help="sets HOROVOD_FUSION_THRESHOLD (default: Horovod's 128 MiB; 1 MiB gave "
+                        "2.3-2.6x the bus bandwidth on a 2-core CPU, see benchmarks/NOTES.md)")
     p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
 
 
