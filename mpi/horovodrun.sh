@@ -28,6 +28,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 die() { printf 'mpi/horovodrun.sh: error: %s\n' "$*" >&2; exit 2; }
+# shellcheck source=mpi/common.sh
+. "$here/common.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 np="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
@@ -72,24 +74,8 @@ if [ "$controller" = mpi ] && ! command -v mpirun >/dev/null 2>&1; then
   die "mpirun not found for the MPI controller: install Open MPI or use --gloo"
 fi
 
-if [ "$exec_mode" = 1 ]; then
-  [ $# -gt 0 ] || die "--exec needs a command"
-  cmd=("$@")
-else
-  bin=${HVD_YOLO_BIN:-}
-  if [ -z "$bin" ]; then
-    if [ -x "$root/.venv/bin/hvd-yolo" ]; then bin=$root/.venv/bin/hvd-yolo
-    else bin=$(command -v hvd-yolo || true); fi
-  fi
-  [ -n "$bin" ] || die "hvd-yolo not found: run scripts/install.sh (or set HVD_YOLO_BIN, or use --exec)"
-  [ $# -gt 0 ] || die "no hvd-yolo arguments given (e.g. train --config cfg.yaml); see --help"
-  cmd=("$bin" "$@")
-fi
-
-if [ -z "$gpu" ]; then
-  gpu=0
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
-fi
+resolve_command "$root" "$exec_mode" "$@"
+[ -n "$gpu" ] || gpu=$(detect_gpu)
 
 argv=("$HOROVODRUN" -np "$np")
 [ -n "$hosts" ] && argv+=(-H "$hosts")

@@ -27,7 +27,10 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
 die() { printf 'mpi/mpirun.sh: error: %s\n' "$*" >&2; exit 2; }
+# shellcheck source=mpi/common.sh
+. "$here/common.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 np="" pe="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} exec_mode=0 dry=0
@@ -63,24 +66,8 @@ MPIRUN=${MPIRUN:-mpirun}
 command -v "$MPIRUN" >/dev/null 2>&1 \
   || die "'$MPIRUN' not found: install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; on a cluster: module load openmpi) or run scripts/install.sh"
 
-if [ "$exec_mode" = 1 ]; then
-  [ $# -gt 0 ] || die "--exec needs a command"
-  cmd=("$@")
-else
-  bin=${HVD_YOLO_BIN:-}
-  if [ -z "$bin" ]; then
-    if [ -x "$here/../.venv/bin/hvd-yolo" ]; then bin=$(cd "$here/.." && pwd)/.venv/bin/hvd-yolo
-    else bin=$(command -v hvd-yolo || true); fi
-  fi
-  [ -n "$bin" ] || die "hvd-yolo not found: run scripts/install.sh (or set HVD_YOLO_BIN, or use --exec)"
-  [ $# -gt 0 ] || die "no hvd-yolo arguments given (e.g. train --config cfg.yaml); see --help"
-  cmd=("$bin" "$@")
-fi
-
-if [ -z "$gpu" ]; then
-  gpu=0
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; fi
-fi
+resolve_command "$root" "$exec_mode" "$@"
+[ -n "$gpu" ] || gpu=$(detect_gpu)
 
 argv=("$MPIRUN")
 [ -n "$np" ] && argv+=(-np "$np")
