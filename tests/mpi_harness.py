@@ -79,6 +79,18 @@ def run_job(
         argv = horovodrun_argv(np) + command
     else:
         raise ValueError(f"launcher must be mpirun or horovodrun, got {launcher!r}")
+    return run_argv(argv, timeout=timeout, env=env, cwd=cwd, check=check)
+
+
+def run_argv(
+    argv: list[str],
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    check: bool = True,
+) -> JobResult:
+    """Run ``argv`` in its own process group (the venv first on PATH); on timeout stop the
+    whole group (SIGTERM, then SIGKILL); with ``check``, fail showing all output unless rc 0."""
     full_env = dict(os.environ)
     full_env["PATH"] = f"{VENV_BIN}{os.pathsep}{full_env.get('PATH', '')}"
     full_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -11,40 +11,25 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.mpi_harness import JobResult, describe_failure
+from tests.mpi_harness import JobResult, run_argv
 
 REPO = Path(__file__).resolve().parents[1]
 MPIRUN_SH = REPO / "mpi" / "mpirun.sh"
 HOROVODRUN_SH = REPO / "mpi" / "horovodrun.sh"
 ALLREDUCE_JOB = REPO / "tests" / "slurm" / "allreduce_job.py"
-VENV_BIN = Path(sys.executable).parent
 
 
 def run_script(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None,
                check: bool = True) -> JobResult:
-    """Run a launch script like a user; kill its whole process group on timeout."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=REPO, start_new_session=True)
-    timed_out = False
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-    result = JobResult(-1 if timed_out else proc.returncode, output or "", timed_out, argv)
-    if check and (timed_out or result.returncode != 0):
-        raise AssertionError(describe_failure(result, timeout))
-    return result
+    """Run a launch script like a user, from the checkout, with one thread per rank."""
+    return run_argv(argv, timeout=timeout, cwd=REPO, check=check,
+                    env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def dry_run(script: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
