@@ -219,6 +219,16 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out_dir: Path) -> None:
     manifest, rows = _load(out_dir)
     a = _analyse(rows)
@@ -386,11 +396,7 @@ def _plots(out_dir: Path, a: dict[str, Any]) -> list[Path]:
                      ylabel="efficiency", xticks=nps, ylim=(0.5, 1.05))
             ax_t.legend(fontsize=7)
             ax_e.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "scaling.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, out_dir / "scaling.png"))
     if a["allreduce"]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for ar in a["allreduce"]:
@@ -399,14 +405,11 @@ def _plots(out_dir: Path, a: dict[str, Any]) -> list[Path]:
                        if c["buffer"].startswith("flat") and c["dtype"] == dt]
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"{ar['backend']} {dt}")
-            ax.axhline(ar["memcpy_GBps"], color="grey", ls=":", lw=1,
-                       label=f"memcpy ({ar['backend']} run)")
+            if any(c["buffer"].startswith("flat") for c in ar["cases"]):
+                ax.axhline(ar["memcpy_GBps"], color="grey", ls=":", lw=1,
+                           label=f"memcpy ({ar['backend']} run)")
         ax.set(xscale="log", xlabel="bytes per allreduce", ylabel="bus bandwidth GB/s",
                title=f"allreduce bus bandwidth, {a['allreduce'][0]['world_size']} ranks")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / "allreduce.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, out_dir / "allreduce.png"))
     return made
