@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from hvd_yolo.bench.train import MODELS, launch_env, mean_ci95, set_threads, versions, write_json
+from hvd_yolo.bench.train import MODELS, BenchComm, launch_env, mean_ci95, set_threads, versions, write_json
 
 DEFAULT_SWEEP_KIB = (4, 64, 1024, 4096, 16384, 65536, 262144)
 QUICK_SWEEP_KIB = (64, 1024, 16384)
@@ -54,31 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
 
 
-class _Coll:
-    """allreduce / grouped allreduce / broadcast / gather for either backend."""
-
-    def __init__(self, backend: str, threads: int | None, use_cuda: bool | None):
-        self.backend = backend
-        if backend == "horovod":
-            from hvd_yolo import dist
-            from hvd_yolo import dist as _hvd
-
-            self._dist, self._hvd = dist, _hvd
-            ctx = dist.init(threads=threads, use_cuda=use_cuda)
-        else:
-            from hvd_yolo.bench import ddp
-
-            self._ddp = ddp
-            ctx = ddp.init(threads=threads, use_cuda=use_cuda)
-        self.rank, self.size, self.device = ctx.rank, ctx.size, ctx.device
+class _Coll(BenchComm):
+    """BenchComm plus the allreduce, broadcast and barrier this benchmark times."""
 
     def allreduce(self, tensors: list[torch.Tensor], name: str) -> None:
         """Average ``tensors`` over ranks in one call (grouped when several)."""
         if self.backend == "horovod":
             if len(tensors) == 1:
-                self._hvd.allreduce_(tensors[0], name=name)
+                self._dist.allreduce_(tensors[0], name=name)
             else:
-                self._hvd.grouped_allreduce_(tensors, name=name)
+                self._dist.grouped_allreduce_(tensors, name=name)
         elif len(tensors) == 1:
             import torch.distributed as tdist
 
@@ -96,11 +81,6 @@ class _Coll:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def allgather_object(self, obj: Any) -> list[Any]:
-        if self.backend == "horovod":
-            return self._dist.allgather_object(obj, name="bench.gather")
-        return self._ddp.allgather_object(obj)
-
     def barrier(self) -> None:
         if self.backend == "horovod":
             self._dist.barrier()
@@ -108,10 +88,6 @@ class _Coll:
             import torch.distributed as tdist
 
             tdist.barrier()
-
-    def close(self) -> None:
-        if self.backend == "ddp":
-            self._ddp.shutdown()
 
 
 def _sync(device: torch.device) -> None:

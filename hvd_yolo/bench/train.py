@@ -121,8 +121,8 @@ def set_threads(interop: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the benchmark
-class _Comm:
-    """The collectives the benchmark needs, for either backend."""
+class BenchComm:
+    """Init and the object collectives the benchmarks need, for either backend."""
 
     def __init__(self, backend: str, threads: int | None, use_cuda: bool | None):
         self.backend = backend
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("bench train: --timeline/--cycle-time-ms/--fusion-threshold-mb are "
                          "Horovod settings; drop them with --backend ddp")
     set_threads(args.interop_threads)
-    comm = _Comm(args.backend, args.threads, use_cuda)
+    comm = BenchComm(args.backend, args.threads, use_cuda)
     try:
         result = _benchmark(args, comm)
     finally:
@@ -215,7 +215,7 @@ def _build(args: argparse.Namespace, device: torch.device):
     return model, loss_fn
 
 
-def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
+def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     device = comm.device
     model, loss_fn = _build(args, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -311,7 +311,7 @@ def _benchmark(args: argparse.Namespace, comm: _Comm) -> dict[str, Any]:
     return _summarize(args, comm, model, per_rank)
 
 
-def _summarize(args: argparse.Namespace, comm: _Comm, model: torch.nn.Module,
+def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module,
                per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     imgs = args.batch * args.accumulate
     n_iter = args.iterations
