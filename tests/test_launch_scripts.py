@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import JobResult, run_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,13 +151,8 @@ def test_launch_scripts_pass_shellcheck() -> None:
 # ------------------------------------------------------------------ a short training run
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hvd_yolo.data.convert import convert_dataset
-    from hvd_yolo.data.synthetic import write_yolo_dataset
-
-    root = tmp_path_factory.mktemp("launch_data")
-    write_yolo_dataset(root / "src", 8, seed=5, size_range=(96, 128))
-    convert_dataset("yolo", root / "src", root / "shards", shards=2)
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("launch_data"), 8, seed=5, shards=2,
+                            size_range=(96, 128))
 
 
 def short_training(shards: Path, out: Path) -> list[str]:

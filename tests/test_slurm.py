@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.datagen import synthetic_shards
 from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, ensure_packages
 
 pytestmark = pytest.mark.mpi
@@ -133,13 +134,8 @@ def test_convert_sbatch_writes_shards_from_two_tasks(slurm: SlurmCluster, tmp_pa
 # ------------------------------------------------------------------ hvd-yolo train
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hvd_yolo.data.convert import convert_dataset
-    from hvd_yolo.data.synthetic import write_yolo_dataset
-
-    root = tmp_path_factory.mktemp("slurm_data")
-    write_yolo_dataset(root / "src", 13, seed=5, size_range=(96, 144))
-    convert_dataset("yolo", root / "src", root / "shards", shards=3)
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), 13, seed=5, shards=3,
+                            size_range=(96, 144))
 
 
 def write_config(path: Path, shards: Path, out: Path, val: bool, epochs: int) -> Path:

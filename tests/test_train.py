@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from hvd_yolo.launch import hvd_yolo_argv
+from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import mpirun_argv, run_cli, run_python
 
 pytestmark = pytest.mark.mpi
@@ -23,13 +24,8 @@ pytestmark = pytest.mark.mpi
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """13 small synthetic images in 3 shards: 13 is not divisible by ranks x batch."""
-    from hvd_yolo.data.convert import convert_dataset
-    from hvd_yolo.data.synthetic import write_yolo_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    write_yolo_dataset(root / "src", 13, seed=3, size_range=(96, 144))
-    convert_dataset("yolo", root / "src", root / "shards", shards=3)
-    return root / "shards"
+    return synthetic_shards(tmp_path_factory.mktemp("data"), 13, seed=3, shards=3,
+                            size_range=(96, 144))
 
 
 def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
