@@ -150,7 +150,8 @@ def run_job(job: Job, out_dir: Path, extra_mpi: list[str], dry: bool) -> dict[st
     json_path = out_dir / f"{job.name}.json"
     cmd = [HVD_YOLO, *job.argv, "--json", str(json_path)]
     argv = (mpirun_argv(job.np) + extra_mpi + ["-x", "OMP_NUM_THREADS"] + cmd) if job.mpi else cmd
-    record: dict[str, Any] = {"name": job.name, "np": job.np, "argv": argv, **job.meta}
+    relative = [a.replace(f"{ROOT}/", "") for a in argv]  # no build-machine paths in results
+    record: dict[str, Any] = {"name": job.name, "np": job.np, "argv": relative, **job.meta}
     if dry:
         print(shlex.join(argv))
         return record

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of hvd_yolo's CUDA path, for a machine with an NVIDIA GPU (written for the lent H100:
-# Python 3.12 + torch cu130 + the nvidia-nccl-cu13 wheel, no MPI, no network).
+# GPU check of hvd_yolo's CUDA path, for a machine with an NVIDIA GPU (checked on an H100
+# with Python 3.12 + torch cu130 + the nvidia-nccl-cu13 wheel, no MPI, no network access).
 #
 #   scripts/gpu_check.sh [STAGE ...]        stages: build collectives train bench (default: all)
 #

@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
             r["mb_per_s"] = nbytes * passes / 2**20 / r["seconds"]
         out = {
             "benchmark": "data",
-            "shards": str(shards),
-            "image_root": str(image_root),
+            "shards": str(shards) if args.shards else "generated",  # no temp paths in results
+            "image_root": str(image_root) if args.shards else "generated",
             "images": len(order),
             "mean_image_kb": nbytes / max(len(order), 1) / 1024,
             "batch_size": args.batch_size,

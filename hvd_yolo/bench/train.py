@@ -97,12 +97,19 @@ def versions() -> dict[str, Any]:
     return out
 
 
+# Set by mpirun for each job (session dirs, daemon URIs, working dir): not settings, and they
+# carry the launching machine's paths and addresses.
+_LAUNCHER_INTERNAL = ("OMPI_MCA_orte_", "OMPI_MCA_ess", "OMPI_MCA_pmix", "OMPI_MCA_initial_wdir",
+                      "OMPI_MCA_shmem_RUNTIME_QUERY_hint")
+
+
 def launch_env() -> dict[str, str]:
     """The environment that shapes the run: thread counts, Horovod and Open MPI settings."""
     keep = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HOROVOD_", "OMPI_MCA_", "NCCL_", "GLOO_",
             "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith(keep) and "PASSWORD" not in k and "SECRET" not in k}
+            if k.startswith(keep) and not k.startswith(_LAUNCHER_INTERNAL)
+            and "PASSWORD" not in k and "SECRET" not in k}
 
 
 def write_json(path: str | None, result: dict[str, Any]) -> None:

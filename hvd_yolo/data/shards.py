@@ -34,7 +34,7 @@ os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-# The brief mandates torchvision.io's decoders; torchvision 0.29 marks them deprecated in favour
+# Images are decoded with torchvision.io; torchvision 0.29 marks them deprecated in favour
 # of TorchCodec with a warning on every call. Silence exactly that message, nothing else.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
                         "TorchVision are deprecated", category=DeprecationWarning)
