@@ -49,7 +49,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class ModelEMA:
     """Exponential moving average of the weights (and copied buffers), used for evaluation.
 
-    The decay ramps up as ``decay * (1 - exp(-updates / 2000))`` so early averages are not
+    The decay ramps up as ``decay * (1 - exp(-updates / 200))`` so early averages are not
     dominated by the random initialisation.
     """
 

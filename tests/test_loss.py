@@ -163,3 +163,40 @@ def test_tiny_model_two_scales():
     total.backward()
     assert parts["cls"] == 0  # one class: no class loss, like Darknet/ultralytics
     assert parts["box"] > 0 and torch.isfinite(total)
+
+
+def test_pairwise_iou_equals_the_diagonal_of_box_iou():
+    """The loss's objectness target: identical values to ``box_iou(a, b).diagonal()``."""
+    from torchvision.ops import box_iou
+
+    from hvd_yolo.model.loss import pairwise_iou
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 500, 2, generator=g) * 100
+    wh = torch.rand(2, 500, 2, generator=g) * 60 + 0.5  # many disjoint pairs too
+    a, b = (torch.cat([xy[i], xy[i] + wh[i]], 1) for i in (0, 1))
+    expected = box_iou(a, b).diagonal()
+    assert torch.equal(pairwise_iou(a, b), expected)
+    assert (expected == 0).any() and (expected > 0.2).any()
+
+
+def test_loss_memory_is_linear_in_the_number_of_positives():
+    """~2000 positives: no operation of the loss allocates anything near an n x n tensor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tiny = build_model("yolov3-tiny", 3)
+    loss = YoloLoss(tiny)
+    out = _outputs(tiny, 1, 64, 64, requires_grad=False)
+    g = torch.Generator().manual_seed(1)
+    n = 1000
+    xy = torch.rand(n, 2, generator=g) * 30
+    wh = torch.rand(n, 2, generator=g) * 30 + 8
+    cls = torch.randint(0, 3, (n, 1), generator=g).float()
+    targets = torch.cat([torch.zeros(n, 1), cls, xy, xy + wh], 1)
+    positives = sum(len(t) for t, *_ in loss.assign(targets, [(2, 2), (4, 4)]))
+    assert positives > 1500
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss(out, targets)
+    biggest = max(e.cpu_memory_usage for e in prof.key_averages())
+    quarter_of_n_by_n = positives**2  # bytes: a quarter of one n x n float32 matrix
+    assert biggest < quarter_of_n_by_n, f"one op allocated {biggest} bytes for {positives} positives"

@@ -2,7 +2,9 @@
 
 Each sample's random choices come from an RNG seeded with ``(seed, epoch, index)``, so the same
 sample gets the same augmentation whichever rank or DataLoader worker loads it. That is what
-makes a resumed run (even on a different world size) follow the uninterrupted one exactly.
+makes a resumed run on the same world size follow the uninterrupted one exactly. (On another
+world size the samples are dealt to ranks and batches differently: the run continues the same
+schedule, not the same trajectory.)
 """
 
 from __future__ import annotations
