@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("hvd_yolo.commands.detect", "run a checkpoint on images or shards"),
     "bench": ("hvd_yolo.commands.bench", "benchmarks: train, allreduce, data"),
     "demo": ("hvd_yolo.commands.demo", "end-to-end demo on a built-in synthetic dataset"),
+    "cluster": ("hvd_yolo.commands.cluster", "a simulated multi-node cluster on this machine"),
 }
 
 

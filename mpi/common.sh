@@ -29,3 +29,14 @@ detect_gpu() {
     echo 0
   fi
 }
+
+# package_python ROOT: the Python that has hvd_yolo (HVD_YOLO_PYTHON, ROOT/.venv, python3).
+package_python() {
+  local py=${HVD_YOLO_PYTHON:-}
+  if [ -z "$py" ]; then
+    if [ -x "$1/.venv/bin/python" ]; then py=$1/.venv/bin/python
+    else py=$(command -v python3 || true); fi
+  fi
+  [ -n "$py" ] || die "python3 not found: run scripts/install.sh (or set HVD_YOLO_PYTHON)"
+  printf '%s\n' "$py"
+}

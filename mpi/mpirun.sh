@@ -9,6 +9,8 @@
 #   -H HOSTS              host list, e.g. node1:4,node2:4
 #   --cpus-per-rank N     bind each rank to N cores (-map-by slot:PE=N -bind-to core)
 #                         instead of Horovod's default -bind-to none -map-by slot
+#   --network NET         between nodes: TCP only (btl tcp,self, no shared memory) on NET, a
+#                         subnet (198.18.0.0/24) or an interface (also for Gloo and NCCL)
 #   --iface IF            network interface for MPI, Gloo and NCCL (e.g. eth0, ib0)
 #   --ssh-port PORT       ssh port of the other nodes (e.g. 2222 for the Docker images)
 #   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
@@ -33,7 +35,7 @@ die() { printf 'mpi/mpirun.sh: error: %s\n' "$*" >&2; exit 2; }
 . "$here/common.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-np="" pe="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} exec_mode=0 dry=0
+np="" pe="" hostfile="" hosts="" network="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} exec_mode=0 dry=0
 grace=${HVD_YOLO_TERM_GRACE:-}
 extra=()
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
     --hostfile|-hostfile|--machinefile) need "$@"; hostfile=$2; shift 2 ;;
     -H|--host) need "$@"; hosts=$2; shift 2 ;;
     --cpus-per-rank) need "$@"; pe=$2; shift 2 ;;
+    --network) need "$@"; network=$2; shift 2 ;;
     --iface) need "$@"; iface=$2; shift 2 ;;
     --ssh-port) need "$@"; ssh_port=$2; shift 2 ;;
     --cpu) gpu=0; shift ;;
@@ -69,40 +72,29 @@ command -v "$MPIRUN" >/dev/null 2>&1 \
 resolve_command "$root" "$exec_mode" "$@"
 [ -n "$gpu" ] || gpu=$(detect_gpu)
 
-argv=("$MPIRUN")
-[ -n "$np" ] && argv+=(-np "$np")
-[ -n "$hostfile" ] && argv+=(--hostfile "$hostfile")
-[ -n "$hosts" ] && argv+=(-H "$hosts")
-if [ -n "$pe" ]; then argv+=(-map-by "slot:PE=$pe" -bind-to core)
-else argv+=(-bind-to none -map-by slot); fi
-argv+=(-mca pml ob1 -mca btl '^openib')
-[ "$(id -u)" = 0 ] && argv+=(--allow-run-as-root)
-# Alone on this machine with more ranks than cores (a laptop, CI): allow oversubscription.
-if [ -z "$hostfile" ] && [ -z "$hosts" ] && [ -z "${SLURM_JOB_ID:-}" ] && [ -n "$np" ] \
-   && [ "$np" -gt "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" ]; then
-  argv+=(--oversubscribe)
-fi
-# CPU-only: Open MPI otherwise busy-polls while a rank waits, stealing the cores from compute.
-[ "$gpu" = 0 ] && argv+=(--mca mpi_yield_when_idle 1)
-if [ -n "$iface" ]; then
-  argv+=(--mca btl_tcp_if_include "$iface" --mca oob_tcp_if_include "$iface")
-  export NCCL_SOCKET_IFNAME=$iface HOROVOD_GLOO_IFACE=$iface
-fi
-[ -n "$ssh_port" ] && argv+=(--mca plm_rsh_args "-p $ssh_port")
-[ -n "$grace" ] && argv+=(--mca odls_base_sigkill_timeout "$grace")
-
+# The line itself comes from the package (hvd_yolo.launch.mpirun_argv): one definition for
+# this script, the demo and the tests.
+line=(--gpu "$gpu")
+[ -n "$np" ] && line+=(--np "$np")
+[ -n "$hostfile" ] && line+=(--hostfile "$hostfile")
+[ -n "$hosts" ] && line+=(--hosts "$hosts")
+[ -n "$pe" ] && line+=(--cpus-per-rank "$pe")
+[ -n "$network" ] && line+=(--network "$network")
+[ -n "$iface" ] && line+=(--iface "$iface")
+[ -n "$ssh_port" ] && line+=(--ssh-port "$ssh_port")
+[ -n "$grace" ] && line+=(--term-grace "$grace")
+for arg in ${extra[@]+"${extra[@]}"}; do line+=("--extra=$arg"); done
+# Gloo and NCCL take an interface name (a subnet is for MPI only).
+gloo_if=$iface
+[ -z "$gloo_if" ] && [ -n "$network" ] && [[ "$network" != */* ]] && gloo_if=$network
+[ -n "$gloo_if" ] && export NCCL_SOCKET_IFNAME=$gloo_if HOROVOD_GLOO_IFACE=$gloo_if
 export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}  # NFS/Lustre: no HDF5 flock
-# Export the environment the ranks need. `-x HOROVOD_*` is not mpirun syntax: list each name.
-argv+=(-x PATH)
-for name in $(compgen -e | sort); do
-  case "$name" in
-    LD_LIBRARY_PATH|PYTHONPATH|PYTHONUNBUFFERED|VIRTUAL_ENV|OMP_NUM_THREADS|MKL_NUM_THREADS|\
-    HDF5_USE_FILE_LOCKING|CUDA_VISIBLE_DEVICES|HOROVOD_*|NCCL_*|HVD_YOLO_*|TORCH_*)
-      argv+=(-x "$name") ;;
-  esac
-done
-argv+=(${extra[@]+"${extra[@]}"})
-argv+=("${cmd[@]}")
+py=$(package_python "$root")
+argv=()
+# launch.py imports only the standard library: run as a file, it needs no installed package.
+mapfile -d '' argv < <(MPIRUN=$MPIRUN "$py" "$root/hvd_yolo/launch.py" mpirun-line "${line[@]}" \
+  -- "${cmd[@]}")
+[ ${#argv[@]} -gt 0 ] || die "could not build the mpirun line with $py $root/hvd_yolo/launch.py"
 
 if [ "$dry" = 1 ]; then
   printf '%q ' "${argv[@]}"; printf '\n'

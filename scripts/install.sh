@@ -31,6 +31,11 @@ command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# Optional, root only: the simulated cluster (hvd-yolo cluster, tests/test_multinode.py).
+if [ "$(id -u)" = 0 ]; then
+  [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+  command -v tc >/dev/null 2>&1 || need_apt+=(iproute2)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing system packages: ${need_apt[*]}"
