@@ -7,11 +7,18 @@ reproduced from its checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or type that cannot work; the message names the key and the value."""
 
 
 @dataclass
@@ -20,6 +27,7 @@ class DataConfig:
     val: str | None = None  # shard directory for periodic evaluation
     workers: int = 2  # DataLoader workers per rank
     tail: str = "pad"  # "pad" (repeat samples) or "drop": how ranks are made even
+    on_corrupt: str = "skip"  # sample failing its CRC32/decode: "skip" (named, replaced, counted) or "error"
 
 
 @dataclass
@@ -107,67 +115,222 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Raise ValueError naming the key and value that cannot work."""
+        """Raise ConfigError naming the key and value that cannot work."""
         sizes = [("input.size", self.input.size)]
         if self.input.multiscale:
             sizes += [("input.min_size", self.input.min_size), ("input.max_size", self.input.max_size)]
         for key, value in sizes:
             if value <= 0 or value % 32:
-                raise ValueError(f"{key}={value}: YOLOv3 input sizes must be positive multiples of 32")
+                raise ConfigError(f"{key}={value}: YOLOv3 input sizes must be positive multiples of 32")
         if self.input.multiscale and self.input.min_size > self.input.max_size:
-            raise ValueError(f"input.min_size={self.input.min_size} > input.max_size={self.input.max_size}")
+            raise ConfigError(f"input.min_size={self.input.min_size} > input.max_size={self.input.max_size}")
         checks = {
             "dist.compression": (self.dist.compression, {"none", "fp16"}),
             "dist.op": (self.dist.op, {"average", "adasum"}),
             "optim.name": (self.optim.name, {"sgd", "adamw"}),
             "data.tail": (self.data.tail, {"pad", "drop"}),
+            "data.on_corrupt": (self.data.on_corrupt, {"skip", "error"}),
             "model.name": (self.model.name, {"yolov3", "yolov3-tiny"}),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{key}={value!r}: must be one of {sorted(allowed)}")
-        for key, value in (("optim.batch_size", self.optim.batch_size),
-                           ("optim.accumulate", self.optim.accumulate),
-                           ("optim.epochs", self.optim.epochs)):
-            if value < 1:
-                raise ValueError(f"{key}={value}: must be >= 1")
+                raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
+        check_ranges(self)
         if not self.data.train:
-            raise ValueError("data.train is not set: give the training shard directory "
-                             "(--set data.train=DIR or in the YAML file)")
+            raise ConfigError("data.train is not set: give the training shard directory "
+                              "(--set data.train=DIR or in the YAML file)")
         return self
+
+
+# key -> (lowest, highest or None, lowest allowed?, highest allowed?)
+RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "data.workers": (0, None, True, True),
+    "input.every": (1, None, True, True),
+    "augment.flip": (0, 1, True, True),
+    "augment.mosaic": (0, 1, True, True),
+    "augment.hsv": (0, None, True, True),
+    "optim.lr": (0, None, False, True),
+    "optim.momentum": (0, 1, True, False),
+    "optim.weight_decay": (0, None, True, True),
+    "optim.batch_size": (1, None, True, True),
+    "optim.accumulate": (1, None, True, True),
+    "optim.epochs": (1, None, True, True),
+    "optim.warmup_steps": (0, None, True, True),
+    "optim.final_lr_ratio": (0, 1, True, True),
+    "optim.clip_grad": (0, None, True, True),
+    "optim.ema_decay": (0, 1, True, False),
+    "dist.threads": (1, None, True, True),
+    "dist.fusion_threshold_mb": (0, None, True, True),
+    "dist.cycle_time_ms": (0, None, False, True),
+    "eval.every": (0, None, True, True),
+    "eval.batch_size": (1, None, True, True),
+    "eval.conf_thres": (0, 1, True, False),
+    "eval.iou_thres": (0, 1, False, True),
+    "eval.max_det": (1, None, True, True),
+    "run.checkpoint_every": (0, None, True, True),
+    "run.keep_last": (1, None, True, True),
+    "run.max_steps": (0, None, True, True),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raise ConfigError for a number outside its key's range in ``RANGES`` (None is allowed)."""
+    for key, (lo, hi, lo_ok, hi_ok) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None:
+                continue
+            if v < lo or (v == lo and not lo_ok) or (
+                    hi is not None and (v > hi or (v == hi and not hi_ok))):
+                wanted = (f"{'>=' if lo_ok else '>'} {lo}" if hi is None else
+                          f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}")
+                raise ConfigError(f"{key}={value!r}: must be {wanted}")
+
+
+# ----------------------------------------------------------------------------- types
 
 
 def _section_types() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
+def field_types(section: type) -> dict[str, Any]:
+    """Field name -> resolved type of a config section dataclass."""
+    return typing.get_type_hints(section)
+
+
+def describe_type(tp: Any) -> str:
+    """``float | None`` -> 'a number or null' (for error messages)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {describe_type(args[0])} values"
+        return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as the field type ``tp`` (bool, int, float, str, X | None, tuple[...]): '1e-3'
+    becomes 0.001 for a float, 8.0 becomes 8 for an int; anything else raises ConfigError
+    naming the key, the value and the type wanted."""
+    try:
+        return _coerce(value, tp)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}={value!r}: expected {describe_type(tp)}, got "
+                          f"{type(value).__name__} {value!r}") from None
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except (TypeError, ValueError, OverflowError):
+                    pass
+        raise ValueError(value)
+    if origin is tuple:
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in items)
+        if len(items) != len(args):
+            raise ValueError(value)
+        return tuple(_coerce(v, a) for v, a in zip(items, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError(value)
+    if isinstance(value, bool) and tp in (int, float):
+        raise ValueError(value)  # true is not a number here
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        raise ValueError(value)
+    if tp is float:
+        if not isinstance(value, (int, float, str)):
+            raise TypeError(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(value)
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(value)
+    return value
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a Config from a nested dict, rejecting unknown sections and keys by name."""
+    """Build a Config from a nested dict, rejecting unknown sections and keys by name and
+    coercing every value to its field's type (``coerce``)."""
     sections = {}
-    types = _section_types()
+    kinds = _section_types()
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {raw!r}")
     for name, values in (raw or {}).items():
-        if name not in types:
-            raise ValueError(f"unknown config section {name!r}; known: {sorted(types)}")
-        known = {f.name for f in dataclasses.fields(types[name])}
-        unknown = set(values or {}) - known
+        if name not in kinds:
+            raise ConfigError(f"unknown config section {name!r}; known: {sorted(kinds)}")
+        if not isinstance(values or {}, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {values!r}")
+        hints = field_types(kinds[name])
+        unknown = set(values or {}) - set(hints)
         if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in section {name!r}; known: {sorted(known)}")
-        sections[name] = types[name](**(values or {}))
-    cfg = Config(**sections)
-    if isinstance(cfg.augment.hsv, list):
-        cfg.augment.hsv = tuple(cfg.augment.hsv)
-    return cfg
+            raise ConfigError(f"unknown key(s) {sorted(unknown)} in section {name!r}; "
+                              f"known: {sorted(hints)}")
+        sections[name] = kinds[name](**{k: coerce(f"{name}.{k}", v, hints[k])
+                                        for k, v in (values or {}).items()})
+    return Config(**sections)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
-    out = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    """Apply ``section.key=value`` overrides to a nested dict. Values are parsed as YAML, except
+    for string keys, which take the text as given (``data.train=2024`` is the folder '2024')."""
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {raw!r}")
+    out = {}
+    for k, v in (raw or {}).items():
+        if not isinstance(v or {}, dict):
+            raise ConfigError(f"config section {k!r} must be a mapping of keys, got {v!r}")
+        out[k] = dict(v or {})
+    kinds = _section_types()
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep or key.count(".") != 1:
-            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.01")
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.01")
         section, name = key.split(".")
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        tp = field_types(kinds[section]).get(name) if section in kinds else None
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            if tp not in (str, str | None):
+                raise ConfigError(f"--set {item!r}: the value is not valid YAML "
+                                  f"({getattr(e, 'problem', None) or e})") from None
+            value = text
+        if tp is str or (tp == str | None and value is not None):
+            value = text
+        out.setdefault(section, {})[name] = value
     return out
 
 
@@ -178,7 +341,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}, "
+                              f"{getattr(e, 'problem_mark', '')})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{p}: the top level must be a mapping of sections")
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(raw, overrides or [])).validate()

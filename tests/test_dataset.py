@@ -39,7 +39,8 @@ def test_sample_contract_and_pixels(shards: Path) -> None:
     image_root = Path(ds.manifest["source"]["image_root"])
     for i in (0, 5, 13, -1):
         item = ds[i]
-        assert set(item) == {"image", "boxes", "classes", "image_id", "name", "hw"}
+        assert set(item) == {"image", "boxes", "classes", "image_id", "name", "hw", "corrupt"}
+        assert item["corrupt"] == []
         h, w = item["hw"]
         assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, h, w)
         assert item["boxes"].dtype == torch.float32 and item["boxes"].shape[1] == 4

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from hvd_yolo import config
 
@@ -20,11 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, args.overrides)
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except (config.ConfigError, FileNotFoundError) as e:
+        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0")) == "0":
+            print(f"hvd-yolo train: error: {e}", file=sys.stderr)  # argparse style, exit 2
+        return 2
     from hvd_yolo import dist
+    from hvd_yolo.data.shards import ShardError, error_text
     from hvd_yolo.train import train
 
-    summary = train(cfg, resume=args.resume, timeline=args.timeline)
+    try:
+        summary = train(cfg, resume=args.resume, timeline=args.timeline)
+    except ShardError as e:  # corrupt or missing data: named, no traceback; mpirun ends the others
+        print(f"hvd-yolo train: error: rank {dist.rank()}: {error_text(e)}", file=sys.stderr,
+              flush=True)
+        return 1
     if dist.is_root():
         print("summary " + json.dumps(summary), flush=True)
     return 0

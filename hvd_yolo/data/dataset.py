@@ -8,11 +8,21 @@ reads a sample with one ``os.pread`` (no HDF5 call per sample: h5py's per-slice 
 shards slower than loose files). A chunked or compressed dataset falls back to h5py slicing.
 Handles are never shared across ``fork``: they are kept per process id, so a DataLoader worker
 (or any child) opens its own, and pickling drops them.
+
+Integrity: opening checks every shard's index tables against their sha256 (``read_index``) and
+against the manifest; every read checks the sample's CRC32 (``images/crc32``), and a sample
+that fails it or does not decode is a ``CorruptSample`` naming shard, index and file. With
+``on_corrupt="skip"`` it is reported on stderr and replaced by the next good sample (the same
+one on every rank and in every epoch, so batch counts and shapes do not change); the returned
+sample lists the replaced ones under ``"corrupt"`` for the training loop's count.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,17 +35,33 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset, IterableDataset, get_worker_info  # noqa: E402
 
 from hvd_yolo.data.sampler import ShardSampler  # noqa: E402
-from hvd_yolo.data.shards import ShardError, decode_rgb, load_manifest, read_index  # noqa: E402
+from hvd_yolo.data.shards import (  # noqa: E402
+    CorruptSample,
+    ShardError,
+    check_tables,
+    decode_rgb,
+    load_manifest,
+    read_index,
+)
+
+ON_CORRUPT = ("skip", "error")
 
 
 class ShardDataset(Dataset):
     """Samples of a shard directory: ``ds[i]`` -> {"image", "boxes", "classes", "image_id",
-    "name", "hw"}; global index = shard 0's samples, then shard 1's, ... (``shard_sizes``)."""
+    "name", "hw", "corrupt"}; global index = shard 0's samples, then shard 1's, ...
+    (``shard_sizes``). ``on_corrupt``: "error" raises ``CorruptSample``, "skip" replaces the
+    sample (see the module doc); ``check_crc=False`` skips the per-read CRC32 (benchmarks)."""
 
-    def __init__(self, root: str | Path, transform: Callable[[dict], Any] | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable[[dict], Any] | None = None,
+                 on_corrupt: str = "error", check_crc: bool = True) -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         self.root = Path(root)
         self.manifest: dict[str, Any] = load_manifest(self.root)
         self.transform = transform
+        self.on_corrupt = on_corrupt
+        self.check_crc = check_crc
         self.class_names: list[str] = list(self.manifest.get("class_names", []))
         self.category_ids: list[int] = [int(c) for c in self.manifest.get(
             "category_ids", range(len(self.class_names)))]
@@ -44,11 +70,15 @@ class ShardDataset(Dataset):
         for entry, path in zip(self.manifest.get("shards", []), self._paths):
             if not path.is_file():
                 raise ShardError(f"{path}: listed in {self.root}/manifest.json but missing")
-            idx = read_index(path)
-            if idx.count != entry.get("count"):
-                raise ShardError(f"{path}: holds {idx.count} samples but the manifest says "
-                                 f"{entry.get('count')}: run `hvd-yolo shards verify {self.root}`")
+            idx = read_index(path)  # index tables checked against their sha256
+            check_tables(idx, str(path), entry)
+            if entry.get("sha256") != _json_dict(idx.attrs.get("sha256")):
+                raise ShardError(f"{path}: its sha256 digests differ from {self.root}/manifest.json:"
+                                 " the shard was replaced or the manifest belongs to another "
+                                 "conversion; convert the dataset again")
             self._index.append(idx)
+        if self._index and any(idx.crc32 is None for idx in self._index):
+            warnings.warn(old_format_message(self.root, self.manifest), stacklevel=2)
         self.shard_sizes: list[int] = [idx.count for idx in self._index]
         self._starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._files: dict[int, tuple[int, int] | tuple[h5py.File, h5py.Dataset]] = {}
@@ -89,19 +119,42 @@ class ShardDataset(Dataset):
             self._files[shard] = entry
         return entry if isinstance(entry[0], int) else entry[1]
 
+    def label(self, s: int, j: int) -> str:
+        """'shard-00001.h5 sample 5 (img_005.jpg)': how messages name a sample."""
+        return f"{self._paths[s].name} sample {j} ({self._index[s].names[j]!r})"
+
     def _raw(self, s: int, j: int) -> np.ndarray:
-        off = self._index[s].image_offsets
-        a, b = int(off[j]), int(off[j + 1])
+        """Sample ``j`` of shard ``s``: its encoded bytes, CRC32 checked (CorruptSample if not)."""
+        idx = self._index[s]
+        a, b = int(idx.image_offsets[j]), int(idx.image_offsets[j + 1])
         reader = self._reader(s)
         if not isinstance(reader, tuple):
-            return reader[a:b]
-        fd, base = reader
-        buf = bytearray(b - a)
-        got = os.preadv(fd, [buf], base + a) if b > a else 0
-        if got != b - a:
-            raise ShardError(f"{self._paths[s]}: sample {j} is cut short ({got} of {b - a} bytes "
-                             f"read): run `hvd-yolo shards verify {self.root}`")
-        return np.frombuffer(buf, dtype=np.uint8)
+            data = reader[a:b]
+        else:
+            fd, base = reader
+            buf = bytearray(b - a)
+            got = os.preadv(fd, [buf], base + a) if b > a else 0
+            if got != b - a:
+                raise CorruptSample(f"{self.root / self.label(s, j)}: cut short ({got} of {b - a} "
+                                    f"bytes read): run `hvd-yolo shards verify {self.root}`")
+            data = np.frombuffer(buf, dtype=np.uint8)
+        if self.check_crc and idx.crc32 is not None:
+            crc = zlib.crc32(data)
+            if crc != int(idx.crc32[j]):
+                raise CorruptSample(f"{self.root / self.label(s, j)}: CRC32 mismatch (read "
+                                    f"{crc:08x}, images/crc32 records {int(idx.crc32[j]):08x}): "
+                                    "the image bytes are corrupt")
+        return data
+
+    def _image(self, s: int, j: int) -> Any:
+        """Read, check and decode one sample (CorruptSample naming it if it fails)."""
+        data = self._raw(s, j)
+        try:
+            return decode_rgb(data)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt sample
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise CorruptSample(f"{self.root / self.label(s, j)}: image does not decode "
+                                f"({msg})") from e
 
     def image_bytes(self, index: int) -> bytes:
         """The stored encoded image (the original file's bytes)."""
@@ -124,8 +177,15 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         s, j = self.locate(index)
+        corrupt: list[str] = []
+        try:
+            image = self._image(s, j)
+        except CorruptSample as e:
+            if self.on_corrupt == "error":
+                raise
+            corrupt.append(self.label(s, j))
+            s, j, image = self._replacement(int(index), e)
         idx = self._index[s]
-        image = decode_rgb(self._raw(s, j))
         a, b = idx.box_offsets[j], idx.box_offsets[j + 1]
         sample = {
             "image": image,
@@ -134,8 +194,24 @@ class ShardDataset(Dataset):
             "image_id": int(idx.ids[j]),
             "name": idx.names[j],
             "hw": (int(idx.hw[j, 0]), int(idx.hw[j, 1])),
+            "corrupt": corrupt,
         }
         return self.transform(sample) if self.transform is not None else sample
+
+    def _replacement(self, index: int, error: CorruptSample) -> tuple[int, int, Any]:
+        """The next good sample after ``index`` (wrapping): (shard, index in shard, image)."""
+        n = len(self)
+        for k in range(1, n):
+            s, j = self.locate((index + k) % n)
+            try:
+                image = self._image(s, j)
+            except CorruptSample:
+                continue
+            print(f"hvd-yolo: warning: {error}: skipped, replaced by {self.label(s, j)} "
+                  "(data.on_corrupt=skip)", file=sys.stderr, flush=True)
+            return s, j, image
+        raise ShardError(f"{self.root}: no sample can be read: every one fails its CRC32 or "
+                         f"decode (first: {error})")
 
     # ------------------------------------------------------------------ evaluation
     def coco_ground_truth(self) -> dict[str, Any]:
@@ -192,6 +268,26 @@ class ShardDataset(Dataset):
     def __repr__(self) -> str:
         return (f"ShardDataset({str(self.root)!r}, {len(self)} samples in {len(self.shard_sizes)} "
                 f"shards, {len(self.class_names)} classes)")
+
+
+def _json_dict(text: Any) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def old_format_message(root: Path, manifest: dict[str, Any]) -> str:
+    """The warning for version 1 shards: what is missing and the command that re-converts."""
+    cmd = list((manifest.get("created_by") or {}).get("command") or [])
+    if cmd and "--overwrite" not in cmd:
+        cmd.append("--overwrite")
+    how = f"`{' '.join(cmd)}`" if cmd else "`hvd-yolo convert FORMAT SOURCE OUT --overwrite`"
+    return (f"{root}: shard format version {manifest.get('version')} has no per-sample checksums "
+            f"(dataset images/crc32): image bytes are read unchecked. Convert it again to "
+            f"add them: {how}")
 
 
 class ShardIterableDataset(IterableDataset):

@@ -7,6 +7,7 @@ Datasets of a shard with ``n`` images and ``m`` boxes::
     images/hw       int32  [n,2]   (height, width) after EXIF orientation
     images/id       int64  [n]     stable image id (COCO id, else 1-based index of sorted inputs)
     images/name     utf-8  [n]     file name relative to the source image folder
+    images/crc32    uint32 [n]     zlib.crc32 of image i's encoded bytes (version 2; checked on read)
     boxes/xyxy      float32[m,4]   absolute pixels in the oriented image
     boxes/cls       int32  [m]     contiguous class id
     boxes/offsets   int64  [n+1]   image i owns boxes[offsets[i]:offsets[i+1]]
@@ -15,6 +16,10 @@ Datasets of a shard with ``n`` images and ``m`` boxes::
 
 Attributes: ``format``, ``version``, ``shard_index``, ``num_shards``, ``count``, ``num_boxes``
 and ``sha256`` (JSON: dataset path -> hex digest of its canonical bytes, see ``digest``).
+
+Integrity on read: ``read_index`` checks every index table (all but ``images/bytes``) against
+its recorded sha256 when a shard is opened; readers check a sample's CRC32 on every read.
+Version 1 shards (no ``images/crc32``) stay readable, unchecked per sample, with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 import json
 import os
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,14 +46,17 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         "TorchVision are deprecated", category=DeprecationWarning)
 
 FORMAT = "hvd_yolo.shards"
-VERSION = 1
+VERSION = 2  # 2: images/crc32 added
+READABLE = (1, 2)  # versions this hvd_yolo reads
 MANIFEST = "manifest.json"
 DATASETS = (
-    "images/bytes", "images/offsets", "images/hw", "images/id", "images/name",
+    "images/bytes", "images/offsets", "images/hw", "images/id", "images/name", "images/crc32",
     "boxes/xyxy", "boxes/cls", "boxes/offsets", "boxes/iscrowd", "boxes/difficult",
 )
+DATASETS_V1 = tuple(d for d in DATASETS if d != "images/crc32")
 _DTYPES = {
     "images/bytes": "<u1", "images/offsets": "<i8", "images/hw": "<i4", "images/id": "<i8",
+    "images/crc32": "<u4",
     "boxes/xyxy": "<f4", "boxes/cls": "<i4", "boxes/offsets": "<i8", "boxes/iscrowd": "<u1",
     "boxes/difficult": "<u1",
 }
@@ -56,6 +65,26 @@ _WRITE_BUFFER = 32 << 20  # image bytes are written to HDF5 in pieces of about t
 
 class ShardError(RuntimeError):
     """A shard directory is missing, malformed or fails verification."""
+
+
+class CorruptSample(ShardError):
+    """One sample's bytes fail their CRC32 or do not decode (the message names shard, index and
+    file name)."""
+
+
+def datasets_of(version: int) -> tuple[str, ...]:
+    """The datasets a shard of format ``version`` holds."""
+    return DATASETS if version >= 2 else DATASETS_V1
+
+
+def error_text(exc: BaseException) -> str:
+    """A ShardError's own message, also when a DataLoader worker re-raised it wrapped in its
+    traceback text ("Caught ShardError in DataLoader worker ...")."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    lines = [ln for ln in text.splitlines() if "Error: " in ln and not ln.startswith(" ")]
+    return lines[-1].split("Error: ", 1)[1] if lines else text
 
 
 def shard_file_name(index: int) -> str:
@@ -133,7 +162,7 @@ def write_shard(
         with h5py.File(tmp, "w") as f:
             total = int(image_offsets[-1])
             ds = f.create_dataset("images/bytes", shape=(total,), dtype="u1", track_times=False)
-            sums["images/bytes"] = _write_bytes(ds, records, image_offsets)
+            sums["images/bytes"], arrays["images/crc32"] = _write_bytes(ds, records, image_offsets)
             for name, values in arrays.items():
                 if name == "images/name":
                     f.create_dataset(name, data=np.array(values, dtype=object),
@@ -167,9 +196,12 @@ def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> n
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(empty_shape, dtype)
 
 
-def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.ndarray) -> str:
-    """Stream every record's bytes into ``ds`` in large pieces; return their sha256."""
+def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.ndarray
+                 ) -> tuple[str, np.ndarray]:
+    """Stream every record's bytes into ``ds`` in large pieces; return their sha256 and the
+    CRC32 of each record's bytes."""
     h = hashlib.sha256()
+    crcs = np.zeros(len(records), np.uint32)
     buf: list[bytes] = []
     start = pending = 0
     for i, rec in enumerate(records):
@@ -177,6 +209,7 @@ def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.
         if len(data) != offsets[i + 1] - offsets[i]:
             raise ShardError(f"{rec.name}: {len(data)} bytes, expected {rec.nbytes}")
         h.update(data)
+        crcs[i] = zlib.crc32(data)
         buf.append(data)
         pending += len(data)
         if pending >= _WRITE_BUFFER or i == len(records) - 1:
@@ -184,7 +217,7 @@ def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.
                 ds[start:start + pending] = np.frombuffer(b"".join(buf), np.uint8)
             start += pending
             buf, pending = [], 0
-    return h.hexdigest()
+    return h.hexdigest(), crcs
 
 
 # ----------------------------------------------------------------------------- reading
@@ -206,33 +239,72 @@ class ShardIndex:
     iscrowd: np.ndarray
     difficult: np.ndarray
     attrs: dict[str, Any]
+    crc32: np.ndarray | None = None  # None: a version 1 shard (no per-sample checksums)
+    nbytes: int = 0  # length of images/bytes
+
+    @property
+    def version(self) -> int:
+        return int(self.attrs.get("version", 0))
 
 
-def read_index(path: str | Path) -> ShardIndex:
-    """Load a shard's index tables (opens and closes the file)."""
+def read_index(path: str | Path, check: bool = True) -> ShardIndex:
+    """Load a shard's index tables (opens and closes the file). With ``check``, every table is
+    hashed and compared with the sha256 recorded in the shard: a mismatch raises ShardError
+    naming the shard and the table (they are small; ``images/bytes`` is checked per sample)."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            missing = [d for d in DATASETS if d not in f]
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+            version = attrs.get("version")
+            if attrs.get("format") != FORMAT or version not in READABLE:
+                raise ShardError(f"{path}: format/version attributes {attrs.get('format')!r}/"
+                                 f"{version!r}: not a {FORMAT} shard of version "
+                                 f"{' or '.join(map(str, READABLE))}")
+            missing = [d for d in datasets_of(version) if d not in f]
             if missing:
                 raise ShardError(f"{path}: missing datasets {missing}: not a {FORMAT} shard")
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            return ShardIndex(
-                path=path,
-                count=int(attrs.get("count", len(f["images/id"]))),
-                image_offsets=f["images/offsets"][:].astype(np.int64),
-                hw=f["images/hw"][:].astype(np.int64),
-                ids=f["images/id"][:].astype(np.int64),
-                names=[str(s) for s in f["images/name"].asstr()[:]],
-                box_offsets=f["boxes/offsets"][:].astype(np.int64),
-                xyxy=f["boxes/xyxy"][:].astype(np.float32).reshape(-1, 4),
-                cls=f["boxes/cls"][:].astype(np.int64),
-                iscrowd=f["boxes/iscrowd"][:].astype(np.uint8),
-                difficult=f["boxes/difficult"][:].astype(np.uint8),
-                attrs=attrs,
-            )
+            tables = {d: (f[d].asstr()[:] if d == "images/name" else f[d][:])
+                      for d in datasets_of(version) if d != "images/bytes"}
+            nbytes = int(f["images/bytes"].shape[0])
     except OSError as e:
         raise ShardError(f"{path}: cannot open as HDF5 ({e})") from e
+    if check:
+        _check_digests(path, attrs, tables)
+    crc = tables.get("images/crc32")
+    return ShardIndex(
+        path=path,
+        count=int(attrs.get("count", len(tables["images/id"]))),
+        image_offsets=tables["images/offsets"].astype(np.int64),
+        hw=tables["images/hw"].astype(np.int64),
+        ids=tables["images/id"].astype(np.int64),
+        names=[str(s) for s in tables["images/name"]],
+        box_offsets=tables["boxes/offsets"].astype(np.int64),
+        xyxy=tables["boxes/xyxy"].astype(np.float32).reshape(-1, 4),
+        cls=tables["boxes/cls"].astype(np.int64),
+        iscrowd=tables["boxes/iscrowd"].astype(np.uint8),
+        difficult=tables["boxes/difficult"].astype(np.uint8),
+        attrs=attrs,
+        crc32=crc.astype(np.uint32) if crc is not None else None,
+        nbytes=nbytes,
+    )
+
+
+def _check_digests(path: Path, attrs: dict[str, Any], tables: dict[str, Any]) -> None:
+    """Compare each index table's sha256 with the one the shard records (ShardError if not)."""
+    try:
+        stored = json.loads(attrs.get("sha256", "{}"))
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise ShardError(f"{path}: the sha256 attribute is not valid JSON: the file is corrupt; "
+                         "convert the dataset again")
+    for name, values in tables.items():
+        actual = digest(name, values)
+        if stored.get(name) != actual:
+            raise ShardError(f"{path}: {name} sha256 mismatch (stored {stored.get(name)}, "
+                             f"computed {actual}): the index table is corrupt; check the "
+                             f"directory with `hvd-yolo shards verify {path.parent}` and convert "
+                             "the dataset again")
 
 
 def _attr(v: Any) -> Any:
@@ -260,10 +332,10 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE:
         raise ShardError(
             f"{path}: shard format version {manifest.get('version')} but this hvd_yolo reads "
-            f"version {VERSION}: convert the dataset again"
+            f"versions {', '.join(map(str, READABLE))}: convert the dataset again"
         )
     return manifest
 
@@ -332,14 +404,15 @@ def verify_shards(
         idx = read_index(path)
         where = fname
         a = idx.attrs
-        if a.get("format") != FORMAT or a.get("version") != VERSION:
-            raise ShardError(f"{where}: attrs format/version {a.get('format')}/{a.get('version')}")
+        if a.get("version") != manifest.get("version"):
+            raise ShardError(f"{where}: format version {a.get('version')} but manifest.json "
+                             f"says {manifest.get('version')}")
         if a.get("shard_index") != si:
             raise ShardError(f"{where}: shard_index attribute {a.get('shard_index')}, expected {si}")
-        _check_tables(idx, where, entry)
+        check_tables(idx, where, entry)
         sums = json.loads(a.get("sha256", "{}"))
-        actual = _dataset_digests(path)
-        for d in DATASETS:
+        actual = _dataset_digests(path, datasets_of(idx.version))
+        for d in datasets_of(idx.version):
             if sums.get(d) != actual[d]:
                 raise ShardError(f"{where}: {d} sha256 mismatch (stored {sums.get(d)}, "
                                  f"computed {actual[d]}): the file is corrupt")
@@ -361,6 +434,9 @@ def verify_shards(
                 for i in range(idx.count):
                     label = f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])})"
                     raw = data[idx.image_offsets[i]:idx.image_offsets[i + 1]]
+                    if idx.crc32 is not None and zlib.crc32(raw) != int(idx.crc32[i]):
+                        raise ShardError(f"{label}: CRC32 {zlib.crc32(raw):08x} of its bytes, "
+                                         f"images/crc32 records {int(idx.crc32[i]):08x}")
                     try:
                         img = decode_rgb(raw)
                     except Exception as e:  # noqa: BLE001 - report any decoder failure
@@ -382,7 +458,8 @@ def verify_shards(
     return VerifyResult(len(entries), images, boxes, decoded)
 
 
-def _check_tables(idx: ShardIndex, where: str, entry: dict[str, Any]) -> None:
+def check_tables(idx: ShardIndex, where: str, entry: dict[str, Any]) -> None:
+    """Lengths and offsets of the index tables agree with each other and with the manifest."""
     n, m = idx.count, len(idx.cls)
     if entry.get("count") != n or len(idx.ids) != n:
         raise ShardError(f"{where}: holds {len(idx.ids)} images (count attr {n}) but the "
@@ -395,6 +472,11 @@ def _check_tables(idx: ShardIndex, where: str, entry: dict[str, Any]) -> None:
             raise ShardError(f"{where}: {name} is not a non-decreasing table of n+1 offsets")
         if end is not None and arr[-1] != end:
             raise ShardError(f"{where}: {name} ends at {arr[-1]}, expected {end}")
+    if idx.image_offsets[-1] != idx.nbytes:
+        raise ShardError(f"{where}: images/offsets ends at {idx.image_offsets[-1]} but "
+                         f"images/bytes holds {idx.nbytes} bytes")
+    if idx.crc32 is not None and len(idx.crc32) != n:
+        raise ShardError(f"{where}: images/crc32 has {len(idx.crc32)} entries, expected {n}")
     if idx.hw.shape != (n, 2) or len(idx.names) != n:
         raise ShardError(f"{where}: images/hw or images/name has the wrong length")
     if idx.xyxy.shape != (m, 4) or len(idx.iscrowd) != m or len(idx.difficult) != m:
@@ -418,7 +500,7 @@ def _check_boxes(idx: ShardIndex, i: int, label: str, num_classes: int) -> None:
                              f"manifest lists {num_classes} classes")
 
 
-def _dataset_digests(path: Path) -> dict[str, str]:
+def _dataset_digests(path: Path, datasets: Sequence[str] = DATASETS) -> dict[str, str]:
     out = {}
     with h5py.File(path, "r") as f:
         h = hashlib.sha256()
@@ -426,7 +508,7 @@ def _dataset_digests(path: Path) -> dict[str, str]:
         for start in range(0, len(data), _WRITE_BUFFER):
             h.update(data[start:start + _WRITE_BUFFER].tobytes())
         out["images/bytes"] = h.hexdigest()
-        for d in DATASETS[1:]:
+        for d in datasets[1:]:
             values = f[d].asstr()[:] if d == "images/name" else f[d][:]
             out[d] = digest(d, values)
     return out
