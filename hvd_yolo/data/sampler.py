@@ -2,17 +2,35 @@
 
 Epoch ``e`` (``shuffle=True``):
 
-1. permute the non-empty shards with ``seed + e`` (the same on every rank);
-2. deal them to ranks, largest first (stable over that permutation), each to the rank holding
-   the fewest samples so far: ranks read whole shards, with balanced counts;
-3. shuffle each rank's samples (seed, epoch, rank);
-4. equalise lengths: ``tail="pad"`` repeats a rank's own samples up to the longest rank (no
-   sample is lost), ``tail="drop"`` cuts every rank to the shortest.
+1. cut every shard into contiguous blocks of ``block_size`` samples (fewer when the data is
+   small: every rank gets at least ``MIN_BLOCKS_PER_RANK`` blocks' worth of samples);
+2. permute the blocks with ``(seed, e)``, the same on every rank;
+3. cut the permuted sequence into ``world_size`` contiguous parts whose sizes differ by at most
+   one sample: each rank reads whole blocks plus parts of the two at its ends;
+4. shuffle inside the rank's part with ``(seed, e, rank)``;
+5. equalise lengths: ``tail="pad"`` repeats a rank's own samples (at most one per rank; a rank
+   with no sample of its own, when there are fewer samples than ranks, borrows one),
+   ``tail="drop"`` cuts every rank to the shortest (at most one sample per rank is left out).
 
-With fewer non-empty shards than ranks it falls back (with one warning per process) to striding
-a global permutation of samples across ranks, padded or cut to a multiple of the world size.
-``len()`` is the same on every rank. ``state_dict(consumed)`` / ``load_state_dict`` resume an epoch
-exactly; ``worker_indices`` splits a rank's indices across DataLoader workers.
+``shuffle=False`` (evaluation) gives rank ``r`` the ``r``-th contiguous part in index order.
+``len()`` is the same on every rank, at any world size and shard sizes. ``worker_indices`` splits
+a rank's indices across DataLoader workers.
+
+Resume. ``state_dict(consumed)`` records the epoch, the samples each rank has read (``offset``)
+and the world size; ``load_state_dict(state)`` continues it:
+
+- on the same world size, exactly where it stopped;
+- on another world size, the samples of that epoch the old world had not read (and would have
+  read) are re-dealt the same way over the new world (blocks of the remaining samples, permuted,
+  cut into equal parts); ``len()`` is then what is left of the epoch. Later epochs are dealt
+  afresh. A chain of such resumes within one epoch is recorded in the state (``legs``).
+
+For a caller that resumes on another world size::
+
+    sampler.load_state_dict(saved)      # saved: state_dict() of any world size
+    len(sampler)                        # samples left on this rank in the resumed epoch
+    sampler.fraction_done()             # fraction of the epoch's samples already read
+    sampler.unread(epoch, [(w_old, offset)])  # sorted global indices not yet read (all ranks)
 """
 
 from __future__ import annotations
@@ -25,7 +43,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 TAILS = ("pad", "drop")
-_warned: set[tuple[int, int]] = set()
+BLOCK_SIZE = 32  # samples per block: a few dozen keeps reads shard-local and dealing balanced
+MIN_BLOCKS_PER_RANK = 4  # smaller blocks when the data is small, so ranks' shares stay mixed
 
 
 class ShardSampler(Sampler[int]):
@@ -39,6 +58,7 @@ class ShardSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         tail: str = "pad",
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         sizes = [int(s) for s in shard_sizes]
         if any(s < 0 for s in sizes):
@@ -49,91 +69,110 @@ class ShardSampler(Sampler[int]):
             raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.shard_sizes = sizes
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.tail = tail
+        self.block_size = int(block_size)
         self.epoch = 0
-        self._offset = 0  # samples of this epoch already consumed (after a resume)
+        self._offset = 0  # samples of the current deal already read (after a resume)
+        self._legs: list[tuple[int, int]] = []  # earlier deals of this epoch: (world, offset)
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_total = int(self._starts[-1])
-        self.striding = sum(1 for s in sizes if s > 0) < world_size
-        if self.striding and self.num_total and (len(sizes), world_size) not in _warned:
-            _warned.add((len(sizes), world_size))
-            warnings.warn(
-                f"ShardSampler: {sum(1 for s in sizes if s > 0)} non-empty shards for "
-                f"{world_size} ranks: falling back to sample striding across shards (each rank "
-                f"reads from every shard); convert with --shards >= {world_size} to read whole "
-                "shards per rank", RuntimeWarning, stacklevel=2)
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
 
-    # ------------------------------------------------------------------ the plan
-    def assignment(self, epoch: int | None = None) -> list[list[int]] | None:
-        """Shards dealt to each rank in ``epoch`` (None when striding)."""
-        if self.striding:
-            return None
-        e = self.epoch if epoch is None else epoch
-        nonempty = [s for s, n in enumerate(self.shard_sizes) if n > 0]
+    # ------------------------------------------------------------------ the deal
+    def _length(self, n: int, world: int) -> int:
+        """Samples per rank when ``n`` samples are dealt to ``world`` ranks."""
+        return -(-n // world) if self.tail == "pad" else n // world
+
+    def _order(self, pool: np.ndarray, world: int, epoch: int, leg: int) -> np.ndarray:
+        """``pool`` (sorted global indices) as one sequence of permuted blocks."""
+        n = len(pool)
+        if not self.shuffle or n == 0:
+            return pool
+        block = max(1, min(self.block_size, n // (world * MIN_BLOCKS_PER_RANK)))
+        # Blocks: runs of the pool inside one shard, cut every `block` samples.
+        shard = np.searchsorted(self._starts, pool, side="right") - 1
+        new_run = np.concatenate([[True], shard[1:] != shard[:-1]])
+        run_start = np.flatnonzero(new_run)
+        pos = np.arange(n) - np.repeat(run_start, np.diff(np.append(run_start, n)))
+        block_id = np.cumsum(pos % block == 0) - 1
+        # Permute the blocks (the same on every rank) and lay them out in that order.
+        perm = np.random.default_rng([self.seed, epoch, leg, 0]).permutation(block_id[-1] + 1)
+        rank_of_block = np.empty_like(perm)
+        rank_of_block[perm] = np.arange(len(perm))
+        return pool[np.argsort(rank_of_block[block_id], kind="stable")]
+
+    def _share(self, order: np.ndarray, world: int, rank: int, epoch: int, leg: int) -> np.ndarray:
+        """Rank ``rank``'s part of ``order``: contiguous, shuffled inside, padded or cut."""
+        n = len(order)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        own = order[lo:hi]
         if self.shuffle:
-            order = [nonempty[i] for i in np.random.default_rng(self.seed + e)
-                     .permutation(len(nonempty))]
-        else:
-            order = nonempty
-        order.sort(key=lambda s: -self.shard_sizes[s])  # stable: ties keep the permuted order
-        loads = [0] * self.world_size
-        dealt: list[list[int]] = [[] for _ in range(self.world_size)]
-        for s in order:
-            r = min(range(self.world_size), key=lambda q: (loads[q], q))
-            dealt[r].append(s)
-            loads[r] += self.shard_sizes[s]
-        return dealt
+            own = own[np.random.default_rng([self.seed, epoch, leg, 1, rank]).permutation(len(own))]
+        length = self._length(n, world)
+        if len(own) < length:  # pad: repeat own samples; borrow one if there are none
+            own = np.resize(own if len(own) else order[[rank % n]], length)
+        return own[:length].astype(np.int64)
 
-    def _rank_counts(self, epoch: int) -> list[int]:
-        if self.striding:
-            n, w = self.num_total, self.world_size
-            return [(n + w - 1) // w if self.tail == "pad" else n // w] * w
-        dealt = self.assignment(epoch)
-        assert dealt is not None
-        return [sum(self.shard_sizes[s] for s in d) for d in dealt]
+    def _all_shares(self, pool: np.ndarray, world: int, epoch: int, leg: int) -> list[np.ndarray]:
+        order = self._order(pool, world, epoch, leg)
+        return [self._share(order, world, r, epoch, leg) for r in range(world)]
+
+    def unread(self, epoch: int, legs: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Sorted global indices of ``epoch`` not read after the deals ``legs`` =
+        ``[(world_size, offset), ...]`` (each re-deals what the previous left, ``offset``
+        samples read per rank), that those deals would still have read (with ``tail="drop"``
+        the samples a deal cut are not included)."""
+        pool = np.arange(self.num_total, dtype=np.int64)
+        for leg, (world, offset) in enumerate(legs):
+            shares = self._all_shares(pool, int(world), epoch, leg)
+            if not 0 <= offset <= len(shares[0]):
+                raise ValueError(f"sampler offset {offset} is outside the {len(shares[0])} "
+                                 f"samples per rank of epoch {epoch} on {world} ranks")
+            read = np.concatenate([s[:offset] for s in shares])
+            pool = np.setdiff1d(np.concatenate([s[offset:] for s in shares]), read)
+        return pool
+
+    def _current(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pool, this rank's indices) of the current deal: the epoch, or what its legs left."""
+        key = (self.epoch, tuple(self._legs))
+        if self._cache is None or self._cache[0] != key:
+            pool = self.unread(self.epoch, self._legs)
+            leg = len(self._legs)
+            order = self._order(pool, self.world_size, self.epoch, leg)
+            mine = self._share(order, self.world_size, self.rank, self.epoch, leg)
+            self._cache = (key, pool, mine)
+        return self._cache[1], self._cache[2]
 
     def epoch_length(self, epoch: int | None = None) -> int:
-        """Samples per rank in a whole epoch (the same on every rank)."""
-        counts = self._rank_counts(self.epoch if epoch is None else epoch)
-        return max(counts) if self.tail == "pad" else min(counts)
+        """Samples per rank in the current deal (the whole epoch unless resumed on another
+        world size); the same on every rank. Another ``epoch`` gives a fresh epoch's length."""
+        if epoch is not None and epoch != self.epoch:
+            return self._length(self.num_total, self.world_size)
+        return len(self._current()[1])
 
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's whole epoch (ignores a resume offset)."""
-        e = self.epoch if epoch is None else epoch
-        if self._cache is not None and self._cache[0] == e:
-            return self._cache[1]
-        out = self._striding(e) if self.striding else self._dealt(e)
-        self._cache = (e, out)
-        return out
+        """This rank's indices of the current deal (ignores the resume offset); another
+        ``epoch`` gives that epoch dealt afresh."""
+        if epoch is not None and epoch != self.epoch:
+            pool = np.arange(self.num_total, dtype=np.int64)
+            order = self._order(pool, self.world_size, epoch, 0)
+            return self._share(order, self.world_size, self.rank, epoch, 0)
+        return self._current()[1]
 
-    def _striding(self, e: int) -> np.ndarray:
-        n, w = self.num_total, self.world_size
-        perm = (np.random.default_rng(self.seed + e).permutation(n) if self.shuffle
-                else np.arange(n))
-        length = self.epoch_length(e)
-        total = length * w
-        if total > n:
-            perm = np.resize(perm, total)  # repeats from the start
-        return perm[:total][self.rank::w].astype(np.int64)
-
-    def _dealt(self, e: int) -> np.ndarray:
-        dealt = self.assignment(e)
-        assert dealt is not None
-        mine = [np.arange(self._starts[s], self._starts[s + 1]) for s in dealt[self.rank]]
-        idx = np.concatenate(mine) if mine else np.zeros(0, np.int64)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, e, self.rank, 1])
-            idx = idx[rng.permutation(len(idx))]
-        length = self.epoch_length(e)
-        if length > len(idx):
-            idx = np.resize(idx, length)  # pad by repeating this rank's own samples
-        return idx[:length].astype(np.int64)
+    def fraction_done(self, consumed: int = 0) -> float:
+        """Fraction of the epoch's samples read, after ``consumed`` more on this rank."""
+        if self.num_total == 0:
+            return 0.0
+        pool, mine = self._current()
+        left = 1.0 - (self._offset + consumed) / len(mine) if len(mine) else 1.0
+        return 1.0 - len(pool) / self.num_total * left
 
     # ------------------------------------------------------------------ Sampler protocol
     def __len__(self) -> int:
@@ -148,6 +187,7 @@ class ShardSampler(Sampler[int]):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch != self.epoch:
             self._offset = 0
+            self._legs = []
         self.epoch = int(epoch)
 
     def worker_indices(self, worker_id: int, num_workers: int) -> np.ndarray:
@@ -166,26 +206,46 @@ class ShardSampler(Sampler[int]):
         return {"epoch": self.epoch, "offset": self._offset + int(consumed), "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "shuffle": self.shuffle,
                 "tail": self.tail, "num_total": self.num_total,
-                "num_shards": len(self.shard_sizes)}
+                "num_shards": len(self.shard_sizes), "block_size": self.block_size,
+                "legs": [list(leg) for leg in self._legs], "legs_epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the saved epoch after its consumed samples (same data, seed and ranks)."""
-        for key, mine in (("seed", self.seed), ("world_size", self.world_size),
-                          ("shuffle", self.shuffle), ("tail", self.tail),
-                          ("num_total", self.num_total), ("num_shards", len(self.shard_sizes))):
+        """Continue the saved epoch after its read samples (same data, seed and tail; on
+        another world size the rest of the epoch is re-dealt over this one)."""
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("tail", self.tail),
+                          ("num_total", self.num_total), ("num_shards", len(self.shard_sizes)),
+                          ("block_size", self.block_size)):
             if key in state and state[key] != mine:
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
-                                 f"{mine!r}: resume with the same dataset, seed, world size and "
-                                 "tail setting (or start the epoch afresh)")
+                                 f"{mine!r}: resume with the same dataset, seed, tail and block "
+                                 "size (or start the epoch afresh)")
         epoch, offset = int(state["epoch"]), int(state["offset"])
-        if not 0 <= offset <= self.epoch_length(epoch):
-            raise ValueError(f"sampler state offset {offset} exceeds the epoch length "
-                             f"{self.epoch_length(epoch)}")
-        self.epoch = epoch
+        world = int(state.get("world_size", self.world_size))
+        legs = [(int(w), int(o)) for w, o in state.get("legs", [])]
+        if state.get("legs_epoch", epoch) != epoch:
+            legs = []  # legs of an earlier epoch (a state rewritten for the next epoch)
+        if offset and "block_size" not in state:
+            warnings.warn(f"sampler state from whole-shard dealing: epoch {epoch} goes on after "
+                          f"{offset} samples per rank of the block deal, so some of its samples "
+                          "may be read twice or not at all", RuntimeWarning, stacklevel=2)
+        if world != self.world_size:
+            if offset:
+                legs.append((world, offset))
+            offset = 0
+        before = (self.epoch, self._legs, self._offset)
+        self.epoch, self._legs, self._offset = epoch, legs, 0
+        try:
+            length = self.epoch_length()  # also checks the legs' offsets
+            if not 0 <= offset <= length:
+                raise ValueError(f"sampler state offset {offset} exceeds the epoch length "
+                                 f"{length}")
+        except ValueError:
+            self.epoch, self._legs, self._offset = before
+            raise
         self._offset = offset
 
     def __repr__(self) -> str:
-        mode = "striding" if self.striding else "shards"
+        resumed = f", re-dealt after {self._legs}" if self._legs else ""
         return (f"ShardSampler(rank={self.rank}/{self.world_size}, {self.num_total} samples in "
-                f"{len(self.shard_sizes)} shards, {mode}, tail={self.tail}, epoch={self.epoch}, "
-                f"len={len(self)})")
+                f"{len(self.shard_sizes)} shards, blocks of <= {self.block_size}, "
+                f"tail={self.tail}, epoch={self.epoch}{resumed}, len={len(self)})")
