@@ -1,4 +1,5 @@
-"""Two real ranks (mpirun + Horovod): sampler + DataLoader workers give equal step counts."""
+"""Two real ranks (mpirun + Horovod): sampler + DataLoader workers give equal step counts,
+also for an epoch resumed from a 3-rank state."""
 
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ for tail in ("pad", "drop"):
             print(f"total_{{key}}={{total}}", flush=True)
             print(f"seen_{{key}}={{len(set().union(*map(set, everyone)))}}", flush=True)
             print(f"samples_{{key}}={{len(ids)}}", flush=True)
+# A 3-rank run stopped after 2 samples per rank of epoch 2, resumed here on 2 ranks: the
+# epoch's unread samples are re-dealt over these ranks, read through 2 workers.
+old = [ShardSampler(ds.shard_sizes, r, 3, seed=7) for r in range(3)]
+for s in old:
+    s.set_epoch(2)
+read = sorted(i for s in old for i in list(s)[:2])
+sampler = ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=7)
+sampler.load_state_dict(old[0].state_dict(2))
+sampler.set_epoch(2)
+loader = DataLoader(ShardIterableDataset(ds, sampler), batch_size=2, num_workers=2, collate_fn=list)
+ids, steps = [], 0
+for batch in loader:
+    dist.allreduce_sum(1.0, name="step.redeal")  # unequal step counts would hang here
+    steps += 1
+    ids += [s["image_id"] for s in batch]
+everyone = dist.allgather_object(ids, name="ids.redeal")
+read_ids = {{ds.annotations(i)["image_id"] for i in read}}
+print(f"redeal_steps={{steps}}", flush=True)
+print(f"redeal_samples={{len(ids)}}", flush=True)
+print(f"redeal_overlap={{len(read_ids & set().union(*map(set, everyone)))}}", flush=True)
+print(f"redeal_seen={{len(read_ids | set().union(*map(set, everyone)))}}", flush=True)
 print("done=1", flush=True)
 """
 
@@ -71,3 +93,8 @@ def test_two_ranks_equal_steps_with_workers(tmp_path: Path) -> None:
                     assert res.values(f"seen_{key}")[0] == "11", key  # every image seen
                 else:
                     assert res.values(f"seen_{key}")[0] == "10", key  # one left out, not a shard
+    # resumed from 3 ranks: 11 - 3 x 2 = 5 unread samples, 3 per rank (one padded), 2 steps
+    assert res.values("redeal_steps") == {0: "2", 1: "2"}
+    assert res.values("redeal_samples") == {0: "3", 1: "3"}
+    assert res.values("redeal_overlap")[0] == "0"  # nothing read twice
+    assert res.values("redeal_seen")[0] == "11"  # the epoch reads every image
