@@ -104,9 +104,9 @@ class ShardSampler(Sampler[int]):
         block_id = np.cumsum(pos % block == 0) - 1
         # Permute the blocks (the same on every rank) and lay them out in that order.
         perm = np.random.default_rng([self.seed, epoch, leg, 0]).permutation(block_id[-1] + 1)
-        rank_of_block = np.empty_like(perm)
-        rank_of_block[perm] = np.arange(len(perm))
-        return pool[np.argsort(rank_of_block[block_id], kind="stable")]
+        slot = np.empty_like(perm)  # slot[b]: where block b goes in the permuted sequence
+        slot[perm] = np.arange(len(perm))
+        return pool[np.argsort(slot[block_id], kind="stable")]
 
     def _share(self, order: np.ndarray, world: int, rank: int, epoch: int, leg: int) -> np.ndarray:
         """Rank ``rank``'s part of ``order``: contiguous, shuffled inside, padded or cut."""
@@ -131,6 +131,8 @@ class ShardSampler(Sampler[int]):
         the samples a deal cut are not included)."""
         pool = np.arange(self.num_total, dtype=np.int64)
         for leg, (world, offset) in enumerate(legs):
+            if world < 1:
+                raise ValueError(f"sampler state has a deal on {world} ranks")
             shares = self._all_shares(pool, int(world), epoch, leg)
             if not 0 <= offset <= len(shares[0]):
                 raise ValueError(f"sampler offset {offset} is outside the {len(shares[0])} "
