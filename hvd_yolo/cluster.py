@@ -243,11 +243,8 @@ def _up(spec: Spec) -> dict:
     # A real sshd per node, in its own UTS namespace so that the node has its own hostname.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     for k in nodes[:-1]:
-        nd = d / str(k)
-        (nd / "sshd_config").write_text(_sshd_config(spec, k, nd))
-        _run("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
-             hostname(spec.name, k), SSHD, "-f", str(nd / "sshd_config"), "-E",
-             str(nd / "sshd.log"), ns=netns(spec.name, k))
+        (d / str(k) / "sshd_config").write_text(_sshd_config(spec, k, d / str(k)))
+        _start_sshd(spec.name, k)
     hostfile = "".join(f"{hostname(spec.name, k)} slots={spec.slots}\n" for k in nodes[:-1])
     (d / "hostfile").write_text(hostfile)
     info = {"spec": asdict(spec), "state_dir": str(d), "hostfile": str(d / "hostfile"),
@@ -255,22 +252,38 @@ def _up(spec: Spec) -> dict:
             "nodes": {hostname(spec.name, k): {"netns": netns(spec.name, k),
                                                "address": address(spec, k)} for k in nodes}}
     (d / "cluster.json").write_text(json.dumps(info, indent=1) + "\n")
-    _wait_for_ssh(spec)
+    _wait_for_ssh(spec.name, list(range(1, spec.nodes + 1)))
     return info
 
 
-def _wait_for_ssh(spec: Spec, timeout: float = 20.0) -> None:
+def _start_sshd(name: str, k: int) -> None:
+    """Start node K's sshd (it daemonizes) under the node's own hostname."""
+    nd = state_dir(name) / str(k)
+    _run("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname(name, k), SSHD,
+         "-f", str(nd / "sshd_config"), "-E", str(nd / "sshd.log"), ns=netns(name, k))
+
+
+def start_node(name: str, k: int) -> None:
+    """Bring a killed node back: restart its sshd and wait until it answers."""
+    if netns(name, k) not in list_namespaces(name):
+        raise ClusterError(f"cluster {name!r} has no node {k}")
+    if not node_pids(name, k):
+        _start_sshd(name, k)
+    _wait_for_ssh(name, [k])
+
+
+def _wait_for_ssh(name: str, nodes: list[int], timeout: float = 20.0) -> None:
     """Until every node answers ``ssh NODE hostname`` from the login node with its own name."""
     deadline = time.monotonic() + timeout
-    for k in range(1, spec.nodes + 1):
-        host = hostname(spec.name, k)
+    for k in nodes:
+        host = hostname(name, k)
         while True:
-            proc = subprocess.run(exec_argv(spec.name, ["ssh", host, "hostname"]),
+            proc = subprocess.run(exec_argv(name, ["ssh", host, "hostname"]),
                                   capture_output=True, text=True, timeout=30)
             if proc.returncode == 0 and proc.stdout.strip() == host:
                 break
             if time.monotonic() > deadline:
-                log = state_dir(spec.name) / str(k) / "sshd.log"
+                log = state_dir(name) / str(k) / "sshd.log"
                 raise ClusterError(f"node {host} did not answer ssh within {timeout:.0f} s: "
                                    f"{proc.stderr.strip() or proc.stdout.strip()} (sshd log: "
                                    f"{log})")

@@ -40,3 +40,16 @@ package_python() {
   [ -n "$py" ] || die "python3 not found: run scripts/install.sh (or set HVD_YOLO_PYTHON)"
   printf '%s\n' "$py"
 }
+
+# subnet_iface CIDR: the name of this node's interface with an IPv4 address inside CIDR.
+subnet_iface() {
+  local py
+  py=$(package_python "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)")
+  ip -o -4 addr show | "$py" -c '
+import ipaddress, sys
+net = ipaddress.ip_network(sys.argv[1], strict=False)
+for line in sys.stdin:
+    f = line.split()
+    if ipaddress.ip_interface(f[3]).ip in net:
+        print(f[1]); break' "$1"
+}

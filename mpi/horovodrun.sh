@@ -10,6 +10,8 @@
 #   --gloo                Gloo controller: no mpirun needed, ranks started over ssh/locally
 #   --mpi                 MPI controller (the default): horovodrun builds an mpirun line
 #   --iface IF            network interface(s) for the controller and data (comma list)
+#   --network NET         between nodes: TCP only on NET, an interface or a subnet (the
+#                         interface of this node's address in it); MPI: btl tcp,self
 #   --ssh-port PORT       ssh port of the other nodes (e.g. 2222 for the Docker images)
 #   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
 #                         lists a GPU here; HVD_YOLO_GPU=0|1 does the same)
@@ -32,7 +34,7 @@ die() { printf 'mpi/horovodrun.sh: error: %s\n' "$*" >&2; exit 2; }
 . "$here/common.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-np="" hostfile="" hosts="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
+np="" hostfile="" hosts="" iface="" network="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
 exec_mode=0 dry=0 start_timeout=""
 extra=()
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
     --gloo) controller=gloo; shift ;;
     --mpi) controller=mpi; shift ;;
     --iface) need "$@"; iface=$2; shift 2 ;;
+    --network) need "$@"; network=$2; shift 2 ;;
     --ssh-port) need "$@"; ssh_port=$2; shift 2 ;;
     --cpu) gpu=0; shift ;;
     --gpu) gpu=1; shift ;;
@@ -76,6 +79,13 @@ fi
 
 resolve_command "$root" "$exec_mode" "$@"
 [ -n "$gpu" ] || gpu=$(detect_gpu)
+# A subnet names no interface: Gloo needs this node's interface with an address in it.
+if [ -n "$network" ] && [ -z "$iface" ]; then
+  if [[ "$network" == */* ]]; then
+    iface=$(subnet_iface "$network")
+    [ -n "$iface" ] || die "no interface of this node has an address in $network"
+  else iface=$network; fi
+fi
 
 argv=("$HOROVODRUN" -np "$np")
 [ -n "$hosts" ] && argv+=(-H "$hosts")
@@ -92,6 +102,7 @@ if [ "$controller" = mpi ]; then
   if [ -z "$hostfile" ] && [ "$hosts" = "localhost:$np" ] && [ "$np" -gt "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" ]; then
     mpi_args="$mpi_args --oversubscribe"
   fi
+  [ -n "$network" ] && mpi_args="$mpi_args --mca btl tcp,self"
   [ -n "$iface" ] && mpi_args="$mpi_args --mca btl_tcp_if_include $iface --mca oob_tcp_if_include $iface"
   [ -n "$mpi_args" ] && argv+=(--mpi-args="${mpi_args# }")
 fi

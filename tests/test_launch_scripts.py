@@ -187,3 +187,52 @@ def test_horovodrun_script_completes_a_short_training_run(tiny_shards: Path, tmp
     res = run_script([str(HOROVODRUN_SH), "-np", "2", controller,
                       *short_training(tiny_shards, out)], timeout=300)
     check_training(out, res)
+
+
+# ------------------------------------------------------------------ one launch line
+@pytest.mark.parametrize("args,kwargs", [
+    (["-np", "2"], {"np": 2}),
+    (["-np", "8", "-H", "n1:4,n2:4", "--network", "10.1.0.0/16", "--term-grace", "30"],
+     {"np": 8, "hosts": "n1:4,n2:4", "network": "10.1.0.0/16", "term_grace": 30}),
+    (["--hostfile", str(REPO / "mpi" / "hostfile.example"), "--cpus-per-rank", "4",
+      "--iface", "ib0", "--ssh-port", "2222"],
+     {"hostfile": str(REPO / "mpi" / "hostfile.example"), "cpus_per_rank": 4, "iface": "ib0",
+      "ssh_port": 2222}),
+])
+def test_mpirun_script_runs_the_packages_line(args: list[str], kwargs: dict) -> None:
+    """mpi/mpirun.sh and hvd_yolo.launch.mpirun_argv (demo, tests) build the same line."""
+    from hvd_yolo.launch import mpirun_argv, network_env
+
+    env = {"HVD_YOLO_GPU": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "HDF5_USE_FILE_LOCKING": "FALSE", **network_env(kwargs.get("network"),
+                                                          kwargs.get("iface"))}
+    script = dry_run(MPIRUN_SH, *args, "--exec", "--", "python", "x.py", env=env)
+    saved = dict(os.environ)
+    try:
+        os.environ.update(env)
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved.get('PATH', '')}"
+        package = mpirun_argv(**kwargs) + ["python", "x.py"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert script == package
+
+
+def test_network_option_makes_mpi_tcp_only_and_sets_gloos_interface() -> None:
+    argv = dry_run(MPIRUN_SH, "-np", "4", "-H", "a:2,b:2", "--network", "198.18.0.0/24",
+                   "--exec", "true")
+    line = " ".join(argv)
+    for part in ("-mca btl tcp,self", "--mca btl_tcp_if_include 198.18.0.0/24",
+                 "--mca oob_tcp_if_include 198.18.0.0/24"):
+        assert part in line, f"{part!r} missing from {line}"
+    assert "HOROVOD_GLOO_IFACE" not in exported(argv)  # a subnet names no interface
+    argv = dry_run(MPIRUN_SH, "-np", "2", "--network", "eth1", "--exec", "true")
+    assert {"HOROVOD_GLOO_IFACE", "NCCL_SOCKET_IFNAME"} <= set(exported(argv))
+    assert "-mca btl tcp,self" in " ".join(argv)
+    argv = dry_run(HOROVODRUN_SH, "-np", "2", "--gloo", "-H", "a:1,b:1", "--network", "lo",
+                   "--exec", "true")
+    assert "--network-interfaces lo" in " ".join(argv)
+    argv = dry_run(HOROVODRUN_SH, "-np", "2", "--mpi", "-H", "a:1,b:1", "--network",
+                   "127.0.0.0/8", "--exec", "true")
+    assert "--network-interfaces lo" in " ".join(argv)
+    assert "--mca btl tcp,self --mca btl_tcp_if_include lo" in " ".join(argv)

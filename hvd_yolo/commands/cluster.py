@@ -1,9 +1,10 @@
-"""`hvd-yolo cluster up|status|down|exec|kill`: a simulated multi-node cluster on this machine.
+"""`hvd-yolo cluster up|status|down|exec|kill|start`: a simulated multi-node cluster on this machine.
 
 Rehearse a multi-node launch before you have a cluster: ``up`` makes N nodes (network
 namespaces with their own hostname, address, sshd and a rate-limited link), ``exec`` runs a
-command on the login node (e.g. ``mpi/mpirun.sh --hostfile ...``), ``kill`` makes a node die,
-``down`` removes everything. Needs root (CAP_NET_ADMIN), iproute2 and openssh-server.
+command on the login node (e.g. ``mpi/mpirun.sh --hostfile ...``), ``kill`` makes a node
+die (``start`` brings it back), ``down`` removes everything. Needs root (CAP_NET_ADMIN),
+iproute2 and openssh-server.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("status", "show the nodes, their links and daemons (--json)"),
                        ("down", "remove the cluster: processes, namespaces, links, files"),
                        ("exec", "run a command on the login node (or --node K)"),
-                       ("kill", "kill every process of node K: a node failure")):
+                       ("kill", "kill every process of node K: a node failure"),
+                       ("start", "bring a killed node K back (restart its sshd)")):
         p = sub.add_parser(name, help=text)
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the status as JSON")
         if name == "exec":
             p.add_argument("--node", default=cluster.LOGIN, help="login (default) or 1..N")
             p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-        if name == "kill":
+        if name in ("kill", "start"):
             p.add_argument("node", help="node number 1..N")
     for p in sub.choices.values():
         p.add_argument("--name", default="sim", help="cluster name (default sim)")
@@ -120,4 +122,13 @@ def _kill(args: argparse.Namespace) -> int:
     return 0
 
 
-ACTIONS = {"up": _up, "status": _status, "down": _down, "exec": _exec, "kill": _kill}
+def _start(args: argparse.Namespace) -> int:
+    if not args.node.isdigit():
+        raise cluster.ClusterError(f"node must be a number 1..N, got {args.node!r}")
+    cluster.start_node(args.name, int(args.node))
+    print(f"node {cluster.hostname(args.name, args.node)}: up")
+    return 0
+
+
+ACTIONS = {"up": _up, "status": _status, "down": _down, "exec": _exec, "kill": _kill,
+           "start": _start}
