@@ -34,6 +34,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "yolov3-tiny"  # or "yolov3"
     weights: str | None = None  # Darknet .weights (full or backbone-only) to start from
+    # BatchNorm normalises with its running statistics (e.g. from weights) and keeps them; its
+    # scale and shift still train. For fine-tuning with small per-rank batches or accumulation.
+    freeze_bn: bool = False
 
 
 @dataclass
@@ -92,7 +95,7 @@ class EvalConfig:
 class RunConfig:
     out_dir: str = "runs/train"
     seed: int = 0
-    log_every: int = 1  # optimizer steps between averaged metric lines
+    log_every: int = 1  # optimizer steps between averaged metric lines (0: the last step only)
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: end of each epoch only)
     keep_last: int = 3
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)

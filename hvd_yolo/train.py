@@ -7,7 +7,8 @@ One optimizer step:
      (hvd.DistributedOptimizer with named_parameters; fp16-compressed by default)
   -> after ``accumulate`` backward passes: synchronize (wait for the allreduces), clip,
      step, EMA update
-  -> every ``log_every`` steps: average the loss parts over ranks; rank 0 logs them.
+  -> every ``log_every`` steps (0: the last step only): average the step's loss parts (the
+     mean over its ``accumulate`` micro-batches) over ranks; rank 0 logs them.
 Rank 0 alone prints, logs and writes checkpoints; every rank runs every collective.
 """
 
@@ -57,6 +58,16 @@ def ignore_stop_signals(_worker_id: int) -> None:
     process stops them itself when it exits."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` the BatchNorm layers stay in eval mode (running
+    statistics used and kept, so a step does not depend on how its batch is split)."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def horovod_environment(cfg: Config, timeline: str | None) -> dict[str, str]:
@@ -245,6 +256,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps, cfg.optim.final_lr_ratio)
     figures, stopped, done = None, False, step >= stop_at
     t_last, images_since, first = time.perf_counter(), 0, 0
+    window = torch.zeros(4, device=device)  # this step's (loss, box, obj, cls) summed over micro-batches
     for epoch in range(start_epoch, cfg.optim.epochs):
         if done or stopped:
             break
@@ -256,7 +268,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
 
             bar = tqdm(total=batches_per_epoch, initial=first, desc=f"epoch {epoch}", unit="batch",
                        dynamic_ncols=True)
-        model.train()
+        train_mode(model, cfg.model.freeze_bn)
         batches = iter(loader)
         b = first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
         for b in range(first, batches_per_epoch):
@@ -272,6 +284,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                 raise FloatingPointError(f"rank {ctx.rank}: loss is {loss.item()} at step {step} "
                                          f"(epoch {epoch}, batch {b}); lower optim.lr")
             scaler.scale(loss / acc).backward()  # allreduces start in the backward hooks
+            window += torch.stack([loss.detach(), parts["box"], parts["obj"], parts["cls"]])
             images_since += images.shape[0]
             if (b + 1) % acc:
                 continue
@@ -289,11 +302,11 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
             if ema is not None:
                 ema.update(model)
             step += 1
+            # The step's loss is its window's mean (the loss its gradient belongs to).
+            values, window = (window / acc).cpu(), torch.zeros_like(window)
             with rank_log.open("a") as f:
-                f.write(json.dumps({"step": step, "size": size, "loss": loss.item()}) + "\n")
-            if step % cfg.run.log_every == 0 or step == stop_at:
-                values = torch.stack([loss.detach().cpu(), *(parts[k].detach().cpu().reshape(())
-                                                              for k in ("box", "obj", "cls"))])
+                f.write(json.dumps({"step": step, "size": size, "loss": values[0].item()}) + "\n")
+            if (cfg.run.log_every and step % cfg.run.log_every == 0) or step == stop_at:
                 avg = dist.allreduce_mean(values, name="hvd_yolo.train.metrics").tolist()
                 now = time.perf_counter()
                 img_s = images_since * world / max(now - t_last, 1e-9)
