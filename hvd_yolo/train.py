@@ -14,7 +14,9 @@ Rank 0 alone prints, logs and writes checkpoints; every rank runs every collecti
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import signal
 import time
 import warnings
@@ -58,6 +60,14 @@ def ignore_stop_signals(_worker_id: int) -> None:
     process stops them itself when it exits."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # runs before multiprocessing's own exit handler (registered earlier)
+def kill_workers_at_exit() -> None:
+    """Workers an exception left running are killed at exit: they ignore SIGTERM, so
+    multiprocessing's exit handler (SIGTERM, then join) would wait for them forever."""
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
@@ -135,8 +145,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     rank_log = out_dir / "ranks" / f"rank{ctx.rank}.jsonl"
     rank_log.parent.mkdir(parents=True, exist_ok=True)
 
-    train_ds = ShardDataset(cfg.data.train)
-    val_ds = ShardDataset(cfg.data.val) if cfg.data.val else None
+    train_ds = ShardDataset(cfg.data.train, on_corrupt=cfg.data.on_corrupt)
+    val_ds = ShardDataset(cfg.data.val, on_corrupt=cfg.data.on_corrupt) if cfg.data.val else None
     num_classes = len(train_ds.class_names)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (broadcast anyway)
@@ -270,9 +280,11 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                        dynamic_ncols=True)
         train_mode(model, cfg.model.freeze_bn)
         batches = iter(loader)
+        corrupt = 0  # samples of this rank's batches that failed their CRC32/decode and were replaced
         b = first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
         for b in range(first, batches_per_epoch):
             batch = next(batches)
+            corrupt += sum(m.get("corrupt", 0) for m in batch["metas"])
             size = (size_for_step(step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
                                   cfg.input.max_size) if cfg.input.multiscale else cfg.input.size)
             images = batch["images"].to(device, non_blocking=True).float().div_(255)
@@ -330,6 +342,14 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
         if bar is not None:
             bar.close()
         dist.join()  # guard: every rank has finished the epoch's collectives
+        # Horovod: the epoch's replaced corrupt samples, summed over ranks (each was named on stderr)
+        corrupt = int(dist.allreduce_sum(float(corrupt), "hvd_yolo.train.corrupt").item())
+        if corrupt:
+            log.write({"type": "data", "step": step, "epoch": epoch, "corrupt_skipped": corrupt})
+            if ctx.is_root:
+                print(f"epoch {epoch}: {corrupt} corrupt sample(s) skipped and replaced "
+                      f"(data.on_corrupt=skip; named above); check the data with "
+                      f"`hvd-yolo shards verify {cfg.data.train}`", flush=True)
         if stopped:
             if ctx.is_root:
                 print(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint written "

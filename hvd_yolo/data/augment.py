@@ -80,13 +80,15 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         sample = self.base[index]
+        corrupt = len(sample.get("corrupt", ()))  # corrupt samples the reader replaced
         if not self.train:
             image, boxes, meta = letterbox(sample["image"], sample["boxes"], self.canvas)
-            meta["image_id"] = sample["image_id"]
+            meta.update(image_id=sample["image_id"], corrupt=corrupt)
             return {"image": image, "boxes": boxes, "classes": sample["classes"], "meta": meta}
         rng = np.random.default_rng([self.seed, epoch, index])
         if self.mosaic > 0 and rng.random() < self.mosaic:
             others = [self.base[int(j)] for j in rng.integers(0, len(self.base), 3)]
+            corrupt += sum(len(o.get("corrupt", ())) for o in others)
             image, boxes, classes = mosaic([sample, *others], self.canvas, rng)
         else:
             image, boxes, _ = letterbox(sample["image"], sample["boxes"], self.canvas)
@@ -95,7 +97,7 @@ class AugmentedDataset(Dataset):
             image, boxes = hflip(image, boxes)
         image = hsv_jitter(image, self.hsv, rng)
         return {"image": image, "boxes": boxes, "classes": classes,
-                "meta": {"image_id": sample["image_id"]}}
+                "meta": {"image_id": sample["image_id"], "corrupt": corrupt}}
 
 
 class EpochIndices(torch.utils.data.Sampler):

@@ -281,10 +281,14 @@ def _json_dict(text: Any) -> Any:
 
 def old_format_message(root: Path, manifest: dict[str, Any]) -> str:
     """The warning for version 1 shards: what is missing and the command that re-converts."""
-    cmd = list((manifest.get("created_by") or {}).get("command") or [])
-    if cmd and "--overwrite" not in cmd:
+    cmd = [str(c) for c in (manifest.get("created_by") or {}).get("command") or []]
+    if cmd[:2] != ["hvd-yolo", "convert"]:  # converted from Python: rebuild the command line
+        src = manifest.get("source") or {}
+        cmd = ["hvd-yolo", "convert", str(src.get("format", "FORMAT")), str(src.get("root", "SOURCE")),
+               str(root)]
+    if "--overwrite" not in cmd:
         cmd.append("--overwrite")
-    how = f"`{' '.join(cmd)}`" if cmd else "`hvd-yolo convert FORMAT SOURCE OUT --overwrite`"
+    how = f"`{' '.join(cmd)}`"
     return (f"{root}: shard format version {manifest.get('version')} has no per-sample checksums "
             f"(dataset images/crc32): image bytes are read unchecked. Convert it again to "
             f"add them: {how}")

@@ -79,12 +79,13 @@ def datasets_of(version: int) -> tuple[str, ...]:
 
 def error_text(exc: BaseException) -> str:
     """A ShardError's own message, also when a DataLoader worker re-raised it wrapped in its
-    traceback text ("Caught ShardError in DataLoader worker ...")."""
+    traceback text ("Caught CorruptSample in DataLoader worker process 0. Original Traceback")."""
     text = str(exc)
     if "Original Traceback" not in text:
         return text
-    lines = [ln for ln in text.splitlines() if "Error: " in ln and not ln.startswith(" ")]
-    return lines[-1].split("Error: ", 1)[1] if lines else text
+    last = [ln for ln in text.splitlines() if ln and not ln[0].isspace()][-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and head.replace(".", "").replace("_", "").isalnum() else text
 
 
 def shard_file_name(index: int) -> str:
