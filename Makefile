@@ -24,6 +24,8 @@ lint:
 
 bench: install
 	$(PY) benchmarks/run_matrix.py
+	$(PY) benchmarks/cluster_bench.py  # simulated cluster; skips itself, saying why, without root/sshd
+	$(PY) benchmarks/scaling_model.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs demo_out

@@ -189,3 +189,14 @@ def _drain(proc: subprocess.Popen) -> str:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     return proc.communicate()[0].decode(errors="replace")
+
+
+# ------------------------------------------------------------------ the scaling model's fit
+def test_alpha_beta_fit_recovers_the_model_it_was_made_from() -> None:
+    from benchmarks.scaling_model import fit, ring_time
+
+    alpha, bw = 40e-6, 1.1e8
+    points = [(n, s, ring_time(n, s, alpha, bw)) for n in (2, 3, 4)
+              for s in (2**16, 2**20, 2**24, 2**26)]
+    got_alpha, got_bw = fit(points)
+    assert abs(got_alpha / alpha - 1) < 1e-6 and abs(got_bw / bw - 1) < 1e-6

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""make bench's cluster section: allreduce and 2-node training over rate-limited links.
+
+    .venv/bin/python benchmarks/cluster_bench.py            # ~25 min on 2 cores
+    .venv/bin/python benchmarks/cluster_bench.py --quick    # smoke run, ~4 min
+    .venv/bin/python benchmarks/cluster_bench.py --sections train --rounds 3
+
+Runs on a simulated cluster (hvd_yolo.cluster: namespaces, tbf-limited veth links, sshd),
+started from its login node like a real job. Sections:
+  allreduce  2 nodes x 1 rank, 1 and 10 Gbit/s links: `hvd-yolo bench allreduce` flat fp32
+             buffers (Horovod cycle time 0.5 ms), launched by mpirun (MPI allreduce over
+             TCP), mpirun with 4 MiB socket buffers, and horovodrun --gloo; bus bandwidth as
+             a fraction of the link rate.
+  nodes      2, 3 and 4 nodes x 1 rank at 1 Gbit/s, Gloo: the points the scaling model
+             (benchmarks/scaling_model.py) is checked against.
+  train      2 nodes x 1 rank at 1 Gbit/s, Gloo, `hvd-yolo bench train` yolov3-tiny 320:
+             fp32 vs fp16, overlap on/off, accumulate 1 vs 4; and 1 rank alone (efficiency).
+Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
+reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
+Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hvd_yolo import cluster  # noqa: E402
+from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+NAME, SUBNET = "bench", "198.18.6.0/24"
+SOCKBUF = ["--mca", "btl_tcp_sndbuf", "4194304", "--mca", "btl_tcp_rcvbuf", "4194304"]
+SIZES_KIB = (64, 256, 1024, 4096, 16384, 65536)
+# Horovod's negotiation cycle for the allreduce runs: the CPU default (10 ms) would add up to
+# 10 ms to every single call and hide the per-hop latency the model fits (training keeps 10).
+CYCLE_MS = 0.5
+
+
+def job_argv(launcher: str, np: int, hosts: str, args: list[str]) -> list[str]:
+    """``hvd-yolo ARGS`` on ``np`` ranks of the cluster, launched from its login node."""
+    if launcher == "gloo":
+        inner = [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", hosts,
+                 "--network-interfaces", cluster.IFACE, "--start-timeout", "60"]
+    else:
+        inner = mpirun_argv(np, hosts=hosts, network=SUBNET,
+                            extra=SOCKBUF if launcher == "mpi-sockbuf" else None)
+    return cluster.exec_argv(NAME, inner + hvd_yolo_argv(*args))
+
+
+def run(argv: list[str], timeout: float, log: Path) -> int:
+    """Run with a timeout (the whole process group is killed at the end); output to ``log``."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -1
+    if rc != 0:
+        print(f"  FAILED (rc {rc}): {' '.join(argv)}\n" + "\n".join(
+            log.read_text(errors="replace").splitlines()[-15:]), flush=True)
+    return rc
+
+
+def hosts_of(nodes: int) -> str:
+    return ",".join(f"{cluster.hostname(NAME, k)}:1" for k in range(1, nodes + 1))
+
+
+def allreduce_round(launcher: str, nodes: int, sizes: tuple[int, ...], work: Path,
+                    tag: str) -> dict[str, float] | None:
+    """One ``bench allreduce`` run: {size in bytes: median seconds} (None if it failed)."""
+    out = work / f"{tag}.json"
+    args = ["bench", "allreduce", "--models", "", "--dtypes", "fp32", "--threads", "1",
+            "--sizes-kib", ",".join(map(str, sizes)), "--seconds-per-case", "2",
+            "--min-iterations", "5", "--cycle-time-ms", str(CYCLE_MS), "--json", str(out)]
+    rc = run(job_argv(launcher, nodes, hosts_of(nodes), args), 600, work / f"{tag}.log")
+    if rc != 0 or not out.exists():
+        return None
+    cases = json.loads(out.read_text())["cases"]
+    return {str(c["bytes"]): c["time_median_s"] for c in cases}
+
+
+def median_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    keys = set.intersection(*(set(r) for r in rounds)) if rounds else set()
+    return {k: statistics.median(r[k] for r in rounds) for k in sorted(keys, key=int)}
+
+
+def section_allreduce(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    sizes = (1024, 16384) if args.quick else SIZES_KIB
+    result: dict[str, Any] = {}
+    for rate in ("1gbit", "10gbit"):
+        bring_up(2, rate)
+        launchers = ("mpi", "mpi-sockbuf", "gloo")
+        per: dict[str, list[dict[str, float]]] = {k: [] for k in launchers}
+        for r in range(args.rounds):
+            for launcher in launchers if r % 2 == 0 else launchers[::-1]:
+                got = allreduce_round(launcher, 2, sizes, work, f"ar_{rate}_{launcher}_r{r}")
+                if got:
+                    per[launcher].append(got)
+                print(f"  allreduce {rate} {launcher} round {r}: {got}", flush=True)
+        bps = cluster.rate_bps(rate)
+        result[rate] = {k: bus_table(median_rounds(v), 2, bps, len(v)) for k, v in per.items()}
+        cluster.down(NAME)
+    return result
+
+
+def bus_table(times: dict[str, float], n: int, bps: float, rounds: int) -> dict[str, Any]:
+    """Per size: median time, bus bandwidth (bytes x 2(n-1)/n / t), its fraction of the link."""
+    rows = {}
+    for size, t in times.items():
+        bus = int(size) * 2 * (n - 1) / n / t
+        rows[size] = {"time_s": t, "busbw_Gbps": bus * 8 / 1e9, "link_fraction": bus * 8 / bps}
+    return {"rounds": rounds, "sizes": rows}
+
+
+def section_nodes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    sizes = (1024, 16384) if args.quick else (256, 1024, 4096, 16384, 65536)
+    bring_up(4, "1gbit")
+    per: dict[int, list[dict[str, float]]] = {n: [] for n in (2, 3, 4)}
+    for r in range(args.rounds):
+        for n in (2, 3, 4) if r % 2 == 0 else (4, 3, 2):
+            got = allreduce_round("gloo", n, sizes, work, f"nodes{n}_r{r}")
+            if got:
+                per[n].append(got)
+            print(f"  nodes {n} round {r}: {got}", flush=True)
+    cluster.down(NAME)
+    return {str(n): bus_table(median_rounds(v), n, 1e9, len(v)) for n, v in per.items()}
+
+
+TRAIN_CONFIGS = {  # name -> bench train options
+    "fp32_overlap_acc1": ["--compression", "none", "--overlap", "on", "--accumulate", "1"],
+    "fp16_overlap_acc1": ["--compression", "fp16", "--overlap", "on", "--accumulate", "1"],
+    "fp32_nooverlap_acc1": ["--compression", "none", "--overlap", "off", "--accumulate", "1"],
+    "fp16_nooverlap_acc1": ["--compression", "fp16", "--overlap", "off", "--accumulate", "1"],
+    "fp32_overlap_acc4": ["--compression", "none", "--overlap", "on", "--accumulate", "4"],
+}
+KEEP = ("img_per_sec_total", "step_time_mean_s", "compute_time_mean_s", "allreduce_wait_mean_s",
+        "allreduce_bytes_per_step", "batch", "accumulate", "world_size")
+
+
+def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    bring_up(2, "1gbit")
+    common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch", "8",
+              "--threads", "1", "--iterations", "3" if args.quick else "6", "--warmup", "2",
+              "--quiet"]
+    names = ["single", *TRAIN_CONFIGS]
+    per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out = work / f"train_{name}_r{r}.json"
+            if name == "single":  # one rank on one node (no link): the efficiency baseline
+                argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
+            else:
+                argv = job_argv("gloo", 2, hosts_of(2),
+                                [*common, *TRAIN_CONFIGS[name], "--json", str(out)])
+            rc = run(argv, 900, work / f"train_{name}_r{r}.log")
+            if rc == 0 and out.exists():
+                rec = json.loads(out.read_text())
+                per[name].append({k: rec.get(k) for k in KEEP})
+            print(f"  train {name} round {r}: rc {rc} "
+                  f"{per[name][-1]['img_per_sec_total'] if per[name] else ''}", flush=True)
+    cluster.down(NAME)
+    result = {}
+    for name, recs in per.items():
+        if recs:
+            result[name] = {k: statistics.median(rec[k] for rec in recs) for k in KEEP
+                            if recs[0].get(k) is not None}
+            result[name]["rounds"] = len(recs)
+            result[name]["img_per_sec_rounds"] = [rec["img_per_sec_total"] for rec in recs]
+    return result
+
+
+def bring_up(nodes: int, rate: str) -> None:
+    cluster.down(NAME)
+    cluster.up(cluster.Spec(name=NAME, nodes=nodes, link=rate, subnet=SUBNET))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cluster"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sections", default="allreduce,nodes,train")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = cluster.missing_requirements()
+    if missing:
+        print("cluster benchmarks skipped: no simulated cluster here, missing: "
+              + "; ".join(missing))
+        return 0
+    path = out / "cluster.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.update(machine={"platform": platform.platform(), "cores": os.cpu_count(),
+                           "load_before": os.getloadavg()},
+                  created=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rounds=args.rounds,
+                  command=" ".join(["benchmarks/cluster_bench.py", *(argv or sys.argv[1:])]))
+    sections = {"allreduce": section_allreduce, "nodes": section_nodes, "train": section_train}
+    with tempfile.TemporaryDirectory(prefix="hvd_cluster_bench_") as tmp:
+        try:
+            for name in args.sections.split(","):
+                print(f"[cluster] {name}", flush=True)
+                record[name] = sections[name](args, Path(tmp))
+                path.write_text(json.dumps(record, indent=1) + "\n")
+        finally:
+            cluster.down(NAME)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
