@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -145,6 +147,49 @@ def test_convert_across_nodes_writes_the_same_shards(sim: dict, tmp_path: Path) 
         assert a[key] == b[key], f"{key} differs between one process and 2 nodes x 2 ranks"
     created = json.loads((tmp_path / "nodes" / "manifest.json").read_text())["created_by"]
     assert created["ranks"] == 4
+
+
+# ------------------------------------------------------------------ Slurm across nodes
+@pytest.fixture(scope="module")
+def slurm(sim: dict):
+    """slurmctld on the login node, a slurmd on each node; torn down after the module."""
+    from tests.slurm.cluster import SlurmUnavailable, ensure_packages
+    from tests.slurm.multinode import MultiNodeSlurm
+
+    root = Path(tempfile.mkdtemp(prefix="hvd_yolo_mn_slurm_"))  # short: unix socket paths
+    slurm = MultiNodeSlurm(root, name=NAME, nodes=[1, 2])
+    try:
+        ensure_packages(timeout=600)
+        slurm.start(timeout=120)
+    except SlurmUnavailable as exc:
+        slurm.stop()
+        pytest.skip(f"cannot start a 2-node Slurm cluster: {exc}")
+    yield slurm
+    slurm.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_sbatch_nodes_2_runs_one_rank_on_each_node(slurm, tmp_path: Path, launcher: str) -> None:
+    """``sbatch --nodes=2 mpi/slurm/train.sbatch``: mpirun inside the allocation (daemons
+    started by srun) or srun --mpi=pmix puts one rank on each node; the allreduce is right."""
+    work, out = tmp_path / "job", tmp_path / "out"
+    work.mkdir()
+    job = [sys.executable, str(REPO / "tests" / "slurm" / "allreduce_job.py"), str(out)]
+    env = {"OMP_NUM_THREADS": "1", "HVD_YOLO_LAUNCHER": launcher,
+           "HVD_YOLO_IFACE": cluster.IFACE}
+    if launcher == "srun":
+        env["HVD_YOLO_CMD"] = " ".join(job)
+    job_id = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                           f"--chdir={work}", str(REPO / "mpi" / "slurm" / "train.sbatch"),
+                           *([] if launcher == "srun" else job)], env=env, cwd=REPO)
+    info = slurm.wait_job(job_id, 180)
+    logs = "".join(f"\n--- {f}\n{f.read_text(errors='replace')[-3000:]}"
+                   for f in sorted(work.rglob("*")) if f.is_file())
+    assert info["JobState"] == "COMPLETED", f"{info}{logs}{slurm.tail('slurmd', 2000)}"
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["host"] for r in records] == [N1, N2], records
+    assert all(r["allreduce"] == 3.0 and r["slurm_job_id"] == str(job_id) for r in records)
 
 
 # ------------------------------------------------------------------ a node dies
