@@ -245,3 +245,30 @@ def test_alpha_beta_fit_recovers_the_model_it_was_made_from() -> None:
               for s in (2**16, 2**20, 2**24, 2**26)]
     got_alpha, got_bw = fit(points)
     assert abs(got_alpha / alpha - 1) < 1e-6 and abs(got_bw / bw - 1) < 1e-6
+
+
+# ------------------------------------------------------------------ the command's errors
+@pytest.mark.parametrize("args,message", [
+    (["up", "--link", "fast"], "link rate 'fast' is not a tc rate"),
+    (["up", "--subnet", "10.0.0.0/24"], "must lie inside 198.18.0.0/15"),
+    (["up", "--name", "Bad-Name"], "cluster name 'Bad-Name'"),
+    (["up", "--nodes", "0"], "--nodes must be 1..64"),
+    (["exec", "--name", "absent", "--", "true"], "cluster 'absent' is not up"),
+])
+def test_cluster_command_rejects_bad_input_clearly(args: list[str], message: str) -> None:
+    proc = subprocess.run(hvd_yolo_argv("cluster", *args), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc
+    assert proc.stderr.startswith(f"hvd-yolo cluster {args[0]}: error: "), proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cluster_up_without_net_admin_names_what_is_missing() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the command as an unprivileged user")
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            *hvd_yolo_argv("cluster", "up", "--name", "noroot")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    assert "missing: root / CAP_NET_ADMIN" in proc.stderr, proc.stderr
