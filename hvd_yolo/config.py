@@ -170,6 +170,7 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "eval.conf_thres": (0, 1, True, False),
     "eval.iou_thres": (0, 1, False, True),
     "eval.max_det": (1, None, True, True),
+    "run.log_every": (0, None, True, True),
     "run.checkpoint_every": (0, None, True, True),
     "run.keep_last": (1, None, True, True),
     "run.max_steps": (0, None, True, True),

@@ -20,10 +20,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from hvd_yolo.config import ConfigError
 from hvd_yolo.metrics import coco_evaluate, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
 
 _ERROR = "__error__"
+
+
+def class_differences(expected: Sequence[str], found: Sequence[str], limit: int = 5) -> list[str]:
+    """Where ``found``'s class list differs from ``expected``'s, index by index (empty: equal)."""
+    diffs = []
+    for i in range(max(len(expected), len(found))):
+        a = repr(expected[i]) if i < len(expected) else "no class"
+        b = repr(found[i]) if i < len(found) else "no class"
+        if a != b:
+            diffs.append(f"class {i} is {a} in training, {b} here")
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"{len(diffs) - limit} more"]
+    return diffs
+
+
+def check_validation_set(train_dir: str, train_classes: Sequence[str], val_dir: str,
+                         val_classes: Sequence[str], images: int) -> None:
+    """Raise ConfigError unless the validation set can score this model: the same classes in
+    the same order as training's (per-class AP would be reported under the wrong names), and
+    at least one image."""
+    diffs = class_differences(train_classes, val_classes)
+    if diffs:
+        raise ConfigError(
+            f"data.val={val_dir}: its {len(val_classes)} classes differ from those of "
+            f"data.train={train_dir} ({len(train_classes)}): {'; '.join(diffs)}. Convert the "
+            f"validation set with the training set's class list (same names, same order)")
+    if images == 0:
+        raise ConfigError(f"data.val={val_dir}: holds no images")
 
 
 @contextlib.contextmanager

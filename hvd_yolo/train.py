@@ -32,7 +32,7 @@ from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
 from hvd_yolo.data.sampler import ShardSampler
-from hvd_yolo.evaluate import evaluate_loader
+from hvd_yolo.evaluate import check_validation_set, evaluate_loader
 from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
@@ -147,6 +147,9 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
 
     train_ds = ShardDataset(cfg.data.train, on_corrupt=cfg.data.on_corrupt)
     val_ds = ShardDataset(cfg.data.val, on_corrupt=cfg.data.on_corrupt) if cfg.data.val else None
+    if val_ds is not None:  # every rank sees the same files: all refuse together, before any step
+        check_validation_set(cfg.data.train, train_ds.class_names, cfg.data.val,
+                             val_ds.class_names, len(val_ds))
     num_classes = len(train_ds.class_names)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (broadcast anyway)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hvd_yolo.data.convert import convert_dataset
+from hvd_yolo.data.synthetic import write_yolo_dataset
 from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import run_cli
 
@@ -121,3 +123,26 @@ def test_log_every_zero_logs_the_last_step_only(eight: Path, tmp_path: Path) -> 
                        "--set", "optim.epochs=5"), np=1, timeout=300)
     assert [r["step"] for r in step_records(out)] == [3]
     assert len(read_jsonl(out / "ranks" / "rank0.jsonl")) == 3
+
+
+# ------------------------------------------------------------------ start-up checks
+def test_validation_classes_that_differ_from_training_fail_at_start(eight: Path,
+                                                                    tmp_path: Path) -> None:
+    """A validation set converted with another class list (renamed, reordered) is refused by
+    every rank before the first step, naming both data sets and the classes that differ
+    (training went on and printed per-class AP under the wrong names)."""
+    src = write_yolo_dataset(tmp_path / "src", 3, seed=7, size_range=(64, 96))
+    (src / "data.yaml").write_text("nc: 3\nnames:\n  0: circle\n  1: triangle\n  2: cone\n")
+    val = tmp_path / "val"
+    convert_dataset("yolo", src, val, shards=1)
+    out = tmp_path / "run"
+    res = run_cli(train_args(eight, out, "--set", f"data.val={val}", "--set", "input.size=64",
+                             "--set", "optim.batch_size=2"), np=2, timeout=300, check=False)
+    assert res.returncode != 0 and not res.timed_out, res.output
+    line = next((t for t in res.rank_lines(0) if t.startswith("hvd-yolo train: error:")), None)
+    assert line is not None, res.output
+    assert f"data.val={val}" in line and f"data.train={eight}" in line, line
+    assert "class 1 is 'square' in training, 'triangle' here" in line, line
+    assert "class 2 is 'triangle' in training, 'cone' here" in line, line
+    assert "Traceback" not in res.output, res.output
+    assert not (out / "ranks" / "rank0.jsonl").exists()  # no step was taken

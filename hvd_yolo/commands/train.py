@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"hvd-yolo train: error: rank {dist.rank()}: {error_text(e)}", file=sys.stderr,
               flush=True)
         return 1
+    except config.ConfigError as e:  # the data does not fit the config: found before any step
+        if dist.is_root():
+            print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     if dist.is_root():
         print("summary " + json.dumps(summary), flush=True)
     return 0
