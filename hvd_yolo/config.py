@@ -74,12 +74,14 @@ class OptimConfig:
 @dataclass
 class DistConfig:
     compression: str = "fp16"  # none | fp16
-    op: str = "average"  # average | adasum
+    op: str = "average"  # average | adasum (LR not scaled by world size; needs optim.clip_grad=0)
     sync_bn: bool = False
     threads: int | None = None  # CPU threads per rank (default cores // local ranks)
     fusion_threshold_mb: float | None = None  # HOROVOD_FUSION_THRESHOLD
     cycle_time_ms: float | None = None  # HOROVOD_CYCLE_TIME (default: 10 on CPU, Horovod's on GPU)
     cuda: bool | None = None  # None: use CUDA when available
+    stall_warning_s: float = 60.0  # a rank without progress this long warns (Horovod's too)
+    stall_shutdown_s: float = 600.0  # ... and this long ends the job, naming frozen ranks (0: never)
 
 
 @dataclass
@@ -139,6 +141,14 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
         check_ranges(self)
+        if self.dist.op == "adasum" and self.optim.clip_grad > 0:
+            raise ConfigError(
+                f"dist.op=adasum with optim.clip_grad={self.optim.clip_grad}: Adasum updates each "
+                f"parameter inside its backward hook, before the whole gradient (and its norm) "
+                f"exists, so it cannot clip: set optim.clip_grad=0")
+        if self.dist.stall_shutdown_s and self.dist.stall_shutdown_s <= self.dist.stall_warning_s:
+            raise ConfigError(f"dist.stall_shutdown_s={self.dist.stall_shutdown_s} must exceed "
+                              f"dist.stall_warning_s={self.dist.stall_warning_s} (or be 0: never)")
         if not self.data.train:
             raise ConfigError("data.train is not set: give the training shard directory "
                               "(--set data.train=DIR or in the YAML file)")
@@ -165,6 +175,8 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "dist.threads": (1, None, True, True),
     "dist.fusion_threshold_mb": (0, None, True, True),
     "dist.cycle_time_ms": (0, None, False, True),
+    "dist.stall_warning_s": (0, None, False, True),
+    "dist.stall_shutdown_s": (0, None, True, True),
     "eval.every": (0, None, True, True),
     "eval.batch_size": (1, None, True, True),
     "eval.conf_thres": (0, 1, True, False),

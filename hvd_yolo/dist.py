@@ -36,16 +36,30 @@ class DistContext:
 CPU_CYCLE_TIME_MS = 10.0
 TUNING_KNOBS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_TIMELINE",
                 "HOROVOD_AUTOTUNE", "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_CACHE_CAPACITY",
-                "HOROVOD_BATCH_D2D_MEMCOPIES", "HOROVOD_NUM_NCCL_STREAMS")
+                "HOROVOD_BATCH_D2D_MEMCOPIES", "HOROVOD_NUM_NCCL_STREAMS",
+                "HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
+# Horovod's own stall shutdown is a backstop this long after hvd_yolo.stall's (which also ends
+# a job with a frozen rank, where Horovod's coordinator blocks inside MPI and never checks).
+STALL_BACKSTOP_S = 60.0
 
 
 def horovod_settings(cycle_time_ms: float | None = None, fusion_threshold_mb: float | None = None,
-                     use_cuda: bool | None = None, timeline: str | None = None) -> dict[str, str]:
+                     use_cuda: bool | None = None, timeline: str | None = None,
+                     stall_warning_s: float | None = None,
+                     stall_shutdown_s: float | None = None) -> dict[str, str]:
     """Set the Horovod knobs read at ``hvd.init()``; returns the tuning knobs in force.
 
     An explicit argument wins, then what the user exported, then this project's CPU default
     (``CPU_CYCLE_TIME_MS``); anything else is left to Horovod. Call it before :func:`init`.
+    ``stall_warning_s``: Horovod's stall inspector warns (naming the ranks that did not submit a
+    tensor) after it; ``stall_shutdown_s`` (0: never): Horovod shuts down
+    ``STALL_BACKSTOP_S`` after it.
     """
+    if stall_warning_s:
+        os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, round(stall_warning_s)))
+    if stall_shutdown_s:
+        os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(
+            round(stall_shutdown_s + STALL_BACKSTOP_S))
     if timeline:
         os.environ["HOROVOD_TIMELINE"] = os.path.abspath(timeline)
     if fusion_threshold_mb is not None:
@@ -136,6 +150,43 @@ def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     if optimizer is not None:
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+
+def lr_world_scale(op: str, device: torch.device) -> int:
+    """How much the LR grows with the world: ``size`` for an averaged gradient (the global batch
+    grows); 1 for Adasum on CPU ranks, which combines the ranks' updates instead of averaging
+    them; ``local_size`` for Adasum on NCCL GPUs (summed within a node, Adasum across nodes),
+    as in Horovod's Adasum guide and examples."""
+    if op != "adasum":
+        return size()
+    if device.type == "cuda" and hvd.nccl_built():
+        return hvd.local_size()
+    return 1
+
+
+def average_buffers(modules: list[torch.nn.Module], name: str) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) of ``modules`` over
+    the ranks, in place: without SyncBN each rank's statistics follow its own batches."""
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if not buffers or not hvd.is_initialized() or hvd.size() == 1:
+        return
+    # Horovod: one grouped allreduce (one negotiation) for all the buffers.
+    hvd.grouped_allreduce_(buffers, name=name, op=hvd.Average)
+
+
+def nonfinite_ranks(stop: bool, bad_batch: int | None, name: str) -> tuple[bool, dict[int, int]]:
+    """The per-step decision, one allreduce: did any rank ask to stop, and which ranks saw a
+    non-finite loss (rank -> the first such batch)? Every rank gets the same answer."""
+    world, me = size(), rank()
+    flags = torch.zeros(world + 1, dtype=torch.float64)
+    flags[0] = float(stop)
+    if bad_batch is not None:
+        flags[1 + me] = bad_batch + 1.0
+    if world > 1:
+        # Horovod: a stop request and the bad-loss report of every rank in one small allreduce.
+        flags = hvd.allreduce(flags, name=name, op=hvd.Sum)
+    bad = {r: int(v) - 1 for r, v in enumerate(flags[1:].tolist()) if v > 0}
+    return bool(flags[0] > 0), bad
 
 
 def distributed_optimizer(
