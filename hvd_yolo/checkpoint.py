@@ -1,74 +1,224 @@
-"""Checkpoints: written atomically by rank 0, the last k kept, the best by mAP kept apart.
+"""Checkpoints: written atomically by rank 0, sealed with a checksum, the last k kept.
 
-Layout under ``<out_dir>/checkpoints/``: ``step-00000120.pt`` (rotating), ``last.pt`` (a copy
-of the newest) and ``best.pt``. Every file is written to a temporary name in the same folder
-and renamed, so a job killed mid-write never leaves a truncated checkpoint behind.
+Layout under ``<out_dir>/checkpoints/``: ``step-00000120.pt`` (rotating), ``last.pt`` (a hard
+link to the newest) and ``best.pt`` (a hard link to the best by mAP). Every file is written to a
+temporary name in the same folder, fsynced and renamed, so a killed job never leaves a
+truncated checkpoint behind (only a hidden ``.*.tmp``, removed by :func:`clean_temp`).
+
+A checkpoint is ``torch.save``'s zip archive plus one record, ``<archive>/hvd_yolo.sha256``: the
+sha256 of every other record (name and bytes). ``torch.load`` ignores that record; :func:`load`
+checks it first, so a corrupted file is named instead of resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\.(step-\d+|last|best)\.pt\..+\.tmp$")
+_DIGEST = "hvd_yolo.sha256"
+_CHUNK = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupted, not ours, or not matching this run."""
+
+
+# ------------------------------------------------------------------ checksum
+def _digest(archive: zipfile.ZipFile) -> str:
+    """sha256 over every record but the digest itself (name, then bytes; archive order).
+    Reading through zipfile also checks each record's CRC-32."""
+    h = hashlib.sha256()
+    for info in archive.infolist():
+        if info.filename.endswith("/" + _DIGEST):
+            continue
+        h.update(info.filename.encode() + b"\0")
+        with archive.open(info) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _seal(path: Path | str) -> None:
+    """Append the digest record to a ``torch.save`` archive."""
+    with zipfile.ZipFile(path, "a") as z:
+        prefix = z.infolist()[0].filename.split("/", 1)[0]
+        z.writestr(f"{prefix}/{_DIGEST}", _digest(z))
+
+
+def verify(path: Path | str) -> bool:
+    """True when ``path``'s checksum matches; False for a checkpoint written without one
+    (older versions). Raises :class:`CheckpointError` naming the file when it is corrupted."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            recorded = [i for i in z.infolist() if i.filename.endswith("/" + _DIGEST)]
+            if not recorded:
+                return False
+            want = z.read(recorded[-1]).decode("ascii", "replace").strip()
+            got = _digest(z)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+            UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupted checkpoint ({exc})") from exc
+    if got != want:
+        raise CheckpointError(f"{path}: corrupted checkpoint (sha256 {got[:16]}... does not "
+                              f"match the recorded {want[:16]}...)")
+    return True
+
+
+# ------------------------------------------------------------------ writing
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+    """``torch.save`` to a temp file beside ``path``, seal, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
-            f.flush()
+        _seal(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def atomic_link(src: Path, dst: Path) -> None:
+    """Point ``dst`` at ``src``'s data: a hard link renamed over ``dst`` (no second write);
+    a fsynced copy where the file system has no hard links."""
+    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def step_files(ckpt_dir: Path) -> list[Path]:
+    """``step-*.pt`` files, oldest write first (modification time, then step number)."""
+    found = []
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        m = _STEP_FILE.match(p.name)
+        if m:
+            try:
+                found.append((p.stat().st_mtime_ns, int(m.group(1)), p))
+            except FileNotFoundError:  # pruned meanwhile
+                continue
+    return [p for _, _, p in sorted(found)]
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` most recently written step files (write order, not
+    step number: a resume may re-derive a smaller step). Returns the deleted paths."""
+    steps = step_files(ckpt_dir)
+    old = steps[: max(0, len(steps) - max(1, keep_last))]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return old
 
 
 def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int,
          is_best: bool = False) -> Path:
-    """Write ``step-<step>.pt`` and ``last.pt`` (and ``best.pt``); prune to ``keep_last``."""
+    """Write ``step-<step>.pt``, link ``last.pt`` (and ``best.pt``) to it; prune to ``keep_last``."""
     path = ckpt_dir / f"step-{step:08d}.pt"
     atomic_save(state, path)
-    atomic_copy(path, ckpt_dir / "last.pt")
+    atomic_link(path, ckpt_dir / "last.pt")
     if is_best:
-        atomic_copy(path, ckpt_dir / "best.pt")
-    steps = sorted(p for p in ckpt_dir.iterdir() if _STEP_FILE.match(p.name))
-    for old in steps[: max(0, len(steps) - max(1, keep_last))]:
-        old.unlink(missing_ok=True)
+        atomic_link(path, ckpt_dir / "best.pt")
+    prune(ckpt_dir, keep_last)
     return path
 
 
-def resolve(resume: str, out_dir: str | Path) -> Path | None:
-    """``auto`` -> ``<out_dir>/checkpoints/last.pt`` if it exists, else None; a path -> itself."""
-    if resume == "auto":
-        last = Path(out_dir) / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    path = Path(resume)
+def clean_temp(ckpt_dir: Path) -> list[tuple[Path, int]]:
+    """Remove the hidden temp files of checkpoint writes that were killed (rank 0, holding the
+    out_dir lock). Returns ``(path, bytes)`` of each file removed."""
+    removed = []
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        if _TEMP_FILE.match(p.name) and p.is_file():
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed.append((p, size))
+    return removed
+
+
+# ------------------------------------------------------------------ reading
+def load(path: Path | str, check: bool = True) -> dict[str, Any]:
+    """Verify ``path``'s checksum, then load it onto the CPU (tensors are moved to the device by
+    their owners). Raises :class:`CheckpointError` naming the file when it is unusable."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-    return path
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if check and not verify(path):
+        warnings.warn(f"{path}: written without a checksum (an older hvd-yolo): loaded unverified",
+                      stacklevel=2)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not an hvd-yolo checkpoint (holds a {type(state).__name__})")
+    return state
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU (tensors are moved to the device by their owners)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_resume(resume: str, out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``--resume`` asks for, verified and loaded (call it on rank 0 only).
+
+    A path: that file, or :class:`CheckpointError`. ``auto``: ``last.pt``, or when it is
+    corrupted the newest step file that is not (with a warning per bad file); None when
+    ``<out_dir>/checkpoints`` holds no checkpoint; :class:`CheckpointError` when it holds only
+    corrupted ones.
+    """
+    if resume != "auto":
+        return Path(resume), load(resume)
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    candidates = ([last] if last.is_file() else []) + step_files(ckpt_dir)[::-1]
+    seen: set[tuple[int, int]] = set()
+    failures = []
+    for path in candidates:
+        st = path.stat()
+        if (st.st_dev, st.st_ino) in seen:  # last.pt is a link to a step file
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            state = load(path)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        if failures:
+            warnings.warn("; ".join(failures) + f": resuming from {path} instead", stacklevel=2)
+        return path, state
+    if failures:
+        raise CheckpointError("no usable checkpoint for --resume auto: " + "; ".join(failures)
+                              + " (resume from an explicit --resume PATH, or move "
+                              f"{ckpt_dir} away to start afresh)")
+    return None
 
 
 def restore_model(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -81,9 +231,61 @@ def restore_model(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Modu
     state = load(Path(path))
     for key in ("model", "class_names", "model_name"):
         if key not in state:
-            raise ValueError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")
+            raise CheckpointError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")
     model = build_model(state["model_name"], len(state["class_names"]))
     weights = state["ema"]["model"] if use_ema and state.get("ema") else state["model"]
     # Checkpoints of SyncBatchNorm runs load into plain BatchNorm: same parameter names.
     model.load_state_dict(weights)
     return model.eval(), state
+
+
+# ------------------------------------------------------------------ resume compatibility
+# Keys whose change makes a checkpoint's sampler state and data order meaningless.
+REFUSED = ("run.seed", "data.tail", "model.name")
+# Keys that set the global batch: the epoch's unread samples are re-dealt, the step re-derived.
+REDERIVED = ("optim.batch_size", "optim.accumulate")
+# Keys that only change how this run executes, not what it computes.
+RUNTIME = ("data.workers", "data.val", "dist.threads", "dist.cycle_time_ms",
+           "dist.fusion_threshold_mb", "dist.cuda", "run.out_dir", "run.progress",
+           "run.max_steps", "run.tensorboard", "run.log_every", "run.checkpoint_every",
+           "run.keep_last")
+
+
+def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in cfg.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def compare_run(state: dict[str, Any], config: dict[str, Any], world_size: int,
+                class_names: list[str], num_images: int, num_shards: int
+                ) -> tuple[list[str], list[str]]:
+    """What a checkpoint recorded against this run: ``(refusals, warnings)``, each naming the
+    key with the checkpoint's value and the current one."""
+    old = _flat(state.get("config") or {})
+    new = _flat(config)
+    refusals, notes = [], []
+    for key in REFUSED:
+        if key in old and old[key] != new.get(key):
+            refusals.append(f"{key} is {old[key]!r} in the checkpoint but {new.get(key)!r} now")
+    if state.get("class_names") is not None and list(state["class_names"]) != list(class_names):
+        refusals.append(f"the classes are {list(state['class_names'])} in the checkpoint but "
+                        f"{list(class_names)} in data.train")
+    saved = state.get("sampler") or {}
+    if saved.get("num_total", num_images) != num_images or \
+            saved.get("num_shards", num_shards) != num_shards:
+        refusals.append(f"data.train held {saved.get('num_total')} images in "
+                        f"{saved.get('num_shards')} shards for the checkpoint but "
+                        f"{new.get('data.train')} holds {num_images} in {num_shards}")
+    old_world = state.get("world_size", world_size)
+    if old_world != world_size:
+        notes.append(f"world size is {old_world} in the checkpoint but {world_size} now")
+    for key in REDERIVED:
+        if key in old and old[key] != new.get(key):
+            notes.append(f"{key} is {old[key]!r} in the checkpoint but {new.get(key)!r} now")
+    if notes:
+        notes = ["; ".join(notes) + ": the epoch's unread samples are re-dealt and the step and "
+                 "LR re-derived for the new global batch"]
+    changed = [f"{k} {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+               if k not in REFUSED + REDERIVED + RUNTIME and old[k] != new.get(k)]
+    if changed:
+        notes.append("changed since the checkpoint (used as given now): " + ", ".join(changed))
+    return refusals, notes

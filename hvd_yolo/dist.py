@@ -147,9 +147,11 @@ def join() -> int:
 
 def broadcast_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Make every rank start from rank 0's weights (and optimizer state)."""
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    # The optimizer first: on a rank without optimizer state, Horovod creates it by a step with
+    # zero gradients, which moves the weights (weight decay); the weights are broadcast after.
     if optimizer is not None:
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
 
 def lr_world_scale(op: str, device: torch.device) -> int:

@@ -20,6 +20,7 @@ import multiprocessing
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
+from hvd_yolo.runlock import OutDirBusy, OutDirLock
 
 
 class StopRequest:
@@ -131,6 +133,112 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
 
+def claim_out_dir(out_dir: Path, ctx: dist.DistContext) -> OutDirLock | None:
+    """Rank 0 locks ``out_dir`` for the run and removes temp files of killed checkpoint writes;
+    every rank learns the outcome (a busy ``out_dir`` raises :class:`OutDirBusy` everywhere)."""
+    lock, error = None, None
+    if ctx.is_root:
+        try:
+            lock = OutDirLock(out_dir)
+            lock.acquire()
+            removed = checkpoint.clean_temp(out_dir / "checkpoints")
+            if removed:
+                print(f"removed {len(removed)} unfinished checkpoint write(s) of a killed run "
+                      f"({sum(n for _, n in removed) / 1e6:.1f} MB): "
+                      + ", ".join(p.name for p, _ in removed), flush=True)
+        except OutDirBusy as exc:
+            error = str(exc)
+    # Horovod: rank 0's decision reaches every rank, so all stop together or none does.
+    error = dist.broadcast_object(error, name="hvd_yolo.train.out_dir_lock")
+    if error:
+        raise OutDirBusy(error)
+    return lock
+
+
+@dataclass
+class Start:
+    """Where the loop starts: ``skip_batches`` of ``epoch`` done, optimizer step ``step``."""
+
+    epoch: int = 0
+    step: int = 0
+    skip_batches: int = 0
+    best_map: float = -1.0
+    path: str | None = None
+
+
+def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, ema: ModelEMA | None,
+                 scaler: torch.amp.GradScaler, sampler: ShardSampler, class_names: list[str],
+                 batches_per_epoch: int) -> Start:
+    """Make every rank hold the same starting state: rank 0's fresh weights, or a checkpoint.
+
+    Rank 0 alone finds, verifies and reads the checkpoint (``--resume auto`` falls back past
+    corrupted files) and checks it against this run; its decision, the small state and the
+    weights, optimizer state and EMA reach the other ranks by broadcasts, so ranks need not see
+    the file. Refused: another seed, tail mode, dataset, model or classes. Another world size,
+    batch size or accumulation re-deals the epoch's unread samples over this run (the
+    sampler), and the step, so the schedule, is re-derived from the batches left.
+    """
+    meta: dict[str, Any] = {"path": None}
+    if ctx.is_root and resume:
+        try:
+            found = checkpoint.load_resume(resume, cfg.run.out_dir)
+            if found is not None:
+                path, state = found
+                refusals, notes = checkpoint.compare_run(
+                    state, cfg.to_dict(), ctx.size, class_names, sampler.num_total,
+                    len(sampler.shard_sizes))
+                if refusals:
+                    raise checkpoint.CheckpointError(
+                        f"cannot resume from {path}: " + "; ".join(refusals) + ". Resume with "
+                        "the checkpoint's values, or start a new run (another run.out_dir, "
+                        "no --resume)")
+                for note in notes:
+                    warnings.warn(f"resuming from {path}: {note}", stacklevel=1)
+                saved = dict(state["sampler"])
+                if saved["epoch"] != state["epoch"]:  # a checkpoint taken at an epoch's end
+                    saved.update(epoch=state["epoch"], offset=0, legs=[])
+                sampler.load_state_dict(saved)  # raises here, on rank 0, if it cannot work
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                if ema is not None and state.get("ema"):
+                    ema.load_state_dict(state["ema"])
+                meta = {"path": str(path), "epoch": state["epoch"], "sampler": saved,
+                        "best_map": state.get("best_map", -1.0),
+                        "ema": (ema.updates, ema.decay) if ema is not None else None,
+                        "scaler": state.get("scaler")}
+        except checkpoint.CheckpointError as exc:
+            meta = {"path": None, "error": str(exc)}
+        except Exception as exc:  # any failure on rank 0 must end every rank, not hang them
+            meta = {"path": None, "error": f"cannot resume from {resume}: {exc!r}"}
+    # Horovod: rank 0's decision and the checkpoint's small state reach every rank.
+    meta = dist.broadcast_object(meta, name="hvd_yolo.train.resume")
+    if meta.get("error"):
+        raise checkpoint.CheckpointError(meta["error"])
+    # Horovod: rank 0's weights everywhere. A fresh optimizer is identical on every rank by
+    # construction (Horovod's broadcast_optimizer_state would take a zero-gradient step to
+    # create state, applying weight decay), so optimizer state is broadcast only on a resume.
+    dist.broadcast_state(model, optimizer if meta["path"] else None)
+    if meta["path"] is None:
+        return Start()
+    if ema is not None:
+        dist.broadcast_state(ema.ema)  # Horovod: the EMA weights and buffers
+        ema.updates, ema.decay = meta["ema"]
+    if meta["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(meta["scaler"])
+    if not ctx.is_root:
+        sampler.load_state_dict(meta["sampler"])
+    # The batches left of the resumed epoch (the same on every rank), whole steps only.
+    acc, bs = cfg.optim.accumulate, cfg.optim.batch_size
+    left = min(batches_per_epoch, len(sampler) // bs // acc * acc)
+    skip = batches_per_epoch - left
+    step = meta["epoch"] * (batches_per_epoch // acc) + skip // acc
+    if ctx.is_root:
+        print(f"resumed from {meta['path']}: epoch {meta['epoch']}, step {step} "
+              f"({sampler.fraction_done():.1%} of the epoch read)", flush=True)
+    return Start(meta["epoch"], step, skip, meta["best_map"], meta["path"])
+
+
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the final summary (same on every rank)."""
     # ---------------------------------------------------------------- set-up
@@ -139,6 +247,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     device, world, acc, bs = ctx.device, ctx.size, cfg.optim.accumulate, cfg.optim.batch_size
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir = out_dir / "checkpoints"
+    lock = claim_out_dir(out_dir, ctx)  # one run per out_dir, before anything is written there
     if ctx.is_root:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -179,43 +288,12 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     base_lr = cfg.optim.lr * world * acc  # LR scales with the global batch
 
     # ---------------------------------------------------------------- resume
-    start_epoch, step, skip_batches, best_map = 0, 0, 0, -1.0
-    ckpt_path = checkpoint.resolve(resume, out_dir) if resume else None
-    if ckpt_path is not None:
-        state = checkpoint.load(ckpt_path)
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
-        if use_amp and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best_map = state["epoch"], state.get("best_map", -1.0)
-        saved = state["sampler"]
-        consumed = saved["offset"] if saved["epoch"] == start_epoch else 0
-        if state["world_size"] == world:
-            skip_batches = consumed // bs
-        else:
-            # Another world size deals the shards differently: keep the fraction of the epoch
-            # done (so the schedule continues), re-derive the LR scale from the new world size.
-            frac = consumed * state["world_size"] / max(1, len(sampler) * world)
-            skip_batches = min(batches_per_epoch, int(frac * batches_per_epoch)) // acc * acc
-            if ctx.is_root:
-                warnings.warn(f"resuming a {state['world_size']}-rank checkpoint on {world} ranks: "
-                              f"LR rescaled to {base_lr:g} (world x accumulate), sampler re-dealt "
-                              f"from batch {skip_batches} of epoch {start_epoch}", stacklevel=1)
-        sampler.load_state_dict({"epoch": start_epoch, "offset": skip_batches * bs})
-        step = start_epoch * steps_per_epoch + skip_batches // acc
-        if ctx.is_root:
-            print(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}", flush=True)
-
-    # Rank 0's weights everywhere. A fresh optimizer is identical on every rank by
-    # construction; Horovod's broadcast_optimizer_state would take a zero-gradient step to
-    # create its state, which applies weight decay, so it is only broadcast when there is state.
     # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
     # carried over), so a checkpoint's optimizer state is loaded into the wrapper.
     optimizer = dist.distributed_optimizer(optimizer, model, cfg.dist.compression, acc, cfg.dist.op)
-    if ckpt_path is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    dist.broadcast_state(model, optimizer if optimizer.state_dict()["state"] else None)
+    start = resume_state(resume, cfg, ctx, model, optimizer, ema, scaler, sampler,
+                         train_ds.class_names, batches_per_epoch)
+    start_epoch, step, skip_batches, best_map = start.epoch, start.step, start.skip_batches, start.best_map
 
     loader = DataLoader(
         AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
@@ -371,4 +449,6 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                "mAP50": figures["mAP50"] if figures else None, "best_mAP": best_map,
                "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / "last.pt")}
     log.write({"type": "summary", "step": step, **summary})
+    if lock is not None:
+        lock.release()
     return summary

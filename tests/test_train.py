@@ -188,52 +188,7 @@ def test_uneven_dataset_finishes_on_two_ranks(shards: Path, tmp_path: Path) -> N
     assert summary["steps"] == steps[0] and not summary["stopped"]
 
 
-# ------------------------------------------------------------------ resume
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"}
-
-
-def test_killed_run_resumes_on_the_same_loss_trajectory(shards: Path, tmp_path: Path) -> None:
-    """Kill -9 a 2-rank run after its step-4 checkpoint; resume; every step up to 8 matches an
-    uninterrupted run to 1e-4 relative (same data order, augmentation and weights)."""
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    common = ("--set", "run.checkpoint_every=2", "--set", "optim.epochs=20")
-    run_cli(train_args(shards, ref, *common, "--set", "run.max_steps=8"), np=2, timeout=400)
-
-    argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, cut, *common))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ckpt = cut / "checkpoints" / "step-00000004.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    out = proc.communicate()[0].decode(errors="replace")
-    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + out
-
-    res = run_cli(train_args(shards, cut, *common, "--set", "run.max_steps=8", "--resume", "auto"),
-                  np=2, timeout=400)
-    line = next(t for t in res.rank_lines(0) if t.startswith("resumed from "))
-    resumed_at = int(line.rsplit("step ", 1)[1].split()[0])
-    assert 4 <= resumed_at < 8, res.output
-    a, b = losses(ref), losses(cut)  # a step logged twice (before the kill and after) keeps the later
-    assert sorted(a) == sorted(b) == list(range(1, 9)), (sorted(a), sorted(b))
-    for step in range(1, 9):
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
-
-
-def test_two_rank_checkpoint_resumes_on_one_rank(shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    # 13 images in 3 shards: 2 ranks get 8 samples each (padded) -> 4 steps per epoch of batch 2;
-    # 1 rank gets 13 -> 6 steps. The 2-rank run stops after step 3, 12 of 13 epoch samples
-    # (6 per rank x 2); on 1 rank that fraction is int(12/13 x 6) = 5 batches done, so the
-    # run goes on at step 6 of the same cosine schedule.
-    run_cli(train_args(shards, out, "--set", "run.max_steps=3"), np=2, timeout=400)
-    res = run_cli(train_args(shards, out, "--set", "run.max_steps=8", "--resume", "auto"),
-                  np=1, timeout=400)
-    assert "resuming a 2-rank checkpoint on 1 ranks" in res.output
-    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "step"]
-    assert steps == [1, 2, 3, 6, 7, 8], steps
+# Resume (kill -9 mid-epoch, another world size, corrupted checkpoints): tests/test_resume.py
 
 
 # ------------------------------------------------------------------ signals (Slurm time limit)

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from a checkpoint; auto: <out_dir>/checkpoints/last.pt "
-                        "when it exists, else start fresh")
+                        "(the newest step file that verifies when last.pt is corrupted), or "
+                        "start fresh when there is none")
     parser.add_argument("--timeline", metavar="PATH", help="write a Horovod timeline (profiling)")
 
 
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"hvd-yolo train: error: {e}", file=sys.stderr)  # argparse style, exit 2
         return 2
     from hvd_yolo import dist
+    from hvd_yolo.checkpoint import CheckpointError
     from hvd_yolo.data.shards import ShardError, error_text
+    from hvd_yolo.runlock import OutDirBusy
     from hvd_yolo.train import train
 
     try:
@@ -42,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_root():
             print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (CheckpointError, OutDirBusy) as e:  # decided on rank 0, raised on every rank
+        if dist.is_root():
+            print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
+        return 1
     if dist.is_root():
         print("summary " + json.dumps(summary), flush=True)
     return 0

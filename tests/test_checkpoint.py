@@ -1,0 +1,133 @@
+"""Checkpoint files: checksum, fallback, links, pruning order, temp clean-up, the out_dir lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvd_yolo import checkpoint
+from hvd_yolo.checkpoint import CheckpointError
+from hvd_yolo.runlock import OutDirBusy, OutDirLock
+
+
+def state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"step": step, "model": {"w": torch.randn(64, 64, generator=g)}, "epoch": 0}
+
+
+def flip(path: Path, n: int = 64) -> None:
+    """Flip ``n`` bytes in the middle of the file (inside the weights)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_round_trip_is_verified(tmp_path: Path) -> None:
+    path = checkpoint.save(state(3), tmp_path, 3, keep_last=2)
+    assert checkpoint.verify(path) is True
+    loaded = checkpoint.load(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], state(3)["model"]["w"])
+    # still a plain torch.save archive: torch.load reads it without hvd-yolo
+    assert torch.load(path, weights_only=False)["step"] == 3
+
+
+def test_flipped_bytes_are_named_not_loaded(tmp_path: Path) -> None:
+    path = checkpoint.save(state(3), tmp_path, 3, keep_last=2)
+    flip(path)
+    with pytest.raises(CheckpointError, match=r"step-00000003\.pt: corrupted checkpoint"):
+        checkpoint.load(path)
+
+
+def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save(state(1), path)
+    with pytest.warns(UserWarning, match="without a checksum"):
+        assert checkpoint.load(path)["step"] == 1
+
+
+def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        checkpoint.save(state(step), ckpt, step, keep_last=3)
+        time.sleep(0.01)
+    flip(ckpt / "last.pt")  # last.pt is step-3's data: both are bad now
+    with pytest.warns(UserWarning, match=r"last\.pt: corrupted checkpoint.*resuming from .*"
+                      r"step-00000002\.pt instead"):
+        path, loaded = checkpoint.load_resume("auto", tmp_path)
+    assert path.name == "step-00000002.pt" and loaded["step"] == 2
+    # an explicit path is never replaced by another file
+    with pytest.raises(CheckpointError, match=r"last\.pt: corrupted"):
+        checkpoint.load_resume(str(ckpt / "last.pt"), tmp_path)
+    # nothing usable: an error, not a silent fresh start
+    for step in (1, 2):
+        flip(ckpt / f"step-{step:08d}.pt")
+    with pytest.raises(CheckpointError, match="no usable checkpoint for --resume auto"):
+        checkpoint.load_resume("auto", tmp_path)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
+    assert checkpoint.load_resume("auto", tmp_path) is None
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        checkpoint.load_resume(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def test_last_and_best_are_links_to_the_step_file(tmp_path: Path) -> None:
+    path = checkpoint.save(state(5), tmp_path, 5, keep_last=2, is_best=True)
+    assert os.path.samefile(path, tmp_path / "last.pt")
+    assert os.path.samefile(path, tmp_path / "best.pt")
+    checkpoint.save(state(6), tmp_path, 6, keep_last=2)
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 6
+    assert checkpoint.load(tmp_path / "best.pt")["step"] == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pruning_keeps_the_newest_after_a_resume_re_derived_a_smaller_step(tmp_path: Path) -> None:
+    for step in (4, 5, 6):
+        checkpoint.save(state(step), tmp_path, step, keep_last=3)
+        time.sleep(0.01)
+    checkpoint.save(state(2), tmp_path, 2, keep_last=3)  # resumed on another world size
+    names = sorted(p.name for p in tmp_path.glob("step-*.pt"))
+    assert names == ["step-00000002.pt", "step-00000005.pt", "step-00000006.pt"], names
+    assert checkpoint.load(tmp_path / "last.pt")["step"] == 2
+
+
+def test_clean_temp_removes_only_killed_checkpoint_writes(tmp_path: Path) -> None:
+    ours = [tmp_path / ".step-00000004.pt.k2j3h4.tmp", tmp_path / ".last.pt.ab12cd34.tmp",
+            tmp_path / ".best.pt.x.tmp"]
+    others = [tmp_path / ".notes.tmp", tmp_path / "step-00000004.pt.tmp", tmp_path / "x.pt"]
+    for p in ours + others:
+        p.write_bytes(b"x" * 10)
+    removed = checkpoint.clean_temp(tmp_path)
+    assert sorted(p for p, _ in removed) == sorted(ours)
+    assert all(p.exists() for p in others) and not any(p.exists() for p in ours)
+
+
+def test_out_dir_lock_names_the_holder_and_dies_with_it(tmp_path: Path) -> None:
+    first = OutDirLock(tmp_path)
+    first.acquire()
+    with pytest.raises(OutDirBusy, match=rf"in use by another training run \(host .*, pid {os.getpid()}"):
+        OutDirLock(tmp_path).acquire()
+    first.release()
+    # a holder killed with SIGKILL leaves no stale lock
+    code = (f"from hvd_yolo.runlock import OutDirLock; lock = OutDirLock({str(tmp_path)!r}); "
+            "lock.acquire(); print('locked', flush=True); import time; time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(OutDirBusy, match=f"pid {proc.pid}"):
+            OutDirLock(tmp_path).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    again = OutDirLock(tmp_path)
+    again.acquire()
+    again.release()
