@@ -23,7 +23,9 @@ import bisect
 import io
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -269,7 +271,9 @@ def _read_plan(fmt: str, source: str | Path, opts: dict[str, Any]) -> SourcePlan
                     images=opts.get("images"))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` and create the temporary sibling the shards are written into (returned);
+    ``out`` itself is not touched until ``_swap_in``."""
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
     if out.is_dir():
@@ -279,11 +283,36 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 f"output directory {out} is not empty ({len(entries)} entries, e.g. "
                 f"{entries[0]!r}): choose a new directory, or pass --overwrite to replace the "
                 "shards and manifest in it")
-        for p in out.iterdir():
-            if p.name == MANIFEST or (p.name.startswith("shard-") and ".h5" in p.name) or (
-                    p.name.startswith(MANIFEST + ".tmp")):
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    except OSError as e:
+        raise ConversionError(f"cannot create the output next to {out} ({e.strerror or e})") from e
+
+
+def _ours(name: str) -> bool:
+    """A file the converter writes (or left half-written) in an output directory."""
+    return name == MANIFEST or name.startswith(MANIFEST + ".tmp") or (
+        name.startswith("shard-") and ".h5" in name)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp``: old directory renamed to a trash sibling, new
+    one renamed in, the user's own files (not shards/manifest) moved across, trash deleted."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, trash / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(trash / out.name, out)  # put the old dataset back
+        raise
+    for p in (trash / out.name).iterdir():
+        if not _ours(p.name):
+            os.rename(p, out / p.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _num_shards(valid: int, nbytes: int, shards: int | None, shard_size_mb: float | None
@@ -357,132 +386,139 @@ def convert_dataset(
             "allow_missing_labels": allow_missing_labels}
 
     # 1. plan on rank 0, scatter contiguous chunks of the sorted items
-    plan, err = None, None
+    plan, err, tmp = None, None, None
     if rank == 0:
         try:
             plan = _read_plan(fmt, source, opts)
-            _prepare_out(out, overwrite)
+            tmp = _prepare_out(out, overwrite)  # every rank writes here; rank 0 swaps it in
         except ConversionError as e:
             err = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must learn about the failure
             err = f"{type(e).__name__}: {e}"
-    _raise_first([comm.bcast(err, root=0)])
-    n = len(plan.items) if plan is not None else 0
-    chunks = ([plan.items[r * n // size:(r + 1) * n // size] for r in range(size)]
-              if plan is not None else None)
-    meta = None
-    if plan is not None:
-        meta = {k: v for k, v in vars(plan).items() if k != "items"}
-        meta["n"] = n
-    meta = comm.bcast(meta, root=0)
-    mine: list[SourceItem] = comm.scatter(chunks, root=0)
-    n = meta["n"]
-    start = rank * n // size
-
-    # 2. check every item of this rank's chunk against its image
-    records: list[SampleRecord] = []
-    issues: list[dict[str, Any]] = []
-    counts = {"seen": 0, "dropped": 0, "clipped": 0, "in_skipped": 0, "written": 0}
-    strict_hit, local_err = None, None
-    bar = _progress(len(mine), "convert", progress and rank == 0)
-    try:
-        for k, item in enumerate(mine):
-            rec, its, seen = process_item(item, meta["root"], label_frame)
-            counts["seen"] += seen
-            if rec is None:
-                counts["in_skipped"] += seen
-            else:
-                records.append(rec)
-                counts["written"] += len(rec.boxes)
-            for it in its:
-                if it.kind in ("dropped", "clipped"):
-                    counts[it.kind] += 1
-                issues.append(it.to_dict())
-            if strict and its:
-                strict_hit = (start + k, its[0].message(), its[0].kind)
-                break
-            if bar is not None:
-                bar.update(1)
-    except Exception as e:  # noqa: BLE001
-        local_err = f"rank {rank}: {type(e).__name__}: {e}"
-    finally:
-        if bar is not None:
-            bar.close()
-    stats = comm.allgather((len(records), sum(r.nbytes for r in records), strict_hit, local_err))
-    _raise_first([s[3] for s in stats])
-    hits = sorted(s[2] for s in stats if s[2] is not None)
-    if hits:
-        _, msg, kind = hits[0]
-        what = "box" if kind in ("clipped", "dropped") else "item"
-        raise StrictError(f"--strict: stopped at the first bad {what}: {msg}\n(fix the input, or "
-                          "run without --strict to skip bad items and boxes and list them in the "
-                          "manifest's report)")
-    valid = sum(s[0] for s in stats)
-    if valid == 0:
-        first = comm.gather(issues[:1], root=0)
-        first = next((f[0] for f in (first or []) if f), None)
-        first = comm.bcast(first, root=0)
-        why = f"; first: {first['file']}: {first['reason']}" if first else ""
-        raise ConversionError(f"no images written: all {n} inputs were skipped{why}")
-    num_shards, shard_notes = _num_shards(valid, sum(s[1] for s in stats), shards, shard_size_mb)
-
-    # 3. route each record to the rank that writes its shard
-    bounds = [s * valid // num_shards for s in range(num_shards + 1)]
-    before = sum(s[0] for s in stats[:rank])
-    send: list[list[tuple[int, int, SampleRecord]]] = [[] for _ in range(size)]
-    for j, rec in enumerate(records, before):
-        s = bisect.bisect_right(bounds, j) - 1
-        send[s % size].append((s, j, rec))
-    received = comm.alltoall(send)
-    gathered_issues = comm.gather((issues, counts), root=0)
-
-    # 4. write this rank's shards; rank 0 writes the manifest last
-    summaries, local_err = [], None
-    by_shard: dict[int, list[tuple[int, SampleRecord]]] = defaultdict(list)
-    for part in received:
-        for s, j, rec in part:
-            by_shard[s].append((j, rec))
-    try:
-        for s in sorted(by_shard):
-            recs = [r for _, r in sorted(by_shard[s], key=lambda t: t[0])]
-            summaries.append((s, write_shard(out / shard_file_name(s), s, num_shards, recs)))
-    except Exception as e:  # noqa: BLE001
-        local_err = f"rank {rank}: writing shards failed: {type(e).__name__}: {e}"
-    written = comm.gather((summaries, local_err), root=0)
-    result, err = None, None
-    if rank == 0:
-        try:
-            _raise_first([w[1] for w in written])
-            entries = [e for _, e in sorted((s for w in written for s in w[0]),
-                                            key=lambda t: t[0])]
-            all_issues = [i for part, _ in gathered_issues for i in part]
-            tot = {k: sum(c[k] for _, c in gathered_issues) for k in counts}
-            report = _report(n, valid, num_shards, all_issues, tot,
-                             list(meta["notes"]) + shard_notes)
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "class_names": list(meta["class_names"]),
-                "category_ids": [int(c) for c in meta["category_ids"]],
-                "num_samples": valid,
-                "num_boxes": sum(e["boxes"] for e in entries),
-                "num_shards": num_shards,
-                "shards": entries,
-                "source": {"format": fmt, "root": meta["root"], "image_root": meta["image_root"],
-                           "annotation": meta["annotation"]},
-                "options": {"shards": shards, "shard_size_mb": shard_size_mb, "strict": strict,
-                            "label_frame": label_frame, "split": split,
-                            "allow_missing_labels": allow_missing_labels},
-                "report": report,
-                "created_by": _created_by(command, size),
-            }
-            write_manifest(out, manifest)
-            result = {**report, "out": str(out), "manifest": str(out / MANIFEST)}
-        except Exception as e:  # noqa: BLE001
-            err = str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}"
-    result, err = comm.bcast((result, err), root=0)
+    err, tmp = comm.bcast((err, tmp), root=0)
     _raise_first([err])
-    return result
+    try:
+        n = len(plan.items) if plan is not None else 0
+        chunks = ([plan.items[r * n // size:(r + 1) * n // size] for r in range(size)]
+                  if plan is not None else None)
+        meta = None
+        if plan is not None:
+            meta = {k: v for k, v in vars(plan).items() if k != "items"}
+            meta["n"] = n
+        meta = comm.bcast(meta, root=0)
+        mine: list[SourceItem] = comm.scatter(chunks, root=0)
+        n = meta["n"]
+        start = rank * n // size
+
+        # 2. check every item of this rank's chunk against its image
+        records: list[SampleRecord] = []
+        issues: list[dict[str, Any]] = []
+        counts = {"seen": 0, "dropped": 0, "clipped": 0, "in_skipped": 0, "written": 0}
+        strict_hit, local_err = None, None
+        bar = _progress(len(mine), "convert", progress and rank == 0)
+        try:
+            for k, item in enumerate(mine):
+                rec, its, seen = process_item(item, meta["root"], label_frame)
+                counts["seen"] += seen
+                if rec is None:
+                    counts["in_skipped"] += seen
+                else:
+                    records.append(rec)
+                    counts["written"] += len(rec.boxes)
+                for it in its:
+                    if it.kind in ("dropped", "clipped"):
+                        counts[it.kind] += 1
+                    issues.append(it.to_dict())
+                if strict and its:
+                    strict_hit = (start + k, its[0].message(), its[0].kind)
+                    break
+                if bar is not None:
+                    bar.update(1)
+        except Exception as e:  # noqa: BLE001
+            local_err = f"rank {rank}: {type(e).__name__}: {e}"
+        finally:
+            if bar is not None:
+                bar.close()
+        stats = comm.allgather((len(records), sum(r.nbytes for r in records), strict_hit, local_err))
+        _raise_first([s[3] for s in stats])
+        hits = sorted(s[2] for s in stats if s[2] is not None)
+        if hits:
+            _, msg, kind = hits[0]
+            what = "box" if kind in ("clipped", "dropped") else "item"
+            raise StrictError(f"--strict: stopped at the first bad {what}: {msg}\n(fix the input, or "
+                              "run without --strict to skip bad items and boxes and list them in the "
+                              "manifest's report)")
+        valid = sum(s[0] for s in stats)
+        if valid == 0:
+            first = comm.gather(issues[:1], root=0)
+            first = next((f[0] for f in (first or []) if f), None)
+            first = comm.bcast(first, root=0)
+            why = f"; first: {first['file']}: {first['reason']}" if first else ""
+            raise ConversionError(f"no images written: all {n} inputs were skipped{why}")
+        num_shards, shard_notes = _num_shards(valid, sum(s[1] for s in stats), shards, shard_size_mb)
+
+        # 3. route each record to the rank that writes its shard
+        bounds = [s * valid // num_shards for s in range(num_shards + 1)]
+        before = sum(s[0] for s in stats[:rank])
+        send: list[list[tuple[int, int, SampleRecord]]] = [[] for _ in range(size)]
+        for j, rec in enumerate(records, before):
+            s = bisect.bisect_right(bounds, j) - 1
+            send[s % size].append((s, j, rec))
+        received = comm.alltoall(send)
+        gathered_issues = comm.gather((issues, counts), root=0)
+
+        # 4. write this rank's shards; rank 0 writes the manifest last
+        summaries, local_err = [], None
+        by_shard: dict[int, list[tuple[int, SampleRecord]]] = defaultdict(list)
+        for part in received:
+            for s, j, rec in part:
+                by_shard[s].append((j, rec))
+        try:
+            for s in sorted(by_shard):
+                recs = [r for _, r in sorted(by_shard[s], key=lambda t: t[0])]
+                summaries.append((s, write_shard(tmp / shard_file_name(s), s, num_shards, recs)))
+        except Exception as e:  # noqa: BLE001
+            local_err = f"rank {rank}: writing shards failed: {type(e).__name__}: {e}"
+        written = comm.gather((summaries, local_err), root=0)
+        result, err = None, None
+        if rank == 0:
+            try:
+                _raise_first([w[1] for w in written])
+                entries = [e for _, e in sorted((s for w in written for s in w[0]),
+                                                key=lambda t: t[0])]
+                all_issues = [i for part, _ in gathered_issues for i in part]
+                tot = {k: sum(c[k] for _, c in gathered_issues) for k in counts}
+                report = _report(n, valid, num_shards, all_issues, tot,
+                                 list(meta["notes"]) + shard_notes)
+                manifest = {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "class_names": list(meta["class_names"]),
+                    "category_ids": [int(c) for c in meta["category_ids"]],
+                    "num_samples": valid,
+                    "num_boxes": sum(e["boxes"] for e in entries),
+                    "num_shards": num_shards,
+                    "shards": entries,
+                    "source": {"format": fmt, "root": meta["root"], "image_root": meta["image_root"],
+                               "annotation": meta["annotation"]},
+                    "options": {"shards": shards, "shard_size_mb": shard_size_mb, "strict": strict,
+                                "label_frame": label_frame, "split": split,
+                                "allow_missing_labels": allow_missing_labels},
+                    "report": report,
+                    "created_by": _created_by(command, size),
+                }
+                write_manifest(tmp, manifest)
+                _swap_in(tmp, out)  # every rank's shards are written (the gather above)
+                result = {**report, "out": str(out), "manifest": str(out / MANIFEST)}
+            except Exception as e:  # noqa: BLE001
+                err = str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}"
+        result, err = comm.bcast((result, err), root=0)
+        _raise_first([err])
+        return result
+    except BaseException:
+        if rank == 0:  # the old dataset (if any) is untouched: drop the unfinished one
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -24,6 +24,7 @@ Version 1 shards (no ``images/crc32``) stay readable, unchecked per sample, with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -160,29 +161,39 @@ def write_shard(
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     sums: dict[str, str] = {}
     try:
-        with h5py.File(tmp, "w") as f:
-            total = int(image_offsets[-1])
-            ds = f.create_dataset("images/bytes", shape=(total,), dtype="u1", track_times=False)
-            sums["images/bytes"], arrays["images/crc32"] = _write_bytes(ds, records, image_offsets)
-            for name, values in arrays.items():
-                if name == "images/name":
-                    f.create_dataset(name, data=np.array(values, dtype=object),
-                                     dtype=h5py.string_dtype("utf-8"), track_times=False)
-                else:
-                    f.create_dataset(name, data=np.asarray(values, dtype=_DTYPES[name]),
-                                     track_times=False)
-                sums[name] = digest(name, values)
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
-            f.attrs["shard_index"] = shard_index
-            f.attrs["num_shards"] = num_shards
-            f.attrs["count"] = n
-            f.attrs["num_boxes"] = int(box_offsets[-1])
-            f.attrs["sha256"] = json.dumps({k: sums[k] for k in DATASETS}, sort_keys=True)
+        f = h5py.File(tmp, "w")
+    except OSError as e:
+        raise ShardError(f"{path}: cannot create ({_write_failure(e)})") from e
+    try:
+        total = int(image_offsets[-1])
+        ds = f.create_dataset("images/bytes", shape=(total,), dtype="u1", track_times=False)
+        sums["images/bytes"], arrays["images/crc32"] = _write_bytes(ds, records, image_offsets)
+        for name, values in arrays.items():
+            if name == "images/name":
+                f.create_dataset(name, data=np.array(values, dtype=object),
+                                 dtype=h5py.string_dtype("utf-8"), track_times=False)
+            else:
+                f.create_dataset(name, data=np.asarray(values, dtype=_DTYPES[name]),
+                                 track_times=False)
+            sums[name] = digest(name, values)
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["shard_index"] = shard_index
+        f.attrs["num_shards"] = num_shards
+        f.attrs["count"] = n
+        f.attrs["num_boxes"] = int(box_offsets[-1])
+        f.attrs["sha256"] = json.dumps({k: sums[k] for k in DATASETS}, sort_keys=True)
+        f.flush()  # a full disk fails here, with the file still open, not inside close()
+        f.close()
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except Exception as e:
+        # A failed write (ENOSPC) is caught while the file is still open and reported by name;
+        # the file is closed once, quietly (HDF5 may fail again flushing it).
+        _close_failed(f)
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"{path}: writing failed ({_write_failure(e)})") from e
     return {
         "file": path.name,
         "count": n,
@@ -190,6 +201,23 @@ def write_shard(
         "bytes": int(image_offsets[-1]),
         "sha256": {k: sums[k] for k in DATASETS},
     }
+
+
+def _write_failure(e: BaseException) -> str:
+    """One line for a failed write: 'no space left on device' when HDF5 or the OS says so."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        return "no space left on device: free some space or write the shards elsewhere"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _close_failed(f: h5py.File) -> None:
+    """Close a file whose writing failed, once; HDF5 may fail again flushing it."""
+    try:
+        if f.id.valid:
+            f.close()
+    except Exception:  # noqa: BLE001 - the first error is the one reported
+        pass
 
 
 def _cat(parts: list[np.ndarray], dtype: Any, empty_shape: tuple[int, ...]) -> np.ndarray:
@@ -345,8 +373,12 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically."""
     path = Path(root) / MANIFEST
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ShardError(f"{path}: writing failed ({_write_failure(e)})") from e
     return path
 
 
