@@ -1,59 +1,192 @@
-"""`hvd-yolo detect`: run a checkpoint on image files or a shard directory.
+"""`hvd-yolo detect`: run a checkpoint on image files, folders of images or a shard directory.
 
 Writes a COCO results json (``image_id, category_id, bbox [x, y, w, h], score`` in original
-pixels) and, with ``--draw DIR``, one PNG per image with the boxes and labels drawn.
+pixels, plus the image's ``file_name``) and, with ``--draw DIR``, one PNG per image with the
+boxes drawn, at the image's path relative to its input folder (subfolders kept).
+
+It never writes over what it did not write: ``--out`` must be new or an earlier detections
+file, ``--draw`` must be a new or empty folder, or one it drew into before (it leaves a
+``.hvd-yolo-detect`` marker there), outside every input folder. A file that does not decode is
+skipped with its reason; the run fails only when no image could be read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DRAW_MARKER = ".hvd-yolo-detect"
+
+
+class DetectError(Exception):
+    """A user mistake: reported as ``hvd-yolo detect: error: ...`` (exit 2)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or a shard dir")
-    parser.add_argument("--out", default="detections.json", help="COCO results json to write")
-    parser.add_argument("--draw", metavar="DIR", help="write PNGs with boxes drawn into DIR")
+    parser.add_argument("--out", required=True,
+                        help="COCO results json to write (new, or an earlier detections file)")
+    parser.add_argument("--draw", metavar="DIR", help="write PNGs with boxes drawn into DIR "
+                        "(new or empty, or an earlier --draw folder; subfolders kept)")
     parser.add_argument("--size", type=int, help="input size (default: the training size)")
     parser.add_argument("--conf", type=float, default=0.25, help="confidence threshold")
     parser.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=100)
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# ----------------------------------------------------------------------------- inputs
 
 
-def iter_images(inputs: list[str]):
-    """Yield ``(image_id, name, uint8 image [3,H,W])`` from files, folders or shard dirs."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    next_id = 0
+def plan_inputs(inputs: list[str]) -> list[tuple[Path, Any]]:
+    """``(input, what)`` per input: a shard dir -> "shards", a folder -> its image files, a file
+    -> [file]. Raises DetectError naming an input that does not exist or holds no images."""
+    plan: list[tuple[Path, Any]] = []
     for item in inputs:
         path = Path(item)
         if (path / "manifest.json").is_file():
+            plan.append((path, "shards"))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DetectError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {path}")
+            plan.append((path, files))
+        elif path.is_file():
+            plan.append((path, [path]))
+        else:
+            raise DetectError(f"{path} does not exist")
+    return plan
+
+
+def relative_names(plan: list[tuple[Path, Any]]) -> dict[Path, str]:
+    """Each input file's name in the outputs: relative to its folder (subfolders kept); with
+    several inputs, under the input's own name. Raises DetectError when two would collide."""
+    names: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for root, files in plan:
+        if files == "shards":
+            continue
+        for f in files:
+            rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
+            if len(plan) > 1 and root.is_dir():
+                rel = f"{root.name}/{rel}"
+            key = str(Path(rel).with_suffix(""))
+            if key in seen:
+                raise DetectError(f"{f} and {seen[key]} would both be drawn as {key}.png: give "
+                                  "them different names or run detect on each separately")
+            seen[key] = f
+            names[f.resolve()] = rel
+    return names
+
+
+def decode_file(path: Path) -> torch.Tensor:
+    """uint8 [3,H,W] RGB: torchvision's decoders, then PIL for what they do not read (BMP...)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = path.read_bytes()
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                            mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:
+        import io
+
+        import numpy as np
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
+
+
+def iter_images(plan: list[tuple[Path, Any]], names: dict[Path, str], skipped: list[str]
+                ) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """Yield ``(image_id, output name, uint8 image [3,H,W])``; unreadable files are appended to
+    ``skipped`` (with the reason) and printed, not fatal."""
+    from hvd_yolo.data.shards import ShardError
+
+    next_id = 0
+    for root, files in plan:
+        if files == "shards":
             from hvd_yolo.data.dataset import ShardDataset
 
-            ds = ShardDataset(path)
+            ds = ShardDataset(root)
             for i in range(len(ds)):
-                s = ds[i]
+                try:
+                    s = ds[i]
+                except ShardError as e:
+                    _skip(skipped, str(e))
+                    continue
                 yield s["image_id"], s["name"], s["image"]
             continue
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
-            if path.is_dir() else [path]
-        if not files:
-            raise SystemExit(f"detect: no images found in {path}")
         for f in files:
-            if not f.is_file():
-                raise SystemExit(f"detect: {f} does not exist")
-            yield next_id, f.name, decode_image(read_file(str(f)), mode=ImageReadMode.RGB)
+            try:
+                image = decode_file(f)
+            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, named
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                _skip(skipped, f"{f}: not a readable image ({why})")
+                continue
+            yield next_id, names[f.resolve()], image
             next_id += 1
 
 
+def _skip(skipped: list[str], reason: str) -> None:
+    skipped.append(reason)
+    print(f"hvd-yolo detect: skipped {reason}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def check_outputs(out: Path, draw: Path | None, plan: list[tuple[Path, Any]],
+                  checkpoint: Path) -> None:
+    """Refuse any output that would replace an input, the checkpoint or a file detect did not
+    write (DetectError naming it)."""
+    inputs = [root.resolve() for root, _ in plan]
+    files = {f.resolve() for _, fs in plan if fs != "shards" for f in fs}
+    if out.resolve() in files or out.resolve() == checkpoint.resolve():
+        raise DetectError(f"--out {out} is an input or the checkpoint: choose a new file")
+    if out.exists() and not _is_detections(out):
+        raise DetectError(f"--out {out} exists and is not a detections file written by "
+                          "hvd-yolo detect: choose a new file (nothing was written)")
+    if draw is not None:
+        d = draw.resolve()
+        for root in inputs:
+            if d == root or root in d.parents or (root.is_file() and d == root.parent):
+                raise DetectError(f"--draw {draw} is inside the input {root}: drawings would mix "
+                                  "with (or replace) the originals; choose another folder")
+        if draw.exists() and (not draw.is_dir() or (
+                any(draw.iterdir()) and not (draw / DRAW_MARKER).is_file())):
+            raise DetectError(f"--draw {draw} exists and is not an empty folder or an earlier "
+                              "--draw folder of hvd-yolo detect: choose a new folder")
+
+
+def _is_detections(path: Path) -> bool:
+    """An earlier output of detect: a JSON list of detections (possibly empty)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, list) and all(
+        isinstance(d, dict) and {"image_id", "bbox", "score"} <= set(d) for d in data)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return detect(args)
+    except DetectError as e:
+        print(f"hvd-yolo detect: error: {e}", file=sys.stderr)
+        return 2
+
+
+def detect(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes
 
@@ -61,29 +194,44 @@ def run(args: argparse.Namespace) -> int:
     from hvd_yolo.data.transforms import letterbox
     from hvd_yolo.evaluate import detect_batch
 
+    out, draw_dir = Path(args.out), Path(args.draw) if args.draw else None
+    plan = plan_inputs(args.inputs)
+    names = relative_names(plan)
+    check_outputs(out, draw_dir, plan, Path(args.checkpoint))
     model, state = restore_model(args.checkpoint)
     size = args.size or state["config"]["input"]["size"]
-    names, category_ids = state["class_names"], state.get("category_ids")
-    results, count = [], 0
-    draw_dir = Path(args.draw) if args.draw else None
+    labels, category_ids = state["class_names"], state.get("category_ids")
+    to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None
     if draw_dir:
         draw_dir.mkdir(parents=True, exist_ok=True)
-    for image_id, name, image in iter_images(args.inputs):
+        (draw_dir / DRAW_MARKER).write_text("drawings of hvd-yolo detect\n")
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    count = 0
+    for image_id, name, image in iter_images(plan, names, skipped):
         lb, _, meta = letterbox(image, None, size)
         meta["image_id"] = image_id
         dets = detect_batch(model, lb[None].float() / 255, [meta], args.conf, args.iou,
                             args.max_det, category_ids)
+        for d in dets:
+            d["file_name"] = name
         results += dets
         count += 1
         if draw_dir:
-            to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None
             boxes = torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
                                    d["bbox"][1] + d["bbox"][3]] for d in dets]).reshape(-1, 4)
-            labels = [f"{names[to_cls[d['category_id']] if to_cls else d['category_id']]} "
-                      f"{d['score']:.2f}" for d in dets]
-            drawn = draw_bounding_boxes(image, boxes, labels, colors="yellow", width=2)
-            write_png(drawn, str(draw_dir / f"{Path(name).stem}.png"))
-    Path(args.out).write_text(json.dumps(results))
-    print(f"{count} images, {len(results)} detections -> {args.out}"
-          + (f"; drawings in {draw_dir}" if draw_dir else ""))
+            text = [f"{labels[to_cls[d['category_id']] if to_cls else d['category_id']]} "
+                    f"{d['score']:.2f}" for d in dets]
+            target = draw_dir / Path(name).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(draw_bounding_boxes(image, boxes, text, colors="yellow", width=2), str(target))
+    if count == 0:
+        print(f"hvd-yolo detect: error: none of the inputs could be read ({len(skipped)} skipped)",
+              file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results))
+    print(f"{count} images, {len(results)} detections -> {out}"
+          + (f"; drawings in {draw_dir}" if draw_dir else "")
+          + (f"; {len(skipped)} skipped (named above)" if skipped else ""))
     return 0
