@@ -1,8 +1,10 @@
 """`hvd-yolo bench data`: images/s of read + decode from shards vs the same images as files.
 
-Both readers decode with the same torchvision decoder and visit the images in the same shuffled
+The readers decode with the same torchvision decoder and visit the images in the same shuffled
 order (``ShardSampler`` for one rank), through a DataLoader with 0 and k workers; only where
-the bytes come from differs (one HDF5 slice vs one ``open()`` per file). Without ``--shards`` a
+the bytes come from differs (one ``pread`` per sample from a shard, with and without its CRC32
+check, vs one ``open()`` per file). Each figure is the median of ``--rounds`` rounds that
+alternate the readers (A B C A B C ...). Without ``--shards`` a
 synthetic YOLO dataset is written and converted first. The OS page cache is warm for both after
 the warm-up pass, so this measures per-sample overhead, not cold-disk reads. Decoding dominates
 read + decode, so the bytes alone are also timed (in-process, no decode): that is where the
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts (default 0,2)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--passes", type=int, default=2, help="timed passes (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of all readers; the median is reported")
     parser.add_argument("--limit", type=int, default=0, help="read at most this many images")
     parser.add_argument("--workdir", metavar="DIR", help="where the synthetic data goes "
                         "(default: a temporary directory, removed at the end)")
@@ -55,12 +59,13 @@ class FileImages:
 
 
 class ShardImages:
-    """Read + decode only (the same work as FileImages), from shards."""
+    """Read + decode only (the same work as FileImages), from shards; ``check_crc``: verify each
+    sample's CRC32 as training does."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, check_crc: bool = True) -> None:
         from hvd_yolo.data.dataset import ShardDataset
 
-        self.ds = ShardDataset(root)
+        self.ds = ShardDataset(root, check_crc=check_crc)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -100,6 +105,15 @@ def measure_bytes(read: Any, order: list[int], passes: int) -> dict[str, float]:
             n += 1
     dt = time.perf_counter() - t0
     return {"images": n, "seconds": dt, "images_per_s": n / dt if dt > 0 else float("inf")}
+
+
+READERS = ("shards", "shards-nocrc", "files")  # shard reader with / without CRC32, loose files
+
+
+def median_round(rounds: list[dict[str, float]]) -> dict[str, Any]:
+    """The round with the median images/s, listing every round's figure."""
+    best = sorted(rounds, key=lambda r: r["images_per_s"])[len(rounds) // 2]
+    return {**best, "rounds_images_per_s": [r["images_per_s"] for r in rounds]}
 
 
 def _read_file(path: str) -> bytes:
@@ -143,18 +157,29 @@ def run(args: argparse.Namespace) -> int:
             order = order[:args.limit]
         nbytes = sum(os.path.getsize(paths[i]) for i in order)
         workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+        readers = {"shards": shard_ds, "shards-nocrc": ShardImages(str(shards), check_crc=False),
+                   "files": FileImages(paths)}
+        rounds = max(1, args.rounds)
         results = []
         for w in workers:
-            for reader, ds in (("shards", shard_ds), ("files", FileImages(paths))):
-                r = measure(ds, order, w, args.batch_size, args.passes)
-                r.update(reader=reader, workers=w,
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in READERS}
+            for _ in range(rounds):  # A B C A B C ...: drift on a shared machine hits all alike
+                for name in READERS:
+                    runs[name].append(measure(readers[name], order, w, args.batch_size,
+                                              args.passes))
+            for name in READERS:
+                r = median_round(runs[name])
+                r.update(reader=name, workers=w,
                          mb_per_s=nbytes * args.passes / 2**20 / r["seconds"])
                 results.append(r)
         passes = max(args.passes, 5)  # bytes are cheap: more passes for a steadier figure
-        bytes_only = [
-            dict(measure_bytes(shard_ds.ds.image_bytes, order, passes), reader="shards"),
-            dict(measure_bytes(lambda i: _read_file(paths[i]), order, passes), reader="files"),
-        ]
+        read = {"shards": shard_ds.ds.image_bytes, "shards-nocrc": readers["shards-nocrc"].ds.image_bytes,
+                "files": lambda i: _read_file(paths[i])}
+        byte_runs: dict[str, list[dict[str, float]]] = {name: [] for name in READERS}
+        for _ in range(rounds):
+            for name in READERS:
+                byte_runs[name].append(measure_bytes(read[name], order, passes))
+        bytes_only = [dict(median_round(byte_runs[name]), reader=name) for name in READERS]
         for r in bytes_only:
             r["mb_per_s"] = nbytes * passes / 2**20 / r["seconds"]
         out = {
@@ -165,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             "mean_image_kb": nbytes / max(len(order), 1) / 1024,
             "batch_size": args.batch_size,
             "passes": args.passes,
+            "rounds": rounds,
             "results": results,
             "bytes_only": bytes_only,
             "env": _env(),
@@ -182,17 +208,21 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(out: dict[str, Any]) -> str:
     lines = [f"data loading: {out['images']} images (mean {out['mean_image_kb']:.1f} KiB), "
-             f"batch {out['batch_size']}, {out['passes']} timed passes after a warm-up",
-             f"{'workers':>7}  {'reader':<7} {'images/s':>10} {'MiB/s':>8}  {'vs files':>8}"]
+             f"batch {out['batch_size']}, {out['passes']} timed passes after a warm-up, median "
+             f"of {out.get('rounds', 1)} alternating rounds",
+             f"{'workers':>7}  {'reader':<12} {'images/s':>10} {'MiB/s':>8}  {'vs files':>8}"]
     files = {r["workers"]: r["images_per_s"] for r in out["results"] if r["reader"] == "files"}
     for r in out["results"]:
         ratio = r["images_per_s"] / files[r["workers"]] if files.get(r["workers"]) else 0
-        lines.append(f"{r['workers']:>7}  {r['reader']:<7} {r['images_per_s']:>10.1f} "
+        lines.append(f"{r['workers']:>7}  {r['reader']:<12} {r['images_per_s']:>10.1f} "
                      f"{r['mb_per_s']:>8.1f}  {ratio:>7.2f}x")
     b = {r["reader"]: r["images_per_s"] for r in out.get("bytes_only", [])}
     if b.get("shards") and b.get("files"):
+        nocrc = (f" ({b['shards-nocrc']:.0f} without the CRC32 check = "
+                 f"{b['shards-nocrc'] / b['files']:.2f}x)" if b.get("shards-nocrc") else "")
         lines.append(f"bytes only, no decode, 0 workers: shard reader {b['shards']:.0f} img/s, "
-                     f"file reader {b['files']:.0f} img/s = {b['shards'] / b['files']:.2f}x")
+                     f"file reader {b['files']:.0f} img/s = {b['shards'] / b['files']:.2f}x"
+                     + nocrc)
     return "\n".join(lines)
 
 
