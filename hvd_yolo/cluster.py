@@ -329,6 +329,11 @@ def down(name: str) -> list[str]:
     if state_dir(name).exists():
         shutil.rmtree(state_dir(name), ignore_errors=True)
         removed.append(f"state {state_dir(name)}")
+    for folder in (Path("/etc/netns"), state_root()):  # made by `up`; kept if others use them
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
     return removed
 
 
