@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import IO
 
 
-class OutDirBusy(RuntimeError):
+class OutDirError(RuntimeError):
+    """The output folder cannot be used by this run."""
+
+
+class OutDirBusy(OutDirError):
     """Another run holds the output folder."""
 
 
@@ -29,9 +33,14 @@ class OutDirLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`OutDirBusy` naming the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = self.path.open("a+")
+        """Take the lock or raise :class:`OutDirBusy` naming the run that holds it
+        (:class:`OutDirError` when the folder cannot be written)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = self.path.open("a+")
+        except OSError as exc:
+            raise OutDirError(f"run.out_dir={self.path.parent} cannot be written "
+                              f"({exc.strerror}): give a folder this user can write") from exc
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

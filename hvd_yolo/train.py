@@ -38,7 +38,7 @@ from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
-from hvd_yolo.runlock import OutDirBusy, OutDirLock
+from hvd_yolo.runlock import OutDirError, OutDirLock
 
 
 class StopRequest:
@@ -135,23 +135,29 @@ class MetricsLog:
 
 def claim_out_dir(out_dir: Path, ctx: dist.DistContext) -> OutDirLock | None:
     """Rank 0 locks ``out_dir`` for the run and removes temp files of killed checkpoint writes;
-    every rank learns the outcome (a busy ``out_dir`` raises :class:`OutDirBusy` everywhere)."""
+    every rank learns the outcome (a busy or unwritable ``out_dir`` raises
+    :class:`OutDirError` everywhere)."""
     lock, error = None, None
     if ctx.is_root:
+        lock = OutDirLock(out_dir)
         try:
-            lock = OutDirLock(out_dir)
             lock.acquire()
-            removed = checkpoint.clean_temp(out_dir / "checkpoints")
-            if removed:
-                print(f"removed {len(removed)} unfinished checkpoint write(s) of a killed run "
-                      f"({sum(n for _, n in removed) / 1e6:.1f} MB): "
-                      + ", ".join(p.name for p, _ in removed), flush=True)
-        except OutDirBusy as exc:
-            error = str(exc)
+        except OutDirError as exc:
+            lock, error = None, str(exc)
     # Horovod: rank 0's decision reaches every rank, so all stop together or none does.
     error = dist.broadcast_object(error, name="hvd_yolo.train.out_dir_lock")
     if error:
-        raise OutDirBusy(error)
+        raise OutDirError(error)
+    if lock is not None:
+        try:
+            removed = checkpoint.clean_temp(out_dir / "checkpoints")
+        except OSError as exc:  # not fatal: the run still writes its own checkpoints
+            removed = []
+            warnings.warn(f"{out_dir / 'checkpoints'}: temp files not removed ({exc})", stacklevel=1)
+        if removed:
+            print(f"removed {len(removed)} unfinished checkpoint write(s) of a killed run "
+                  f"({sum(n for _, n in removed) / 1e6:.1f} MB): "
+                  + ", ".join(p.name for p, _ in removed), flush=True)
     return lock
 
 

@@ -14,7 +14,7 @@ import torch
 
 from hvd_yolo import checkpoint
 from hvd_yolo.checkpoint import CheckpointError
-from hvd_yolo.runlock import OutDirBusy, OutDirLock
+from hvd_yolo.runlock import OutDirBusy, OutDirError, OutDirLock
 
 
 def state(step: int) -> dict:
@@ -131,3 +131,9 @@ def test_out_dir_lock_names_the_holder_and_dies_with_it(tmp_path: Path) -> None:
     again = OutDirLock(tmp_path)
     again.acquire()
     again.release()
+
+
+def test_an_unwritable_out_dir_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutDirError, match=r"run.out_dir=.*file/run cannot be written"):
+        OutDirLock(tmp_path / "file" / "run").acquire()

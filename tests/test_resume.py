@@ -14,7 +14,7 @@ import pytest
 
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
-from tests.mpi_harness import mpirun_argv, run_argv, run_cli
+from tests.mpi_harness import JobResult, mpirun_argv, run_argv, run_cli
 
 pytestmark = pytest.mark.mpi
 
@@ -48,9 +48,10 @@ def flip(path: Path, n: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-def resumed_line(output: str) -> str:
-    return next(line.split("resumed from ", 1)[1] for line in output.splitlines()
-                if "resumed from " in line)
+def resumed_line(res: JobResult) -> str:
+    """Rank 0's "resumed from PATH: epoch E, step S (P% of the epoch read)", after the path."""
+    return next(line.split("resumed from ", 1)[1] for line in res.rank_lines(0)
+                if line.startswith("resumed from "))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_
 
     res = run_cli(train_args(shards, cut, *common, "--set", "run.max_steps=8", "--resume", "auto"),
                   np=2, timeout=400)
-    line = resumed_line(res.output)  # "<path>: epoch E, step S (P% of the epoch read)"
+    line = resumed_line(res)  # "<path>: epoch E, step S (P% of the epoch read)"
     epoch = int(line.split("epoch ")[1].split(",")[0])
     resumed_at = int(line.split("step ")[1].split()[0])
     assert epoch == 0 and resumed_at in (4, 6), res.output  # mid-epoch, from a checkpoint
@@ -122,7 +123,7 @@ def test_corrupted_last_checkpoint_falls_back_and_killed_writes_are_removed(
     assert "last.pt: corrupted checkpoint" in res.output, res.output
     assert "step-00000002.pt instead" in res.output, res.output
     # 2 steps of batch 2 on 1 rank read 4 of 40 samples: 36 unread, 18 per rank, 9 of 10 batches left
-    assert resumed_line(res.output).startswith(f"{ckpt / 'step-00000002.pt'}: epoch 0, step 1 ")
+    assert resumed_line(res).startswith(f"{ckpt / 'step-00000002.pt'}: epoch 0, step 1 ")
     assert "removed 1 unfinished checkpoint write(s)" in res.output, res.output
     assert not leftover.exists()
     assert sorted(losses(out)) == [1, 2, 3, 4]
@@ -167,7 +168,7 @@ def test_resume_with_another_batch_size_re_derives_with_a_warning(shards: Path, 
     assert "world size is 1 in the checkpoint but 2 now" in res.output, res.output
     assert "optim.accumulate is 1 in the checkpoint but 2 now" in res.output, res.output
     assert "changed since the checkpoint (used as given now): optim.lr 0.01 -> 0.02" in res.output
-    assert resumed_line(res.output).endswith("epoch 0, step 1 (15.0% of the epoch read)"), \
+    assert resumed_line(res).endswith("epoch 0, step 1 (15.0% of the epoch read)"), \
         res.output
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert (out / "checkpoints" / "step-00000004.pt").samefile(out / "checkpoints" / "last.pt")
@@ -217,7 +218,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_unread_samples(
     res = run_cli(train_args(data, out, "--set", "run.max_steps=8", "--resume", "auto"), np=1,
                   timeout=300)
     assert "world size is 2 in the checkpoint but 1 now" in res.output, res.output
-    assert resumed_line(res.output).endswith("epoch 0, step 4 (61.5% of the epoch read)"), res.output
+    assert resumed_line(res).endswith("epoch 0, step 4 (61.5% of the epoch read)"), res.output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "step"]
     assert steps == [1, 2, 5, 6, 7, 8], steps
