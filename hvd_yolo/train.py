@@ -20,6 +20,7 @@ import multiprocessing
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
 from hvd_yolo.runlock import OutDirError, OutDirLock
+from hvd_yolo.stall import StallWatch
 
 
 class StopRequest:
@@ -85,7 +87,39 @@ def train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
 def horovod_environment(cfg: Config, timeline: str | None) -> dict[str, str]:
     """Horovod reads these at ``hvd.init()``: set them before it runs."""
     return dist.horovod_settings(cfg.dist.cycle_time_ms, cfg.dist.fusion_threshold_mb, cfg.dist.cuda,
-                          timeline)
+                                 timeline, cfg.dist.stall_warning_s, cfg.dist.stall_shutdown_s)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A rank's loss was NaN/inf; raised on every rank at the same step (a collective decision)."""
+
+
+def nonfinite_message(bad: dict[int, int], step: int, epoch: int) -> str:
+    where = ", ".join(f"rank {r} batch {b}" for r, b in sorted(bad.items()))
+    return (f"the loss is not finite (NaN/inf) at step {step} (epoch {epoch}; {where} of the "
+            f"rank's epoch); every rank stopped before this step's update. Lower optim.lr, or "
+            f"check those batches' data; resume from the last checkpoint with --resume auto")
+
+
+BEST_FILE = "best.json"  # rank 0's record of best.pt's mAP (written after the evaluation)
+
+
+def record_best(ckpt_dir: Path, path: Path, figures: dict[str, Any], step: int) -> None:
+    """Point ``best.pt`` at the step file ``path`` just evaluated, and record its mAP."""
+    checkpoint.atomic_link(path, ckpt_dir / "best.pt")
+    tmp = ckpt_dir / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"mAP": figures["mAP"], "mAP50": figures["mAP50"], "step": step,
+                               "file": path.name}))
+    tmp.replace(ckpt_dir / BEST_FILE)
+
+
+def recorded_best(ckpt_dir: Path) -> float:
+    """The mAP of ``best.pt`` (-1 if none): a checkpoint is written before its evaluation, so
+    its own ``best_map`` may not count that evaluation."""
+    try:
+        return float(json.loads((ckpt_dir / BEST_FILE).read_text())["mAP"])
+    except (OSError, ValueError, KeyError):
+        return -1.0
 
 
 def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> DataLoader:
@@ -97,11 +131,23 @@ def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> Da
                       collate_fn=collate, worker_init_fn=ignore_stop_signals)
 
 
+def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,
+                 step: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
+    """The loader's (images in [0, 1], metas), marking progress for the stall watch."""
+    for i, b in enumerate(loader):
+        if watch is not None:
+            watch.progress(f"evaluating batch {i}", step)
+        yield b["images"].to(device).float().div_(255), b["metas"]
+    if watch is not None:
+        watch.progress("gathering and scoring the detections", step)
+
+
 def evaluate(model: torch.nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
-             device: torch.device, results_path: str | None = None) -> dict[str, Any]:
+             device: torch.device, results_path: str | None = None,
+             watch: StallWatch | None = None, step: int = 0) -> dict[str, Any]:
     """Distributed COCO evaluation (every rank calls it; every rank gets the figures; rank 0
     writes the detections as a COCO results json to ``results_path`` when given)."""
-    batches = ((b["images"].to(device).float().div_(255), b["metas"]) for b in loader)
+    batches = eval_batches(loader, device, watch, step)
     return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
                            cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det,
                            results_path=results_path)
@@ -259,6 +305,9 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     rank_log = out_dir / "ranks" / f"rank{ctx.rank}.jsonl"
     rank_log.parent.mkdir(parents=True, exist_ok=True)
+    # A frozen or stuck rank ends the job by name (Horovod's own check cannot see a frozen one).
+    watch = StallWatch(rank_log.parent, ctx.rank, world, cfg.dist.stall_warning_s,
+                       cfg.dist.stall_shutdown_s)
 
     train_ds = ShardDataset(cfg.data.train, on_corrupt=cfg.data.on_corrupt)
     val_ds = ShardDataset(cfg.data.val, on_corrupt=cfg.data.on_corrupt) if cfg.data.val else None
@@ -277,7 +326,9 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     criterion = YoloLoss(model).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     ema = ModelEMA(model, cfg.optim.ema_decay) if cfg.optim.ema else None
-    use_amp = device.type == "cuda"
+    # Adasum updates each parameter inside its backward hook, before a loss scale could be removed.
+    adasum = cfg.dist.op == "adasum"
+    use_amp = device.type == "cuda" and not adasum
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
@@ -291,7 +342,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     steps_per_epoch = batches_per_epoch // acc
     total_steps = steps_per_epoch * cfg.optim.epochs  # the LR schedule's length
     stop_at = min(total_steps, cfg.run.max_steps or total_steps)  # max_steps: stop early
-    base_lr = cfg.optim.lr * world * acc  # LR scales with the global batch
+    # LR scales with the global batch (averaged gradients); Adasum combines updates instead.
+    base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, device) * acc
 
     # ---------------------------------------------------------------- resume
     # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
@@ -300,6 +352,10 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     start = resume_state(resume, cfg, ctx, model, optimizer, ema, scaler, sampler,
                          train_ds.class_names, batches_per_epoch)
     start_epoch, step, skip_batches, best_map = start.epoch, start.step, start.skip_batches, start.best_map
+    if start.path:
+        # Horovod: rank 0 reads best.pt's mAP (the checkpoint predates its own evaluation).
+        best_map = max(best_map, dist.broadcast_object(
+            recorded_best(ckpt_dir) if ctx.is_root else None, name="hvd_yolo.train.best"))
 
     loader = DataLoader(
         AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
@@ -313,14 +369,18 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     if ctx.is_root:
         print(f"training {cfg.model.name} ({num_classes} classes) on {world} rank(s), "
               f"{len(train_ds)} images, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
-              f"global batch {bs * world * acc}, lr {base_lr:g}, compression {cfg.dist.compression}; "
+              f"global batch {bs * world * acc}, lr {base_lr:g}, op {cfg.dist.op}, "
+              f"compression {cfg.dist.compression}; "
               + (" ".join(f"{k}={v}" for k, v in hvd_env.items()) or "Horovod defaults"),
               flush=True)
 
-    def save(epoch: int, batches_done: int, is_best: bool = False) -> None:
-        """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch``."""
+    def save(epoch: int, batches_done: int) -> Path | None:
+        """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch`` (every rank
+        calls it: the BatchNorm statistics are averaged first); returns its path on rank 0."""
+        watch.progress("averaging BatchNorm statistics, writing a checkpoint", step)
+        dist.average_buffers([model, *([ema.ema] if ema else [])], "hvd_yolo.train.buffers")
         if not ctx.is_root:
-            return
+            return None
         if batches_done:  # the sampler counts from where this epoch's iteration started
             sampler_state = sampler.state_dict((batches_done - first) * bs)
         else:
@@ -334,11 +394,15 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
             "world_size": world, "class_names": train_ds.class_names,
             "category_ids": train_ds.category_ids, "model_name": cfg.model.name,
         }
-        checkpoint.save(state, ckpt_dir, step, cfg.run.keep_last, is_best)
+        return checkpoint.save(state, ckpt_dir, step, cfg.run.keep_last)
 
     def run_eval(epoch: int) -> dict[str, Any]:
         nonlocal best_map
-        figures = evaluate(ema.ema if ema else model, eval_loader, val_ds, cfg, device)
+        # Saved before evaluating (a failing evaluation loses no epoch), with the BN statistics
+        # averaged over ranks, so every rank evaluates the model the checkpoint holds.
+        path = save(epoch + 1, 0)
+        figures = evaluate(ema.ema if ema else model, eval_loader, val_ds, cfg, device,
+                           watch=watch, step=step)
         is_best = figures["mAP"] > best_map
         best_map = max(best_map, figures["mAP"])
         log.write({"type": "eval", "step": step, "epoch": epoch, "mAP": figures["mAP"],
@@ -346,7 +410,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
         if ctx.is_root:
             print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
                   flush=True)
-        save(epoch + 1, 0, is_best)
+        if is_best and path is not None:
+            record_best(ckpt_dir, path, figures, step)
         return figures
 
     # ---------------------------------------------------------------- the loop
@@ -354,6 +419,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     figures, stopped, done = None, False, step >= stop_at
     t_last, images_since, first = time.perf_counter(), 0, 0
     window = torch.zeros(4, device=device)  # this step's (loss, box, obj, cls) summed over micro-batches
+    bad_batch: int | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
         if done or stopped:
             break
@@ -370,6 +436,12 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
         corrupt = 0  # samples of this rank's batches that failed their CRC32/decode and were replaced
         b = first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
         for b in range(first, batches_per_epoch):
+            if b % acc == 0:  # a step's first micro-batch (Adasum steps inside backward: LR first)
+                lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps,
+                           cfg.optim.final_lr_ratio)
+                set_lr(optimizer, lr)
+                bad_batch = None  # this rank's first batch of the step with a non-finite loss
+            watch.progress(f"reading batch {b} of epoch {epoch}", step)
             batch = next(batches)
             corrupt += sum(m.get("corrupt", 0) for m in batch["metas"])
             size = (size_for_step(step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
@@ -379,24 +451,30 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
             with torch.autocast(device.type, enabled=use_amp):
                 outputs = model(images)
             loss, parts = criterion([o.float() for o in outputs], targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"rank {ctx.rank}: loss is {loss.item()} at step {step} "
-                                         f"(epoch {epoch}, batch {b}); lower optim.lr")
+            if bad_batch is None and not torch.isfinite(loss):
+                bad_batch = b  # decided with the other ranks at the step (they must not hang)
             scaler.scale(loss / acc).backward()  # allreduces start in the backward hooks
             window += torch.stack([loss.detach(), parts["box"], parts["obj"], parts["cls"]])
             images_since += images.shape[0]
             if (b + 1) % acc:
                 continue
             # ------------------------------------------------ optimizer step
-            lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps, cfg.optim.final_lr_ratio)
-            set_lr(optimizer, lr)
-            optimizer.synchronize()  # wait for this step's allreduces
-            scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-            scaler.update()
+            watch.progress(f"waiting for the other ranks' gradients of step {step + 1}", step)
+            if not adasum:
+                optimizer.synchronize()  # wait for this step's allreduces
+            # Horovod: one small allreduce decides for every rank: a stop request, a bad loss.
+            stopped, bad = dist.nonfinite_ranks(stop.requested, bad_batch, "hvd_yolo.train.decide")
+            if bad:
+                raise NonFiniteLoss(nonfinite_message(bad, step + 1, epoch))
+            if adasum:
+                optimizer.step()  # Adasum: waits for the updates the backward hooks combined
+            else:
+                scaler.unscale_(optimizer)
+                if cfg.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                with optimizer.skip_synchronize():
+                    scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad()
             if ema is not None:
                 ema.update(model)
@@ -420,7 +498,6 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                                     size=size)
             if bar is not None:
                 bar.update(acc)
-            stopped = bool(dist.allreduce_sum(float(stop.requested), "hvd_yolo.train.stop") > 0)
             done = step >= stop_at
             if stopped or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
                 save(epoch, b + 1)
@@ -428,6 +505,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                 break
         if bar is not None:
             bar.close()
+        watch.progress(f"waiting for the other ranks at the end of epoch {epoch}", step)
         dist.join()  # guard: every rank has finished the epoch's collectives
         # Horovod: the epoch's replaced corrupt samples, summed over ranks (each was named on stderr)
         corrupt = int(dist.allreduce_sum(float(corrupt), "hvd_yolo.train.corrupt").item())
@@ -455,6 +533,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                "mAP50": figures["mAP50"] if figures else None, "best_mAP": best_map,
                "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / "last.pt")}
     log.write({"type": "summary", "step": step, **summary})
+    watch.close()
     if lock is not None:
         lock.release()
     return summary

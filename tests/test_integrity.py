@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 
 import h5py
@@ -68,6 +69,12 @@ def test_index_tables_are_checked_at_open(shards: Path, tmp_path: Path) -> None:
         f["boxes/xyxy"][0, 2] = 1e4
     with pytest.raises(ShardError, match=r"shard-00002.h5: boxes/xyxy sha256 mismatch .*corrupt"):
         ShardDataset(root)
+
+
+def test_stored_crc_is_zlib_crc32_of_the_bytes(shards: Path) -> None:
+    ds = ShardDataset(shards)
+    stored = [int(ds._index[s].crc32[j]) for s, j in map(ds.locate, range(len(ds)))]
+    assert stored == [zlib.crc32(ds.image_bytes(i)) for i in range(len(ds))]
 
 
 def test_flipped_jpeg_bytes_fail_their_crc(shards: Path, tmp_path: Path) -> None:

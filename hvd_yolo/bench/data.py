@@ -73,7 +73,7 @@ class ShardImages:
     def __getitem__(self, i: int) -> Any:
         from hvd_yolo.data.shards import decode_rgb
 
-        return decode_rgb(self.ds.image_bytes(i))
+        return decode_rgb(self.ds.read(i))
 
 
 def _count(batch: list[Any]) -> int:
@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
                          mb_per_s=nbytes * args.passes / 2**20 / r["seconds"])
                 results.append(r)
         passes = max(args.passes, 5)  # bytes are cheap: more passes for a steadier figure
-        read = {"shards": shard_ds.ds.image_bytes, "shards-nocrc": readers["shards-nocrc"].ds.image_bytes,
-                "files": lambda i: _read_file(paths[i])}
+        read = {"shards": shard_ds.ds.read, "shards-nocrc": readers["shards-nocrc"].ds.read,
+                "files": lambda i: _read_file(paths[i])}  # what each hands the decoder
         byte_runs: dict[str, list[dict[str, float]]] = {name: [] for name in READERS}
         for _ in range(rounds):
             for name in READERS:

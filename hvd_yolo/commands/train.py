@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from hvd_yolo.checkpoint import CheckpointError
     from hvd_yolo.data.shards import ShardError, error_text
     from hvd_yolo.runlock import OutDirError
-    from hvd_yolo.train import train
+    from hvd_yolo.train import NonFiniteLoss, train
 
     try:
         summary = train(cfg, resume=args.resume, timeline=args.timeline)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_root():
             print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    except (CheckpointError, OutDirError) as e:  # decided on rank 0, raised on every rank
+    except (CheckpointError, OutDirError, NonFiniteLoss) as e:  # decided together, raised on every rank
         if dist.is_root():
             print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
         return 1

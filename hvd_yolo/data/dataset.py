@@ -19,10 +19,10 @@ sample lists the replaced ones under ``"corrupt"`` for the training loop's count
 
 from __future__ import annotations
 
+import bisect
 import os
 import sys
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from hvd_yolo.data.shards import (  # noqa: E402
     CorruptSample,
     ShardError,
     check_tables,
+    crc32,
     decode_rgb,
     load_manifest,
     read_index,
@@ -81,6 +82,7 @@ class ShardDataset(Dataset):
             warnings.warn(old_format_message(self.root, self.manifest), stacklevel=2)
         self.shard_sizes: list[int] = [idx.count for idx in self._index]
         self._starts = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self._bounds: list[int] = self._starts.tolist()  # bisect on a list: no numpy call per read
         self._files: dict[int, tuple[int, int] | tuple[h5py.File, h5py.Dataset]] = {}
         self._pid = os.getpid()
 
@@ -96,8 +98,8 @@ class ShardDataset(Dataset):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sample index {index} out of range for {n} samples")
-        s = int(np.searchsorted(self._starts, i, side="right") - 1)
-        return s, i - int(self._starts[s])
+        s = bisect.bisect_right(self._bounds, i) - 1
+        return s, i - self._bounds[s]
 
     def _reader(self, shard: int) -> tuple[int, int] | h5py.Dataset:
         """This process's reader of ``shard``'s ``images/bytes`` (opened on first use):
@@ -139,7 +141,7 @@ class ShardDataset(Dataset):
                                     f"bytes read): run `hvd-yolo shards verify {self.root}`")
             data = np.frombuffer(buf, dtype=np.uint8)
         if self.check_crc and idx.crc32 is not None:
-            crc = zlib.crc32(data)
+            crc = crc32(data)
             if crc != int(idx.crc32[j]):
                 raise CorruptSample(f"{self.root / self.label(s, j)}: CRC32 mismatch (read "
                                     f"{crc:08x}, images/crc32 records {int(idx.crc32[j]):08x}): "
@@ -156,9 +158,13 @@ class ShardDataset(Dataset):
             raise CorruptSample(f"{self.root / self.label(s, j)}: image does not decode "
                                 f"({msg})") from e
 
+    def read(self, index: int) -> np.ndarray:
+        """The stored encoded image, CRC32 checked, as training reads it (no copy)."""
+        return self._raw(*self.locate(index))
+
     def image_bytes(self, index: int) -> bytes:
         """The stored encoded image (the original file's bytes)."""
-        return self._raw(*self.locate(index)).tobytes()
+        return self.read(index).tobytes()
 
     def annotations(self, index: int) -> dict[str, Any]:
         """Boxes, classes, flags, id, name and size of a sample, without touching the image."""

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,11 @@ os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
+
+try:  # zlib-ng's SIMD CRC-32: the same values as zlib.crc32, ~5x faster (bench data)
+    from zlib_ng.zlib_ng import crc32  # noqa: E402
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; plain zlib still works
+    from zlib import crc32  # noqa: E402
 
 # Images are decoded with torchvision.io; torchvision 0.29 marks them deprecated in favour
 # of TorchCodec with a warning on every call. Silence exactly that message, nothing else.
@@ -238,7 +242,7 @@ def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.
         if len(data) != offsets[i + 1] - offsets[i]:
             raise ShardError(f"{rec.name}: {len(data)} bytes, expected {rec.nbytes}")
         h.update(data)
-        crcs[i] = zlib.crc32(data)
+        crcs[i] = crc32(data)
         buf.append(data)
         pending += len(data)
         if pending >= _WRITE_BUFFER or i == len(records) - 1:
@@ -467,8 +471,8 @@ def verify_shards(
                 for i in range(idx.count):
                     label = f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])})"
                     raw = data[idx.image_offsets[i]:idx.image_offsets[i + 1]]
-                    if idx.crc32 is not None and zlib.crc32(raw) != int(idx.crc32[i]):
-                        raise ShardError(f"{label}: CRC32 {zlib.crc32(raw):08x} of its bytes, "
+                    if idx.crc32 is not None and crc32(raw) != int(idx.crc32[i]):
+                        raise ShardError(f"{label}: CRC32 {crc32(raw):08x} of its bytes, "
                                          f"images/crc32 records {int(idx.crc32[i]):08x}")
                     try:
                         img = decode_rgb(raw)
