@@ -48,7 +48,7 @@ def _verify(root: Path, capsys: Any, *extra: str) -> tuple[int, str]:
 def test_verify_ok(good: Path, capsys: Any) -> None:
     rc, out = _verify(good, capsys)
     assert rc == 0
-    assert "OK" in out and "3 shards, 6 images" in out and "every image decodes" in out
+    assert "OK" in out and "3 shards, 6 images" in out and "every image's CRC32 and decode" in out
 
 
 def test_verify_detects_flipped_image_byte(good: Path, tmp_path: Path, capsys: Any) -> None:

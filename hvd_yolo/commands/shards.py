@@ -9,8 +9,8 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    v = sub.add_parser("verify", help="checksums, decodes, boxes and counts; exit 1 at the first "
-                       "bad shard/sample")
+    v = sub.add_parser("verify", help="checksums (sha256, per-image CRC32), decodes, boxes and "
+                       "counts; exit 1 at the first bad shard/sample")
     v.add_argument("dir", help="shard directory (with manifest.json)")
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     i = sub.add_parser("info", help="counts, classes, boxes per class, size histograms")
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-            checks = "sha256, boxes, counts" + ("" if args.no_decode else ", every image decodes")
+            checks = "sha256, boxes, counts" + ("" if args.no_decode else
+                                                ", every image's CRC32 and decode")
             print(f"OK {args.dir}: {res.shards} shards, {res.images} images, {res.boxes} boxes "
                   f"({checks})")
             return 0

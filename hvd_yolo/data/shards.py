@@ -424,7 +424,7 @@ def verify_shards(
     Checks: manifest and shard attributes agree, index tables are consistent, every dataset's
     sha256 matches the shard's and the manifest's, every box lies inside its image with a
     positive area and a known class, ids and names are unique, counts add up, and (``decode``)
-    every image decodes to its recorded size.
+    every image matches its CRC32 and decodes to its recorded size.
     """
     root = Path(root)
     manifest = load_manifest(root)
