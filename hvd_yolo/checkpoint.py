@@ -189,16 +189,22 @@ def load(path: Path | str, check: bool = True) -> dict[str, Any]:
 def load_resume(resume: str, out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint ``--resume`` asks for, verified and loaded (call it on rank 0 only).
 
-    A path: that file, or :class:`CheckpointError`. ``auto``: ``last.pt``, or when it is
-    corrupted the newest step file that is not (with a warning per bad file); None when
-    ``<out_dir>/checkpoints`` holds no checkpoint; :class:`CheckpointError` when it holds only
-    corrupted ones.
+    A path: that file, or :class:`CheckpointError`. ``auto``: the most recently written of
+    ``last.pt`` and the step files (a job killed between writing a step file and linking
+    ``last.pt`` to it leaves the step file newer), or when that is corrupted the next that is
+    not (with a warning per bad file); None when ``<out_dir>/checkpoints`` holds no
+    checkpoint; :class:`CheckpointError` when it holds only corrupted ones.
     """
     if resume != "auto":
         return Path(resume), load(resume)
     ckpt_dir = Path(out_dir) / "checkpoints"
     last = ckpt_dir / "last.pt"
-    candidates = ([last] if last.is_file() else []) + step_files(ckpt_dir)[::-1]
+    candidates = step_files(ckpt_dir)[::-1]
+    if last.is_file():  # before the step files written no later than it
+        mtime = last.stat().st_mtime_ns
+        at = next((i for i, p in enumerate(candidates) if p.stat().st_mtime_ns <= mtime),
+                  len(candidates))
+        candidates.insert(at, last)
     seen: set[tuple[int, int]] = set()
     failures = []
     for path in candidates:
@@ -241,7 +247,7 @@ def restore_model(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Modu
 
 # ------------------------------------------------------------------ resume compatibility
 # Keys whose change makes a checkpoint's sampler state and data order meaningless.
-REFUSED = ("run.seed", "data.tail", "model.name")
+REFUSED = ("run.seed", "data.tail", "model.name", "optim.name")
 # Keys that set the global batch: the epoch's unread samples are re-dealt, the step re-derived.
 REDERIVED = ("optim.batch_size", "optim.accumulate")
 # Keys that only change how this run executes, not what it computes.

@@ -232,6 +232,7 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
     sampler), and the step, so the schedule, is re-derived from the batches left.
     """
     meta: dict[str, Any] = {"path": None}
+    found = None
     if ctx.is_root and resume:
         try:
             found = checkpoint.load_resume(resume, cfg.run.out_dir)
@@ -255,6 +256,9 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
                 optimizer.load_state_dict(state["optimizer"])
                 if ema is not None and state.get("ema"):
                     ema.load_state_dict(state["ema"])
+                elif ema is not None:  # a checkpoint of a run without EMA: start it here
+                    ema.ema.load_state_dict(model.state_dict())
+                    ema.updates = 0
                 meta = {"path": str(path), "epoch": state["epoch"], "sampler": saved,
                         "best_map": state.get("best_map", -1.0),
                         "ema": (ema.updates, ema.decay) if ema is not None else None,
@@ -262,7 +266,8 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
         except checkpoint.CheckpointError as exc:
             meta = {"path": None, "error": str(exc)}
         except Exception as exc:  # any failure on rank 0 must end every rank, not hang them
-            meta = {"path": None, "error": f"cannot resume from {resume}: {exc!r}"}
+            meta = {"path": None, "error": f"cannot resume from {found[0] if found else resume}: "
+                                           f"{exc}"}
     # Horovod: rank 0's decision and the checkpoint's small state reach every rank.
     meta = dist.broadcast_object(meta, name="hvd_yolo.train.resume")
     if meta.get("error"):

@@ -74,6 +74,15 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> No
         checkpoint.load_resume("auto", tmp_path)
 
 
+def test_resume_auto_takes_a_step_file_newer_than_last_pt(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.save(state(2), ckpt, 2, keep_last=3)
+    time.sleep(0.01)
+    checkpoint.atomic_save(state(4), ckpt / "step-00000004.pt")  # killed before last.pt's link
+    path, loaded = checkpoint.load_resume("auto", tmp_path)
+    assert path.name == "step-00000004.pt" and loaded["step"] == 4
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
     assert checkpoint.load_resume("auto", tmp_path) is None
     with pytest.raises(CheckpointError, match="no such checkpoint file"):

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import JobResult, mpirun_argv, run_argv, run_cli
@@ -102,6 +104,17 @@ def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_
     assert sorted(a) == sorted(b) == list(range(1, 9)), (sorted(a), sorted(b))
     for step in range(1, 9):
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    # and the step-8 checkpoints hold the same weights, EMA and momentum
+    ref_ck, cut_ck = (checkpoint.load(p / "checkpoints" / "last.pt") for p in (ref, cut))
+    assert ref_ck["step"] == cut_ck["step"] == 8
+    pairs = [(ref_ck["model"], cut_ck["model"]), (ref_ck["ema"]["model"], cut_ck["ema"]["model"]),
+             ({k: v["momentum_buffer"] for k, v in ref_ck["optimizer"]["state"].items()},
+              {k: v["momentum_buffer"] for k, v in cut_ck["optimizer"]["state"].items()})]
+    for want, got in pairs:
+        assert want.keys() == got.keys()
+        for key in want:
+            assert torch.allclose(want[key].float(), got[key].float(), rtol=1e-4, atol=1e-6), key
+    assert ref_ck["ema"]["updates"] == cut_ck["ema"]["updates"] == 8
 
 
 # ------------------------------------------------------------------ corrupted checkpoints
