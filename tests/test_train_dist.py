@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,24 @@ def test_printed_map_is_the_map_of_the_checkpoint_written_with_it(shards: Path,
     assert printed["mAP50"] > 0, printed  # a model that finds nothing would prove nothing
     assert scored["mAP"] == pytest.approx(printed["mAP"], abs=1e-9), (scored, printed)
     assert scored["mAP50"] == pytest.approx(printed["mAP50"], abs=1e-9), (scored, printed)
+
+
+def test_a_failing_evaluation_loses_no_epoch(shards: Path, tmp_path: Path) -> None:
+    """The epoch's checkpoint is written before its evaluation: a corrupt validation image with
+    data.on_corrupt=error ends the job in the evaluation, and the epoch is still saved (it was
+    lost before: the checkpoint came after the evaluation)."""
+    from hvd_yolo import checkpoint
+    from tests.test_integrity import flip_image_bytes
+
+    val = tmp_path / "val"
+    shutil.copytree(shards, val)
+    flip_image_bytes(val, 5)
+    out = tmp_path / "run"
+    res = run_cli(train_args(shards, out, "--set", f"data.val={val}", "--set", "optim.epochs=1",
+                             "--set", "data.on_corrupt=error"), np=2, timeout=300, check=False)
+    assert not res.timed_out and res.returncode != 0, describe_failure(res, 300)
+    assert "hvd-yolo train: error" in res.output, res.output
+    last = out / "checkpoints" / "last.pt"
+    assert last.exists(), res.output
+    state = checkpoint.load(last)
+    assert state["epoch"] == 1 and state["step"] > 0, (state["epoch"], state["step"])
