@@ -173,6 +173,11 @@ def test_printed_map_is_the_map_of_the_checkpoint_written_with_it(shards: Path,
     assert printed["mAP50"] > 0, printed  # a model that finds nothing would prove nothing
     assert scored["mAP"] == pytest.approx(printed["mAP"], abs=1e-9), (scored, printed)
     assert scored["mAP50"] == pytest.approx(printed["mAP50"], abs=1e-9), (scored, printed)
+    # best.pt: linked after the evaluation to the step file it scored, its mAP in best.json
+    ckpts = out / "checkpoints"
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["mAP"] == printed["mAP"] and best["step"] == printed["step"], (best, printed)
+    assert os.path.samefile(ckpts / "best.pt", ckpts / best["file"])
 
 
 def test_a_failing_evaluation_loses_no_epoch(shards: Path, tmp_path: Path) -> None:
