@@ -199,3 +199,17 @@ def test_a_failing_evaluation_loses_no_epoch(shards: Path, tmp_path: Path) -> No
     assert last.exists(), res.output
     state = checkpoint.load(last)
     assert state["epoch"] == 1 and state["step"] > 0, (state["epoch"], state["step"])
+
+
+def test_a_resume_keeps_the_best_map_of_the_evaluation_after_the_checkpoint(
+        shards: Path, tmp_path: Path) -> None:
+    """The checkpoint predates its evaluation, so a resume takes best.pt's mAP from best.json:
+    a later, worse evaluation must not replace best.pt (best_mAP was -1 after the resume)."""
+    out = tmp_path / "run"
+    run_cli(train_args(shards, out, "--set", f"data.val={shards}", "--set", "optim.epochs=1"),
+            np=2, timeout=300)
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    run_cli(train_args(shards, out, "--set", "optim.epochs=2", "--resume", "auto"), np=2,
+            timeout=300)
+    summary = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "summary"][-1]
+    assert summary["best_mAP"] == best["mAP"], (summary, best)
