@@ -48,15 +48,38 @@ def rank_steps(out: Path, rank: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------ Adasum
+WEIGHTS_AT_SAVE = """
+import sys
+from hvd_yolo import dist
+
+# Every rank prints a checksum of its weights whenever the loop saves (the product's code runs).
+average_buffers = dist.average_buffers
+
+
+def spy(modules, name):
+    average_buffers(modules, name)
+    total = sum(float(p.double().sum()) for p in modules[0].parameters())
+    print(f"weights={total!r}", flush=True)
+
+
+dist.average_buffers = spy
+from hvd_yolo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_adasum_trains_on_two_ranks_with_an_unscaled_lr(shards: Path, tmp_path: Path) -> None:
     """dist.op=adasum through `hvd-yolo train` (accumulate 2: Horovod's Adasum optimizer steps in
     the backward hooks of the window's last pass). It crashed at the first step
-    (skip_synchronize is unsupported by Adasum); the LR must not grow with the world size."""
+    (skip_synchronize is unsupported by Adasum); the LR must not grow with the world size, and
+    the ranks must hold the same weights."""
     out = tmp_path / "run"
-    res = run_cli(train_args(shards, out, "--set", "dist.op=adasum", "--set", "optim.clip_grad=0",
-                             "--set", "optim.accumulate=2", "--set", "run.max_steps=3"),
-                  np=2, timeout=400)
+    res = run_job([sys.executable, "-c", WEIGHTS_AT_SAVE, *train_args(
+        shards, out, "--set", "dist.op=adasum", "--set", "optim.clip_grad=0",
+        "--set", "optim.accumulate=2", "--set", "run.max_steps=3")], np=2, timeout=400)
     assert "lr 0.02, op adasum" in res.output, res.output  # 0.01 x accumulate 2, not x 2 ranks
+    weights = res.values("weights")
+    assert sorted(weights) == [0, 1] and weights[0] == weights[1], weights
     steps = [[r["step"] for r in rank_steps(out, r)] for r in (0, 1)]
     assert steps[0] == steps[1] == [1, 2, 3], steps
     assert all(r["loss"] == r["loss"] for r in rank_steps(out, 0))  # finite, not NaN
