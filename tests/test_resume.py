@@ -3,6 +3,7 @@ checkpoints, a changed config, killed checkpoint writes and one run per out_dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -72,6 +73,24 @@ def copy_run(base: Path, dst: Path) -> Path:
 
 
 # ------------------------------------------------------------------ kill -9 mid-epoch
+def kill_ranks(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL mpirun and every rank of the run writing ``out`` (ranks killed only through
+    mpirun live on for a moment, still holding the out_dir lock); wait until they are gone."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-f", f"run.out_dir={out}( |$)"], capture_output=True,
+                               text=True).stdout.split()
+        pids = [int(p) for p in found if int(p) != os.getpid()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    pytest.fail(f"ranks of {out} still alive 60 s after SIGKILL")
+
+
 def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_path: Path) -> None:
     """Kill -9 a 2-rank run right after its step-4 checkpoint (4 of the epoch's 10 steps: the
     sampler, EMA and optimizer are mid-epoch, last.pt may be mid-update); resume with
@@ -89,7 +108,7 @@ def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_ranks(proc, cut)
     out = proc.communicate()[0].decode(errors="replace")
     assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + out
 
