@@ -9,8 +9,12 @@ from hvd_yolo import dist
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_TIMELINE"):
-        monkeypatch.delenv(var, raising=False)
+    # horovod_settings writes os.environ: set-then-delete makes monkeypatch restore every knob
+    # afterwards (a bare delenv of an absent variable records nothing, and the test's timeline
+    # path leaked into later jobs).
+    for var in dist.TUNING_KNOBS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
 
 
 def test_cpu_default_cycle_time() -> None:

@@ -139,7 +139,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_config(path: Path, shards: Path, out: Path, val: bool, epochs: int) -> Path:
-    """A tiny run: 64 px inputs, batch 2 per rank, 13 images -> 4 steps per epoch on 2 ranks."""
+    """A tiny run: 64 px inputs, batch 2 per rank, 13 images -> 3 steps per epoch on 2 ranks
+    (7 samples per rank, one padded: 3 whole batches)."""
     lines = ["data:", f"  train: {shards}", "  workers: 0"]
     if val:
         lines.append(f"  val: {shards}")
@@ -158,13 +159,13 @@ def test_sbatch_trains_on_two_tasks(slurm: SlurmCluster, shards: Path, tmp_path:
     info = wait_completed(slurm, job_id, work, timeout=300)
     report = job_report(slurm, info, work)
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["world_size"] == 2 and ckpt["step"] == 4, report
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3, report
     metrics = read_jsonl(out / "metrics.jsonl")
     summary = [m for m in metrics if m["type"] == "summary"][-1]
-    assert summary["steps"] == 4 and not summary["stopped"], report
+    assert summary["steps"] == 3 and not summary["stopped"], report
     assert any(m["type"] == "eval" for m in metrics), report
     for r in (0, 1):  # every rank took every step
-        assert len(read_jsonl(out / "ranks" / f"rank{r}.jsonl")) == 4, report
+        assert len(read_jsonl(out / "ranks" / f"rank{r}.jsonl")) == 3, report
 
 
 @pytest.mark.slow
