@@ -359,9 +359,11 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}, "
-                              f"{getattr(e, 'problem_mark', '')})") from None
+        except yaml.YAMLError as e:  # one line: what the parser expected and where
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{p}: not valid YAML ({what}{where})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return from_dict(apply_overrides(raw, overrides or [])).validate()

@@ -57,7 +57,7 @@ def test_verify_detects_flipped_image_byte(good: Path, tmp_path: Path, capsys: A
         f["images/bytes"][100] ^= 0xFF
     rc, out = _verify(root, capsys)
     assert rc == 1
-    assert "FAILED: shard-00001.h5: images/bytes sha256 mismatch" in out
+    assert "hvd-yolo shards verify: error: shard-00001.h5: images/bytes sha256 mismatch" in out
 
 
 def test_verify_detects_edited_box(good: Path, tmp_path: Path, capsys: Any) -> None:
@@ -88,7 +88,7 @@ def test_verify_detects_count_and_file_problems(good: Path, tmp_path: Path, caps
     root = _copy(good, tmp_path / "c")
     shutil.copy(other / "shard-00001.h5", root / "shard-00001.h5")
     rc, out = _verify(root, capsys)
-    assert rc == 1 and "FAILED: shard-00001.h5: " in out  # counts or checksums differ
+    assert rc == 1 and "error: shard-00001.h5: " in out  # counts or checksums differ
     # a manifest whose checksum does not match an intact shard
     root = _copy(good, tmp_path / "d")
     manifest = json.loads((root / "manifest.json").read_text())
@@ -98,7 +98,7 @@ def test_verify_detects_count_and_file_problems(good: Path, tmp_path: Path, caps
     assert rc == 1 and "shard-00002.h5: images/id sha256 differs from manifest.json" in out
 
     rc, out = _verify(tmp_path / "nowhere", capsys)
-    assert rc == 1 and "no such directory" in out
+    assert rc == 2 and "no such directory" in out  # a usage mistake
 
 
 def _crafted(root: Path, records: list[SampleRecord]) -> Path:

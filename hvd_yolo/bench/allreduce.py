@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.bench.train import MODELS, BenchComm, launch_env, mean_ci95, set_threads, versions, write_json
+from hvd_yolo.cli import UsageError
 
 DEFAULT_SWEEP_KIB = (4, 64, 1024, 4096, 16384, 65536, 262144)
 QUICK_SWEEP_KIB = (64, 1024, 16384)
@@ -151,15 +152,15 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [d for d in args.dtypes.split(",") if d]
     bad = [d for d in dtypes if d not in ("fp32", "fp16")]
     if bad:
-        raise SystemExit(f"bench allreduce: --dtypes takes fp32 and/or fp16, got {bad}")
+        raise UsageError(f"--dtypes takes fp32 and/or fp16, got {bad}")
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
-        raise SystemExit(f"bench allreduce: unknown model(s) {bad}; choose from {list(MODELS)}")
+        raise UsageError(f"unknown model(s) {bad}; choose from {list(MODELS)}")
     try:
         sizes_kib = [float(s) for s in args.sizes_kib.split(",") if s]
     except ValueError as exc:
-        raise SystemExit(f"bench allreduce: --sizes-kib must be numbers: {exc}") from exc
+        raise UsageError(f"--sizes-kib must be numbers: {exc}") from exc
     if args.quick:
         sizes_kib, models = list(QUICK_SWEEP_KIB), [m for m in models if m == "yolov3-tiny"]
         args.seconds_per_case = min(args.seconds_per_case, 0.3)

@@ -122,6 +122,7 @@ def _read_file(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hvd_yolo.cli import UsageError
     from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.sampler import ShardSampler
     from hvd_yolo.data.shards import ShardError, load_manifest
@@ -141,17 +142,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             manifest = load_manifest(shards)
         except ShardError as e:
-            print(f"hvd-yolo bench data: {e}")
-            return 1
+            raise UsageError(str(e)) from None
         image_root = Path(args.image_root or manifest["source"]["image_root"])
         shard_ds = ShardImages(str(shards))
         names = [shard_ds.ds.annotations(i)["name"] for i in range(len(shard_ds))]
         paths = [str(image_root / n) for n in names]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            print(f"hvd-yolo bench data: {len(missing)} original images not found (e.g. "
-                  f"{missing[0]}): pass --image-root DIR")
-            return 1
+            raise UsageError(f"{len(missing)} original images not found (e.g. {missing[0]}): "
+                             "pass --image-root DIR")
         order = list(ShardSampler(shard_ds.ds.shard_sizes, 0, 1, seed=args.seed))
         if args.limit:
             order = order[:args.limit]

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from hvd_yolo.cli import UsageError
+
 MODELS = ("yolov3-tiny", "yolov3")
 # Two-sided 95% Student t quantiles for n-1 degrees of freedom (1..30); 1.96 beyond.
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -179,18 +181,18 @@ def _sync(device: torch.device) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("batch", "accumulate", "iterations", "classes"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"bench train: --{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise SystemExit(f"bench train: --warmup must be >= 0, got {args.warmup}")
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.size % 32 or args.size < 32:
-        raise SystemExit(f"bench train: --size must be a positive multiple of 32, got {args.size}")
+        raise UsageError(f"--size must be a positive multiple of 32, got {args.size}")
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
         from hvd_yolo.dist import horovod_settings
 
         horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     elif args.timeline or args.cycle_time_ms is not None or args.fusion_threshold_mb is not None:
-        raise SystemExit("bench train: --timeline/--cycle-time-ms/--fusion-threshold-mb are "
+        raise UsageError("--timeline/--cycle-time-ms/--fusion-threshold-mb are "
                          "Horovod settings; drop them with --backend ddp")
     set_threads(args.interop_threads)
     comm = BenchComm(args.backend, args.threads, use_cuda)

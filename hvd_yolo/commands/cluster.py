@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from hvd_yolo import cluster
+from hvd_yolo.cli import UsageError
 
 EPILOG = """example:
   hvd-yolo cluster up --nodes 2 --link 1gbit
@@ -54,12 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = f"hvd-yolo cluster {args.action}"
     try:
         return ACTIONS[args.action](args)
     except cluster.ClusterError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from hvd_yolo.cli import RunError, UsageError
 from hvd_yolo.data.convert import (
     FORMATS,
     LABEL_FRAMES,
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         comm = world_comm()
         rank = comm.Get_rank()
+        if not Path(args.source).exists():  # every rank checks; rank 0 says it
+            raise UsageError(f"{args.source}: no such file or directory", show=rank == 0)
         report = convert_dataset(
             args.format, args.source, args.out, shards=args.shards, shard_size_mb=args.shard_size,
             overwrite=args.overwrite, strict=args.strict, names=args.names,
@@ -75,10 +79,8 @@ def run(args: argparse.Namespace) -> int:
             comm=comm, progress=not args.quiet and sys.stderr.isatty(),
             command=["hvd-yolo", *sys.argv[1:]],
         )
-    except ConversionError as e:
-        if rank == 0:
-            print(f"hvd-yolo convert: error: {e}", file=sys.stderr)
-        return 1
+    except ConversionError as e:  # raised on every rank; rank 0 says it
+        raise RunError(str(e), show=rank == 0) from None
     if rank == 0:
         print(format_report(report, max_lines=args.max_issues))
     return 0

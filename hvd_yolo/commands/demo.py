@@ -13,12 +13,12 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from hvd_yolo.cli import RunError, UsageError
 from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv
 
 
@@ -39,7 +39,7 @@ def _run(argv: list[str], what: str) -> None:
     print(f"\n=== {what}\n$ {' '.join(argv)}", flush=True)
     proc = subprocess.run(argv, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"demo: {what} failed (exit {proc.returncode}); see the output above")
+        raise RunError(f"{what} failed (exit {proc.returncode}); see the output above")
 
 
 def demo_config(args: argparse.Namespace, out: Path) -> dict:
@@ -59,9 +59,19 @@ def demo_config(args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values that would fail minutes later, before anything is drawn or deleted."""
+    for name in ("np", "train_images", "val_images", "epochs", "batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.size < 32 or args.size % 32:
+        raise UsageError(f"--size must be a positive multiple of 32, got {args.size}")
+
+
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo.data.synthetic import write_yolo_dataset
 
+    check_args(args)
     start = time.time()
     out = Path(args.out).resolve()
     if out.exists():
@@ -87,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     evals = [r for r in records if r["type"] == "eval"]
     steps = [r for r in records if r["type"] == "step"]
     if not evals:
-        print("demo: training finished without an evaluation", file=sys.stderr)
-        return 1
+        raise RunError("training finished without an evaluation")
     final = evals[-1]
     print(f"\n=== 4/4 results after {time.time() - start:.0f} s", flush=True)
     print(f"images/s (all ranks, last logged step): {steps[-1]['img_s']:.1f}")

@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from hvd_yolo.cli import RunError, UsageError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DRAW_MARKER = ".hvd-yolo-detect"
 
 
-class DetectError(Exception):
+class DetectError(UsageError):
     """A user mistake: reported as ``hvd-yolo detect: error: ...`` (exit 2)."""
 
 
@@ -179,11 +181,7 @@ def _is_detections(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return detect(args)
-    except DetectError as e:
-        print(f"hvd-yolo detect: error: {e}", file=sys.stderr)
-        return 2
+    return detect(args)
 
 
 def detect(args: argparse.Namespace) -> int:
@@ -226,9 +224,7 @@ def detect(args: argparse.Namespace) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_png(draw_bounding_boxes(image, boxes, text, colors="yellow", width=2), str(target))
     if count == 0:
-        print(f"hvd-yolo detect: error: none of the inputs could be read ({len(skipped)} skipped)",
-              file=sys.stderr)
-        return 1
+        raise RunError(f"none of the inputs could be read ({len(skipped)} skipped)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results))
     print(f"{count} images, {len(results)} detections -> {out}"

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from hvd_yolo import config
+from hvd_yolo.cli import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,20 +24,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo import dist
-    from hvd_yolo.checkpoint import restore_model
+    from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.dataset import ShardDataset
+    from hvd_yolo.data.shards import ShardError
     from hvd_yolo.train import evaluate, make_eval_loader
 
     ctx = dist.init()
-    model, state = restore_model(args.checkpoint, use_ema=not args.no_ema)
-    cfg = config.from_dict(state["config"])
-    cfg.input.size = args.size or cfg.input.size
-    cfg.eval.batch_size = args.batch
-    cfg.validate()
-    ds = ShardDataset(args.data)
+    # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.
+    try:
+        model, state = restore_model(args.checkpoint, use_ema=not args.no_ema)
+        cfg = config.from_dict(state["config"])
+        cfg.input.size = args.size or cfg.input.size
+        cfg.eval.batch_size = args.batch
+        cfg.validate()
+        ds = ShardDataset(args.data)
+    except (CheckpointError, ShardError, config.ConfigError) as e:
+        raise UsageError(str(e), show=ctx.is_root) from None
     if list(ds.class_names) != list(state["class_names"]):
-        raise SystemExit(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
-                         f"{state['class_names']}")
+        raise UsageError(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
+                         f"{state['class_names']}", show=ctx.is_root)
     figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device,
                        results_path=args.results)
     if ctx.is_root:

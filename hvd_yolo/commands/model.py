@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
+from hvd_yolo.cli import RunError, UsageError
 from hvd_yolo.model.yolov3 import MODEL_NAMES, YOLOv3, build_model, count_parameters
 
 
@@ -69,16 +69,14 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args.model, args.classes)
         info = model_info(model, *args.size)
     except ValueError as exc:
-        print(f"hvd-yolo model info: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if args.weights:
         from hvd_yolo.model.darknet_io import load_darknet_weights
 
         try:
             header = load_darknet_weights(model, args.weights, backbone=args.backbone)
         except (OSError, ValueError) as exc:
-            print(f"hvd-yolo model info: {exc}", file=sys.stderr)
-            return 1
+            raise RunError(str(exc)) from None
         info["weights"] = {"path": str(args.weights), "backbone": bool(args.backbone),
                            "version": [header.major, header.minor, header.revision],
                            "seen": header.seen}

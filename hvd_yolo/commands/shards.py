@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from hvd_yolo.cli import RunError, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo.data.shards import ShardError, format_info, shard_info, verify_shards
 
+    if not Path(args.dir).is_dir():
+        raise UsageError(f"{args.dir}: no such directory")
     try:
         if args.action == "verify":
             bar = None
@@ -49,5 +54,4 @@ def run(args: argparse.Namespace) -> int:
                 json.dump(info, f, indent=1)
         return 0
     except ShardError as e:
-        print(f"hvd-yolo shards {args.action}: FAILED: {e}", file=sys.stderr)
-        return 1
+        raise RunError(str(e)) from None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from hvd_yolo import config
+from hvd_yolo.cli import RunError, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.config, args.overrides)
-    except (config.ConfigError, FileNotFoundError) as e:
-        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0")) == "0":
-            print(f"hvd-yolo train: error: {e}", file=sys.stderr)  # argparse style, exit 2
-        return 2
+    except (config.ConfigError, FileNotFoundError) as e:  # every rank finds it; rank 0 says it
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0"))
+        raise UsageError(str(e), show=rank == "0") from None
     from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError
     from hvd_yolo.data.shards import ShardError, error_text
@@ -38,17 +37,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, resume=args.resume, timeline=args.timeline)
     except ShardError as e:  # corrupt or missing data: named, no traceback; mpirun ends the others
-        print(f"hvd-yolo train: error: rank {dist.rank()}: {error_text(e)}", file=sys.stderr,
-              flush=True)
-        return 1
+        raise RunError(f"rank {dist.rank()}: {error_text(e)}") from None
     except config.ConfigError as e:  # the data does not fit the config: found before any step
-        if dist.is_root():
-            print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        raise UsageError(str(e), show=dist.is_root()) from None
     except (CheckpointError, OutDirError, NonFiniteLoss) as e:  # decided together, raised on every rank
-        if dist.is_root():
-            print(f"hvd-yolo train: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        raise RunError(str(e), show=dist.is_root()) from None
     if dist.is_root():
         print("summary " + json.dumps(summary), flush=True)
     return 0
