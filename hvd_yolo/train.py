@@ -295,10 +295,51 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
               f"({sampler.fraction_done():.1%} of the epoch read)", flush=True)
     return Start(meta["epoch"], step, skip, meta["best_map"], meta["path"])
 
+@dataclass
+class Run:
+    """Everything the loop works with: built by :func:`setup`, advanced by :func:`train_one_epoch`."""
 
-def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
-    """Train as configured; returns the final summary (same on every rank)."""
-    # ---------------------------------------------------------------- set-up
+    cfg: Config
+    ctx: dist.DistContext
+    out_dir: Path
+    ckpt_dir: Path
+    lock: OutDirLock | None
+    watch: StallWatch
+    rank_log: Path
+    hvd_env: dict[str, str]
+    train_ds: ShardDataset
+    val_ds: ShardDataset | None
+    model: torch.nn.Module
+    criterion: YoloLoss
+    optimizer: torch.optim.Optimizer
+    ema: ModelEMA | None
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    adasum: bool
+    canvas: int
+    sampler: ShardSampler
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    stop_at: int
+    base_lr: float
+    loader: DataLoader | None = None
+    eval_loader: DataLoader | None = None
+    log: MetricsLog | None = None
+    stop: StopRequest | None = None
+    # loop state
+    step: int = 0
+    lr: float = 0.0
+    best_map: float = -1.0
+    first: int = 0  # the batch this epoch's iteration started at (the sampler counts from it)
+    stopped: bool = False
+    done: bool = False
+    t_last: float = 0.0
+    images_since: int = 0
+
+
+def setup(cfg: Config, timeline: str | None) -> Run:
+    """Horovod, the out_dir, the datasets, the model and optimizer, the sampler (every rank)."""
     hvd_env = horovod_environment(cfg, timeline)
     ctx = dist.init(threads=cfg.dist.threads, use_cuda=cfg.dist.cuda)
     device, world, acc, bs = ctx.device, ctx.size, cfg.optim.accumulate, cfg.optim.batch_size
@@ -349,196 +390,232 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     stop_at = min(total_steps, cfg.run.max_steps or total_steps)  # max_steps: stop early
     # LR scales with the global batch (averaged gradients); Adasum combines updates instead.
     base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, device) * acc
-
-    # ---------------------------------------------------------------- resume
     # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
     # carried over), so a checkpoint's optimizer state is loaded into the wrapper.
     optimizer = dist.distributed_optimizer(optimizer, model, cfg.dist.compression, acc, cfg.dist.op)
-    start = resume_state(resume, cfg, ctx, model, optimizer, ema, scaler, sampler,
-                         train_ds.class_names, batches_per_epoch)
-    start_epoch, step, skip_batches, best_map = start.epoch, start.step, start.skip_batches, start.best_map
-    if start.path:
-        # Horovod: rank 0 reads best.pt's mAP (the checkpoint predates its own evaluation).
-        best_map = max(best_map, dist.broadcast_object(
-            recorded_best(ckpt_dir) if ctx.is_root else None, name="hvd_yolo.train.best"))
+    return Run(cfg, ctx, out_dir, ckpt_dir, lock, watch, rank_log, hvd_env, train_ds, val_ds,
+               model, criterion, optimizer, ema, scaler, use_amp, adasum, canvas, sampler,
+               batches_per_epoch, steps_per_epoch, total_steps, stop_at, base_lr)
 
-    loader = DataLoader(
-        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
+
+def make_loaders(run: Run) -> None:
+    """The training loader (after the resume: it reads the sampler's resumed position), the
+    evaluation loader, the metrics log and the stop-signal handler."""
+    cfg = run.cfg
+    run.loader = DataLoader(
+        AugmentedDataset(run.train_ds, run.canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
                          hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
-        sampler=EpochIndices(sampler), batch_size=bs, num_workers=cfg.data.workers,
-        collate_fn=collate, worker_init_fn=ignore_stop_signals, drop_last=True, pin_memory=use_amp,
-        persistent_workers=False)
-    eval_loader = make_eval_loader(val_ds, cfg, ctx) if val_ds is not None else None
-    log = MetricsLog(out_dir, ctx.is_root, cfg.run.tensorboard)
-    stop = StopRequest()
-    if ctx.is_root:
-        print(f"training {cfg.model.name} ({num_classes} classes) on {world} rank(s), "
-              f"{len(train_ds)} images, {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
-              f"global batch {bs * world * acc}, lr {base_lr:g}, op {cfg.dist.op}, "
-              f"compression {cfg.dist.compression}; "
-              + (" ".join(f"{k}={v}" for k, v in hvd_env.items()) or "Horovod defaults"),
-              flush=True)
+        sampler=EpochIndices(run.sampler), batch_size=cfg.optim.batch_size,
+        num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+        drop_last=True, pin_memory=run.use_amp, persistent_workers=False)
+    run.eval_loader = make_eval_loader(run.val_ds, cfg, run.ctx) if run.val_ds is not None else None
+    run.log = MetricsLog(run.out_dir, run.ctx.is_root, cfg.run.tensorboard)
+    run.stop = StopRequest()
 
-    def save(epoch: int, batches_done: int) -> Path | None:
-        """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch`` (every rank
-        calls it: the BatchNorm statistics are averaged first); returns its path on rank 0."""
-        watch.progress("averaging BatchNorm statistics, writing a checkpoint", step)
-        dist.average_buffers([model, *([ema.ema] if ema else [])], "hvd_yolo.train.buffers")
-        if not ctx.is_root:
-            return None
-        if batches_done:  # the sampler counts from where this epoch's iteration started
-            sampler_state = sampler.state_dict((batches_done - first) * bs)
-        else:
-            sampler_state = {**sampler.state_dict(0), "epoch": epoch, "offset": 0}
-        state = {
-            "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-            "optimizer": optimizer.state_dict(), "scheduler": {"step": step, "lr": lr},
-            "scaler": scaler.state_dict() if use_amp else None,
-            "epoch": epoch, "step": step, "best_map": best_map,
-            "sampler": sampler_state, "config": cfg.to_dict(),
-            "world_size": world, "class_names": train_ds.class_names,
-            "category_ids": train_ds.category_ids, "model_name": cfg.model.name,
-        }
-        return checkpoint.save(state, ckpt_dir, step, cfg.run.keep_last)
 
-    def run_eval(epoch: int) -> dict[str, Any]:
-        nonlocal best_map
-        # Saved before evaluating (a failing evaluation loses no epoch), with the BN statistics
-        # averaged over ranks, so every rank evaluates the model the checkpoint holds.
-        path = save(epoch + 1, 0)
-        figures = evaluate(ema.ema if ema else model, eval_loader, val_ds, cfg, device,
-                           watch=watch, step=step)
-        is_best = figures["mAP"] > best_map
-        best_map = max(best_map, figures["mAP"])
-        log.write({"type": "eval", "step": step, "epoch": epoch, "mAP": figures["mAP"],
+def save_checkpoint(run: Run, epoch: int, batches_done: int) -> Path | None:
+    """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch`` (every rank
+    calls it: the BatchNorm statistics are averaged first); returns its path on rank 0."""
+    run.watch.progress("averaging BatchNorm statistics, writing a checkpoint", run.step)
+    # Horovod: BatchNorm running statistics (model and EMA) averaged over ranks.
+    dist.average_buffers([run.model, *([run.ema.ema] if run.ema else [])], "hvd_yolo.train.buffers")
+    if not run.ctx.is_root:
+        return None
+    if batches_done:  # the sampler counts from where this epoch's iteration started
+        sampler_state = run.sampler.state_dict((batches_done - run.first) * run.cfg.optim.batch_size)
+    else:
+        sampler_state = {**run.sampler.state_dict(0), "epoch": epoch, "offset": 0}
+    state = {
+        "model": run.model.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
+        "optimizer": run.optimizer.state_dict(), "scheduler": {"step": run.step, "lr": run.lr},
+        "scaler": run.scaler.state_dict() if run.use_amp else None,
+        "epoch": epoch, "step": run.step, "best_map": run.best_map,
+        "sampler": sampler_state, "config": run.cfg.to_dict(),
+        "world_size": run.ctx.size, "class_names": run.train_ds.class_names,
+        "category_ids": run.train_ds.category_ids, "model_name": run.cfg.model.name,
+    }
+    return checkpoint.save(state, run.ckpt_dir, run.step, run.cfg.run.keep_last)
+
+
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Save, then evaluate the saved model on every rank; rank 0 logs and records best.pt."""
+    # Saved before evaluating (a failing evaluation loses no epoch), with the BN statistics
+    # averaged over ranks, so every rank evaluates the model the checkpoint holds.
+    path = save_checkpoint(run, epoch + 1, 0)
+    figures = evaluate(run.ema.ema if run.ema else run.model, run.eval_loader, run.val_ds, run.cfg,
+                       run.ctx.device, watch=run.watch, step=run.step)
+    is_best = figures["mAP"] > run.best_map
+    run.best_map = max(run.best_map, figures["mAP"])
+    run.log.write({"type": "eval", "step": run.step, "epoch": epoch, "mAP": figures["mAP"],
                    "mAP50": figures["mAP50"], "per_class_AP": figures.get("per_class_AP")})
-        if ctx.is_root:
-            print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
-                  flush=True)
-        if is_best and path is not None:
-            record_best(ckpt_dir, path, figures, step)
-        return figures
+    if run.ctx.is_root:
+        print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
+              flush=True)
+    if is_best and path is not None:
+        record_best(run.ckpt_dir, path, figures, run.step)
+    return figures
 
-    # ---------------------------------------------------------------- the loop
-    lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps, cfg.optim.final_lr_ratio)
-    figures, stopped, done = None, False, step >= stop_at
-    t_last, images_since, first = time.perf_counter(), 0, 0
+
+def log_step(run: Run, values: torch.Tensor, epoch: int, size: int, bar: Any) -> None:
+    """Rank 0 logs the step's loss parts averaged over ranks (every rank calls it)."""
+    # Horovod: the step's (loss, box, obj, cls) averaged over ranks.
+    avg = dist.allreduce_mean(values, name="hvd_yolo.train.metrics").tolist()
+    now = time.perf_counter()
+    img_s = run.images_since * run.ctx.size / max(now - run.t_last, 1e-9)
+    run.t_last, run.images_since = now, 0
+    run.log.write({"type": "step", "step": run.step, "epoch": epoch, "lr": run.lr, "size": size,
+                   "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3], "img_s": img_s})
+    if bar is not None:
+        bar.set_postfix(loss=f"{avg[0]:.3f}", box=f"{avg[1]:.3f}", obj=f"{avg[2]:.3f}",
+                        cls=f"{avg[3]:.3f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.1f}", size=size)
+
+
+def train_one_epoch(run: Run, epoch: int) -> int:
+    """Train ``epoch`` from batch ``run.first`` until its end, ``run.stop_at`` or a stop
+    request; returns the number of the epoch's batches done."""
+    cfg, model, optimizer, scaler, device = run.cfg, run.model, run.optimizer, run.scaler, run.ctx.device
+    acc = cfg.optim.accumulate
+    run.loader.sampler.set_epoch(epoch)  # keeps a resumed offset for the resumed epoch
+    bar = None
+    if run.ctx.is_root and cfg.run.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.batches_per_epoch, initial=run.first, desc=f"epoch {epoch}",
+                   unit="batch", dynamic_ncols=True)
+    train_mode(model, cfg.model.freeze_bn)
+    batches = iter(run.loader)
     window = torch.zeros(4, device=device)  # this step's (loss, box, obj, cls) summed over micro-batches
     bad_batch: int | None = None
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        if done or stopped:
-            break
-        loader.sampler.set_epoch(epoch)  # keeps a resumed offset for the resumed epoch
-        first = skip_batches if epoch == start_epoch else 0
-        bar = None
-        if ctx.is_root and cfg.run.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=batches_per_epoch, initial=first, desc=f"epoch {epoch}", unit="batch",
-                       dynamic_ncols=True)
-        train_mode(model, cfg.model.freeze_bn)
-        batches = iter(loader)
-        corrupt = 0  # samples of this rank's batches that failed their CRC32/decode and were replaced
-        b = first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
-        for b in range(first, batches_per_epoch):
-            if b % acc == 0:  # a step's first micro-batch (Adasum steps inside backward: LR first)
-                lr = lr_at(step, total_steps, base_lr, cfg.optim.warmup_steps,
+    corrupt = 0  # samples of this rank's batches that failed their CRC32/decode and were replaced
+    b = run.first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
+    for b in range(run.first, run.batches_per_epoch):
+        if b % acc == 0:  # a step's first micro-batch (Adasum steps inside backward: LR first)
+            run.lr = lr_at(run.step, run.total_steps, run.base_lr, cfg.optim.warmup_steps,
                            cfg.optim.final_lr_ratio)
-                set_lr(optimizer, lr)
-                bad_batch = None  # this rank's first batch of the step with a non-finite loss
-            watch.progress(f"reading batch {b} of epoch {epoch}", step)
-            batch = next(batches)
-            corrupt += sum(m.get("corrupt", 0) for m in batch["metas"])
-            size = (size_for_step(step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
-                                  cfg.input.max_size) if cfg.input.multiscale else cfg.input.size)
-            images = batch["images"].to(device, non_blocking=True).float().div_(255)
-            images, targets = resize_batch(images, batch["targets"].to(device), size)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = model(images)
-            loss, parts = criterion([o.float() for o in outputs], targets)
-            if bad_batch is None and not torch.isfinite(loss):
-                bad_batch = b  # decided with the other ranks at the step (they must not hang)
-            scaler.scale(loss / acc).backward()  # allreduces start in the backward hooks
-            window += torch.stack([loss.detach(), parts["box"], parts["obj"], parts["cls"]])
-            images_since += images.shape[0]
-            if (b + 1) % acc:
-                continue
-            # ------------------------------------------------ optimizer step
-            watch.progress(f"waiting for the other ranks' gradients of step {step + 1}", step)
-            if not adasum:
-                optimizer.synchronize()  # wait for this step's allreduces
-            # Horovod: one small allreduce decides for every rank: a stop request, a bad loss.
-            stopped, bad = dist.nonfinite_ranks(stop.requested, bad_batch, "hvd_yolo.train.decide")
-            if bad:
-                raise NonFiniteLoss(nonfinite_message(bad, step + 1, epoch))
-            if adasum:
-                optimizer.step()  # Adasum: waits for the updates the backward hooks combined
-            else:
-                scaler.unscale_(optimizer)
-                if cfg.optim.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                with optimizer.skip_synchronize():
-                    scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            # The step's loss is its window's mean (the loss its gradient belongs to).
-            values, window = (window / acc).cpu(), torch.zeros_like(window)
-            with rank_log.open("a") as f:
-                f.write(json.dumps({"step": step, "size": size, "loss": values[0].item()}) + "\n")
-            if (cfg.run.log_every and step % cfg.run.log_every == 0) or step == stop_at:
-                avg = dist.allreduce_mean(values, name="hvd_yolo.train.metrics").tolist()
-                now = time.perf_counter()
-                img_s = images_since * world / max(now - t_last, 1e-9)
-                t_last, images_since = now, 0
-                record = {"type": "step", "step": step, "epoch": epoch, "lr": lr, "size": size,
-                          "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3],
-                          "img_s": img_s}
-                log.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{avg[0]:.3f}", box=f"{avg[1]:.3f}", obj=f"{avg[2]:.3f}",
-                                    cls=f"{avg[3]:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}",
-                                    size=size)
-            if bar is not None:
-                bar.update(acc)
-            done = step >= stop_at
-            if stopped or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
-                save(epoch, b + 1)
-            if stopped or done:
-                break
-        if bar is not None:
-            bar.close()
-        watch.progress(f"waiting for the other ranks at the end of epoch {epoch}", step)
-        dist.join()  # guard: every rank has finished the epoch's collectives
-        # Horovod: the epoch's replaced corrupt samples, summed over ranks (each was named on stderr)
-        corrupt = int(dist.allreduce_sum(float(corrupt), "hvd_yolo.train.corrupt").item())
-        if corrupt:
-            log.write({"type": "data", "step": step, "epoch": epoch, "corrupt_skipped": corrupt})
-            if ctx.is_root:
-                print(f"epoch {epoch}: {corrupt} corrupt sample(s) skipped and replaced "
-                      f"(data.on_corrupt=skip; named above); check the data with "
-                      f"`hvd-yolo shards verify {cfg.data.train}`", flush=True)
-        if stopped:
-            if ctx.is_root:
-                print(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint written "
-                      f"at step {step}; resume with --resume auto", flush=True)
-            break
-        epoch_done = b + 1 >= batches_per_epoch
-        last_epoch = epoch + 1 == cfg.optim.epochs or done
-        if eval_loader is not None and epoch_done and (
-                (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
-            figures = run_eval(epoch)
+            set_lr(optimizer, run.lr)
+            bad_batch = None  # this rank's first batch of the step with a non-finite loss
+        run.watch.progress(f"reading batch {b} of epoch {epoch}", run.step)
+        batch = next(batches)
+        corrupt += sum(m.get("corrupt", 0) for m in batch["metas"])
+        size = (size_for_step(run.step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
+                              cfg.input.max_size) if cfg.input.multiscale else cfg.input.size)
+        images = batch["images"].to(device, non_blocking=True).float().div_(255)
+        images, targets = resize_batch(images, batch["targets"].to(device), size)
+        with torch.autocast(device.type, enabled=run.use_amp):
+            outputs = model(images)
+        loss, parts = run.criterion([o.float() for o in outputs], targets)
+        if bad_batch is None and not torch.isfinite(loss):
+            bad_batch = b  # decided with the other ranks at the step (they must not hang)
+        # Horovod: each gradient's allreduce starts in its backward hook.
+        scaler.scale(loss / acc).backward()
+        window += torch.stack([loss.detach(), parts["box"], parts["obj"], parts["cls"]])
+        run.images_since += images.shape[0]
+        if (b + 1) % acc:
+            continue
+        # ------------------------------------------------ optimizer step
+        run.watch.progress(f"waiting for the other ranks' gradients of step {run.step + 1}", run.step)
+        if not run.adasum:
+            optimizer.synchronize()  # Horovod: wait for this step's allreduces
+        # Horovod: one small allreduce decides for every rank: a stop request, a bad loss.
+        run.stopped, bad = dist.nonfinite_ranks(run.stop.requested, bad_batch,
+                                                "hvd_yolo.train.decide")
+        if bad:
+            raise NonFiniteLoss(nonfinite_message(bad, run.step + 1, epoch))
+        if run.adasum:
+            optimizer.step()  # Horovod: Adasum waits for the updates the backward hooks combined
         else:
-            save(epoch + 1 if epoch_done else epoch, 0 if epoch_done else b + 1)
+            scaler.unscale_(optimizer)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            with optimizer.skip_synchronize():
+                scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad()
+        if run.ema is not None:
+            run.ema.update(model)
+        run.step += 1
+        # The step's loss is its window's mean (the loss its gradient belongs to).
+        values, window = (window / acc).cpu(), torch.zeros_like(window)
+        with run.rank_log.open("a") as f:
+            f.write(json.dumps({"step": run.step, "size": size, "loss": values[0].item()}) + "\n")
+        if (cfg.run.log_every and run.step % cfg.run.log_every == 0) or run.step == run.stop_at:
+            log_step(run, values, epoch, size, bar)
+        if bar is not None:
+            bar.update(acc)
+        run.done = run.step >= run.stop_at
+        if run.stopped or (cfg.run.checkpoint_every and run.step % cfg.run.checkpoint_every == 0):
+            save_checkpoint(run, epoch, b + 1)
+        if run.stopped or run.done:
+            break
+    if bar is not None:
+        bar.close()
+    run.watch.progress(f"waiting for the other ranks at the end of epoch {epoch}", run.step)
+    dist.join()  # Horovod: guard: every rank has finished the epoch's collectives
+    # Horovod: the epoch's replaced corrupt samples, summed over ranks (each was named on stderr)
+    corrupt = int(dist.allreduce_sum(float(corrupt), "hvd_yolo.train.corrupt").item())
+    if corrupt:
+        run.log.write({"type": "data", "step": run.step, "epoch": epoch, "corrupt_skipped": corrupt})
+        if run.ctx.is_root:
+            print(f"epoch {epoch}: {corrupt} corrupt sample(s) skipped and replaced "
+                  f"(data.on_corrupt=skip; named above); check the data with "
+                  f"`hvd-yolo shards verify {cfg.data.train}`", flush=True)
+    return b + 1
 
-    summary = {"steps": step, "stopped": stopped,
+
+def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
+    """Train as configured; returns the final summary (same on every rank)."""
+    # ---------------------------------------------------------------- set-up
+    run = setup(cfg, timeline)
+    ctx = run.ctx
+
+    # ---------------------------------------------------------------- resume
+    start = resume_state(resume, cfg, ctx, run.model, run.optimizer, run.ema, run.scaler,
+                         run.sampler, run.train_ds.class_names, run.batches_per_epoch)
+    run.step, run.best_map = start.step, start.best_map
+    if start.path:
+        # Horovod: rank 0 reads best.pt's mAP (the checkpoint predates its own evaluation).
+        run.best_map = max(run.best_map, dist.broadcast_object(
+            recorded_best(run.ckpt_dir) if ctx.is_root else None, name="hvd_yolo.train.best"))
+    make_loaders(run)
+    if ctx.is_root:
+        print(f"training {cfg.model.name} ({len(run.train_ds.class_names)} classes) on {ctx.size} "
+              f"rank(s), {len(run.train_ds)} images, {run.steps_per_epoch} steps/epoch x "
+              f"{cfg.optim.epochs} epochs, global batch "
+              f"{cfg.optim.batch_size * ctx.size * cfg.optim.accumulate}, lr {run.base_lr:g}, "
+              f"op {cfg.dist.op}, compression {cfg.dist.compression}; "
+              + (" ".join(f"{k}={v}" for k, v in run.hvd_env.items()) or "Horovod defaults"),
+              flush=True)
+
+    # ---------------------------------------------------------------- the loop
+    run.lr = lr_at(run.step, run.total_steps, run.base_lr, cfg.optim.warmup_steps,
+                   cfg.optim.final_lr_ratio)
+    run.done, run.t_last = run.step >= run.stop_at, time.perf_counter()
+    figures = None
+    for epoch in range(start.epoch, cfg.optim.epochs):
+        if run.done or run.stopped:
+            break
+        run.first = start.skip_batches if epoch == start.epoch else 0
+        batches_done = train_one_epoch(run, epoch)
+        if run.stopped:
+            if ctx.is_root:
+                print(f"stop requested ({run.stop.signal_name or 'another rank'}): checkpoint "
+                      f"written at step {run.step}; resume with --resume auto", flush=True)
+            break
+        epoch_done = batches_done >= run.batches_per_epoch
+        last_epoch = epoch + 1 == cfg.optim.epochs or run.done
+        if run.eval_loader is not None and epoch_done and (
+                (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
+            figures = evaluate_epoch(run, epoch)
+        else:
+            save_checkpoint(run, epoch + 1 if epoch_done else epoch, 0 if epoch_done else batches_done)
+
+    # ---------------------------------------------------------------- summary
+    summary = {"steps": run.step, "stopped": run.stopped,
                "mAP": figures["mAP"] if figures else None,
-               "mAP50": figures["mAP50"] if figures else None, "best_mAP": best_map,
-               "out_dir": str(out_dir), "checkpoint": str(ckpt_dir / "last.pt")}
-    log.write({"type": "summary", "step": step, **summary})
-    watch.close()
-    if lock is not None:
-        lock.release()
+               "mAP50": figures["mAP50"] if figures else None, "best_mAP": run.best_map,
+               "out_dir": str(run.out_dir), "checkpoint": str(run.ckpt_dir / "last.pt")}
+    run.log.write({"type": "summary", "step": run.step, **summary})
+    run.watch.close()
+    if run.lock is not None:
+        run.lock.release()
     return summary
