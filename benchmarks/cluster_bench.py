@@ -157,7 +157,7 @@ KEEP = ("img_per_sec_total", "step_time_mean_s", "compute_time_mean_s", "allredu
 
 def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bring_up(2, "1gbit")
-    common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch", "8",
+    common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
               "--threads", "1", "--iterations", "3" if args.quick else "6", "--warmup", "2",
               "--quiet"]
     names = ["single", *TRAIN_CONFIGS]

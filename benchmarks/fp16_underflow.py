@@ -63,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolov3", choices=["yolov3", "yolov3-tiny"])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 40],
                         help="measure the gradient of these steps")
     parser.add_argument("--lr", type=float, default=0.01)
@@ -75,7 +75,7 @@ def main() -> None:
     model = build_model(args.model, len(CLASS_NAMES)).train()
     criterion = YoloLoss(model)
     opt = build_optimizer(model, OptimConfig(lr=args.lr))
-    data = batches(args.size, args.batch, args.seed)
+    data = batches(args.size, args.batch_size, args.seed)
     for step in range(max(args.steps) + 1):
         images, targets = next(data)
         loss, _ = criterion(model(images), targets)

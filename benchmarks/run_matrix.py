@@ -79,7 +79,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         if args.iterations:
             m = {**m, "iterations": args.iterations}
         base = ["bench", "train", "--model", m["model"], "--size", str(m["size"]),
-                "--batch", str(m["batch"]), "--iterations", str(m["iterations"]),
+                "--batch-size", str(m["batch"]), "--iterations", str(m["iterations"]),
                 "--warmup", str(m["warmup"]), "--threads", str(args.threads), "--quiet"]
         tag = f"{m['model']}_{m['size']}"
         # generous per-run timeout: startup plus 4x the expected step time

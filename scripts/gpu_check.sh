@@ -551,7 +551,7 @@ if has_stage bench; then
         # shellcheck disable=SC2086
         run_logged "$name" 300 horovodrun --gloo -np 1 -H localhost:1 hvd-yolo bench train \
           --model "$model" --size 416 --compression "$comp" --device cuda \
-          ${GPU_CHECK_BENCH_ARGS:---batch 32 --iterations 20 --warmup 3} --quiet --json "$WORK/$name.json"
+          ${GPU_CHECK_BENCH_ARGS:---batch-size 32 --iterations 20 --warmup 3} --quiet --json "$WORK/$name.json"
         rc=$?
         line=$("$PY" - "$WORK/$name.json" <<'PYEOF' 2>&1
 import json, sys

@@ -14,7 +14,7 @@ import pytest
 
 from tests.mpi_harness import run_cli
 
-TINY = ["--model", "yolov3-tiny", "--size", "64", "--batch", "1", "--classes", "3",
+TINY = ["--model", "yolov3-tiny", "--size", "64", "--batch-size", "1", "--classes", "3",
         "--iterations", "2", "--warmup", "1", "--quiet"]
 
 

@@ -5,16 +5,21 @@ Each case is a bad input found before any work, run as users run it (the install
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hvd_yolo import cli
 from hvd_yolo.launch import hvd_yolo_argv
 
 # command -> (argv with {tmp} for the test's folder, the error's expected start)
 BAD_INPUTS: dict[str, tuple[list[str], str]] = {
-    "env": (["env", "--no-such-option"], "hvd-yolo env: error: unrecognized arguments"),
+    "env": (["env", "--json", "{tmp}/bad.yaml/env.json"],
+            "hvd-yolo env: error: --json {tmp}/bad.yaml/env.json: cannot write"),
     "convert": (["convert", "yolo", "{tmp}/missing", "{tmp}/out"],
                 "hvd-yolo convert: error: {tmp}/missing: no such file or directory"),
     "shards": (["shards", "verify", "{tmp}/missing"],
@@ -48,3 +53,32 @@ def test_bad_input_reported_argparse_style(command: str, tmp_path: Path) -> None
     assert errors[0].startswith(expected.replace("{tmp}", str(tmp_path))), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "demo").exists()  # refused before any work
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-command parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_option_names_agree(command: str) -> None:
+    """`--json PATH` ('-': stdout) and `--batch-size` wherever a command has them."""
+    for parser in _parsers(cli.build_parser(command)):
+        for action in parser._actions:
+            assert "--batch" not in action.option_strings, parser.prog
+            if "--json" in action.option_strings:
+                assert action.nargs is None and action.const is None, parser.prog  # takes PATH
+                assert "'-'" in action.help, parser.prog
+
+
+def test_json_dash_is_stdout_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["model", "info", "--model", "yolov3-tiny", "--classes", "3", "--size", "64"]
+    assert cli.main([*argv, "--json", "-"]) == 0
+    figures = json.loads(capsys.readouterr().out)  # nothing but the JSON
+    assert cli.main([*argv, "--json", str(tmp_path / "m.json")]) == 0
+    assert "parameters:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text()) == figures

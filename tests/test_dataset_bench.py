@@ -43,4 +43,5 @@ def test_bench_data_synthetic_then_existing_shards(tmp_path: Path, capsys: Any) 
         p.unlink()
     capsys.readouterr()
     rc = cli.main(["bench", "data", "--shards", str(work / "shards"), "--workers", "0"])
-    assert rc == 1 and "original images not found" in capsys.readouterr().out
+    err = capsys.readouterr().err  # a usage mistake: argparse style, exit 2
+    assert rc == 2 and "hvd-yolo bench data: error: " in err and "--image-root DIR" in err

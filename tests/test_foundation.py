@@ -97,7 +97,7 @@ def test_horovod_check_build_lists_pytorch_mpi_and_gloo() -> None:
 
 
 def test_env_command_names_every_version_and_exits_zero() -> None:
-    proc = subprocess.run([str(VENV_BIN / "hvd-yolo"), "env", "--json"], capture_output=True,
+    proc = subprocess.run([str(VENV_BIN / "hvd-yolo"), "env", "--json", "-"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads(proc.stdout)

@@ -22,7 +22,7 @@ def test_yolov3_info_text(capsys):
 
 def test_tiny_info_json_non_square(capsys):
     assert main(["model", "info", "--model", "yolov3-tiny", "--classes", "80", "--size",
-                 "320x608", "--json"]) == 0
+                 "320x608", "--json", "-"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == 8_852_366 and info["darknet_floats"] == 8_858_734
     assert [o["shape"] for o in info["outputs"]] == [[1, 3, 10, 19, 85], [1, 3, 20, 38, 85]]

@@ -191,7 +191,7 @@ def test_printed_map_is_the_map_of_the_checkpoint_written_with_it(shards: Path,
     printed = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
     figures = tmp_path / "eval.json"
     run_cli(["eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--data", str(shards),
-             "--batch", "8", "--json", str(figures)], np=2, timeout=300)
+             "--batch-size", "8", "--json", str(figures)], np=2, timeout=300)
     scored = json.loads(figures.read_text())
     assert printed["mAP50"] > 0, printed  # a model that finds nothing would prove nothing
     assert scored["mAP"] == pytest.approx(printed["mAP"], abs=1e-9), (scored, printed)

@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion-threshold-mb", type=float, default=None,
                    help="sets HOROVOD_FUSION_THRESHOLD (default: Horovod's 128 MiB; 1 MiB gave "
                         "2.3-2.6x the bus bandwidth on a 2-core CPU, see benchmarks/NOTES.md)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
+    p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
+                   help="write the results as JSON (rank 0; '-': stdout only)")
 
 
 class _Coll(BenchComm):

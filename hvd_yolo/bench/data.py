@@ -14,7 +14,6 @@ readers differ.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", metavar="DIR", help="where the synthetic data goes "
                         "(default: a temporary directory, removed at the end)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout only)")
 
 
 class FileImages:
@@ -122,7 +121,7 @@ def _read_file(path: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hvd_yolo.cli import UsageError
+    from hvd_yolo.cli import UsageError, write_json
     from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.sampler import ShardSampler
     from hvd_yolo.data.shards import ShardError, load_manifest
@@ -196,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         }
         print(format_table(out))
         if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+            write_json(args.json, out)
         return 0
     finally:
         if tmp is not None:

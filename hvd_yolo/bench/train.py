@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
 import math
 import os
 import platform
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("horovod", "ddp"), default="horovod")
     p.add_argument("--model", choices=MODELS, default="yolov3-tiny")
     p.add_argument("--size", type=int, default=320, help="input size in pixels (multiple of 32)")
-    p.add_argument("--batch", type=int, default=8, help="images per rank per backward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="images per rank per backward pass")
     p.add_argument("--accumulate", type=int, default=1,
                    help="backward passes per optimizer step (allreduce once every k)")
     p.add_argument("--classes", type=int, default=80, help="number of classes (80: COCO-sized head)")
@@ -70,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Horovod: write a Chrome-trace timeline of the timed iterations here")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here (rank 0)")
+    p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
+                   help="write the results as JSON (rank 0; '-': stdout only)")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 
 
@@ -115,9 +115,9 @@ def launch_env() -> dict[str, str]:
 
 
 def write_json(path: str | None, result: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    from hvd_yolo.cli import write_json as cli_write_json
+
+    cli_write_json(path, result)
 
 
 def set_threads(interop: int) -> None:
@@ -179,9 +179,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("batch", "accumulate", "iterations", "classes"):
+    for name in ("batch_size", "accumulate", "iterations", "classes"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.size % 32 or args.size < 32:
@@ -228,7 +228,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     device = comm.device
     model, loss_fn = _build(args, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    images, targets = synthetic_batch(args.batch, args.size, args.classes, device,
+    images, targets = synthetic_batch(args.batch_size, args.size, args.classes, device,
                                       args.seed + 1000 * comm.rank)
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
     k, distributed = args.accumulate, comm.size > 1
@@ -306,7 +306,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
             print(f"iter {i + 1}/{args.iterations}: {c + w + s:.3f} s "
                   f"(compute {c:.3f}, allreduce wait {w:.3f}, step {s:.3f}; cpu {cpu:.3f}, "
                   f"other threads {cpu - main:.3f}), "
-                  f"{args.batch * k / (c + w + s):.2f} img/s per rank", flush=True)
+                  f"{args.batch_size * k / (c + w + s):.2f} img/s per rank", flush=True)
     wall = time.perf_counter() - t_start
     if args.timeline and args.backend == "horovod":
         from hvd_yolo import dist as _hvd
@@ -322,7 +322,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
 
 def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module,
                per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    imgs = args.batch * args.accumulate
+    imgs = args.batch_size * args.accumulate
     n_iter = args.iterations
     # One optimizer step is as slow as its slowest rank: per-iteration time = max over ranks.
     step_times = [max(r["rows"][i][0] + r["rows"][i][1] + r["rows"][i][2] for r in per_rank)
@@ -341,7 +341,7 @@ def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module
         "backend": args.backend,
         "model": args.model,
         "size": args.size,
-        "batch": args.batch,
+        "batch": args.batch_size,
         "accumulate": args.accumulate,
         "classes": args.classes,
         "loss": args.loss,

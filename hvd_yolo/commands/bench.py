@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import sys
+import tempfile
+from pathlib import Path
 
 BENCHMARKS = {
     "train": ("hvd_yolo.bench.train", "synthetic training-step throughput (Horovod or DDP)"),
@@ -20,4 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(BENCHMARKS[args.bench][0]).run(args) or 0)
+    module = importlib.import_module(BENCHMARKS[args.bench][0])
+    attr = "json_path" if hasattr(args, "json_path") else "json"
+    if getattr(args, attr, None) != "-":
+        return int(module.run(args) or 0)
+    # --json -: stdout carries the JSON only, the report goes to stderr
+    with tempfile.TemporaryDirectory(prefix="hvd_yolo_bench_") as tmp:
+        result = Path(tmp) / "result.json"
+        setattr(args, attr, str(result))
+        with contextlib.redirect_stdout(sys.stderr):
+            code = int(module.run(args) or 0)
+        if result.is_file():  # rank 0 wrote it
+            sys.stdout.write(result.read_text())
+    return code

@@ -10,11 +10,10 @@ iproute2 and openssh-server.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from hvd_yolo import cluster
-from hvd_yolo.cli import UsageError
+from hvd_yolo.cli import UsageError, write_json
 
 EPILOG = """example:
   hvd-yolo cluster up --nodes 2 --link 1gbit
@@ -36,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--slots", type=int, default=1, help="ranks per node in the hostfile")
     up.add_argument("--subnet", default="198.18.0.0/24",
                     help="the nodes' subnet, inside 198.18.0.0/15 (default 198.18.0.0/24)")
-    for name, text in (("status", "show the nodes, their links and daemons (--json)"),
+    for name, text in (("status", "show the nodes, their links and daemons"),
                        ("down", "remove the cluster: processes, namespaces, links, files"),
                        ("exec", "run a command on the login node (or --node K)"),
                        ("kill", "kill every process of node K: a node failure"),
                        ("start", "bring a killed node K back (restart its sshd)")):
         p = sub.add_parser(name, help=text)
         if name == "status":
-            p.add_argument("--json", action="store_true", help="print the status as JSON")
+            p.add_argument("--json", metavar="PATH", help="also write the status as JSON ('-': stdout only)")
         if name == "exec":
             p.add_argument("--node", default=cluster.LOGIN, help="login (default) or 1..N")
             p.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
@@ -80,8 +79,9 @@ def _up(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     info = cluster.status(args.name)
-    if args.json:
-        print(json.dumps(info, indent=1))
+    write_json(args.json, info)
+    if args.json == "-":
+        pass
     elif not info["up"]:
         print(f"cluster {args.name}: down")
     else:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--size", type=int, default=256, help="input size (multiple of 32)")
-    parser.add_argument("--batch", type=int, default=8, help="images per rank per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per rank per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="extra training config overrides")
@@ -50,7 +50,7 @@ def demo_config(args: argparse.Namespace, out: Path) -> dict:
         "input": {"size": args.size},
         "augment": {"flip": 0.5, "hsv": [0.01, 0.3, 0.3], "mosaic": 0.0},
         "optim": {"name": "adamw", "lr": 0.001, "momentum": 0.9, "weight_decay": 0.0005,
-                  "batch_size": args.batch, "epochs": args.epochs, "warmup_steps": 30,
+                  "batch_size": args.batch_size, "epochs": args.epochs, "warmup_steps": 30,
                   "final_lr_ratio": 0.05, "ema": True, "ema_decay": 0.99},
         "dist": {"compression": "fp16", "threads": 1},
         "eval": {"every": max(1, args.epochs // 3), "batch_size": 16},
@@ -61,7 +61,7 @@ def demo_config(args: argparse.Namespace, out: Path) -> dict:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values that would fail minutes later, before anything is drawn or deleted."""
-    for name in ("np", "train_images", "val_images", "epochs", "batch"):
+    for name in ("np", "train_images", "val_images", "epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.size < 32 or args.size % 32:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import json
 import platform
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ REQUIRED = ("torch", "torchvision", "horovod", "mpi4py", "numpy", "h5py", "pycoc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': stdout only)")
 
 
 def _version(module: str) -> str | None:
@@ -86,10 +85,10 @@ def collect() -> tuple[dict[str, Any], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hvd_yolo.cli import write_json
+
     info, problems = collect()
-    if args.json:
-        print(json.dumps({**info, "problems": problems}, indent=2, default=str))
-    else:
+    if args.json != "-":
         width = max(len(k) for k in info)
         for key, value in info.items():
             if isinstance(value, dict):
@@ -98,4 +97,5 @@ def run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"PROBLEM: {p}", file=sys.stderr)
         print("environment OK" if not problems else f"{len(problems)} problem(s) found")
+    write_json(args.json, {**info, "problems": problems})
     return 1 if problems else 0

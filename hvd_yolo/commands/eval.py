@@ -6,19 +6,18 @@ Run under ``mpirun -np N`` (each rank evaluates its share; rank 0 scores) or alo
 from __future__ import annotations
 
 import argparse
-import json
 
 from hvd_yolo import config
-from hvd_yolo.cli import UsageError
+from hvd_yolo.cli import UsageError, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
     parser.add_argument("--data", required=True, help="shard directory to evaluate on")
     parser.add_argument("--size", type=int, help="input size (default: the training size)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per rank per step")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    parser.add_argument("--json", dest="json_out", help="write the figures to this file")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout only)")
     parser.add_argument("--results", help="write the COCO results json (detections) here")
 
 
@@ -27,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.dataset import ShardDataset
     from hvd_yolo.data.shards import ShardError
-    from hvd_yolo.train import evaluate, make_eval_loader
+    from hvd_yolo.evaluate import evaluate, make_eval_loader
 
     ctx = dist.init()
     # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         model, state = restore_model(args.checkpoint, use_ema=not args.no_ema)
         cfg = config.from_dict(state["config"])
         cfg.input.size = args.size or cfg.input.size
-        cfg.eval.batch_size = args.batch
+        cfg.eval.batch_size = args.batch_size
         cfg.validate()
         ds = ShardDataset(args.data)
     except (CheckpointError, ShardError, config.ConfigError) as e:
@@ -45,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
                          f"{state['class_names']}", show=ctx.is_root)
     figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device,
                        results_path=args.results)
-    if ctx.is_root:
+    if ctx.is_root and args.json == "-":
+        write_json("-", figures)
+    elif ctx.is_root:
         print(f"images {figures['images']}  mAP@0.5:0.95 {figures['mAP']:.4f}  "
               f"mAP@0.5 {figures['mAP50']:.4f}")
         for name, ap in (figures.get("per_class_AP") or {}).items():
             print(f"  AP {name}: {ap:.4f}")
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(figures, f, indent=2, default=str)
+        write_json(args.json, figures)
         if args.results:
             print(f"detections (COCO results json): {args.results}")
     return 0

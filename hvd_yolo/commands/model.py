@@ -2,16 +2,15 @@
 
 ``hvd-yolo model info --model yolov3 --classes 80 --size 416`` (``--size 384x640`` for a
 non-square input); ``--weights FILE [--backbone]`` also loads a Darknet ``.weights`` file and
-reports its header; ``--json`` prints one JSON object instead of text.
+reports its header; ``--json PATH`` also writes the figures as JSON (``-``: stdout only).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from hvd_yolo.cli import RunError, UsageError
+from hvd_yolo.cli import RunError, UsageError, write_json
 from hvd_yolo.model.yolov3 import MODEL_NAMES, YOLOv3, build_model, count_parameters
 
 
@@ -41,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info.add_argument("--backbone", action="store_true",
                       help="--weights is a backbone-only file (darknet53.conv.74, "
                            "yolov3-tiny.conv.15)")
-    info.add_argument("--json", action="store_true", help="print a JSON object")
+    info.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout only)")
 
 
 def model_info(model: YOLOv3, height: int, width: int) -> dict[str, Any]:
@@ -80,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         info["weights"] = {"path": str(args.weights), "backbone": bool(args.backbone),
                            "version": [header.major, header.minor, header.revision],
                            "seen": header.seen}
-    if args.json:
-        print(json.dumps(info))
+    write_json(args.json, info)
+    if args.json == "-":
         return 0
     h, w = info["input_hw"]
     print(f"model:       {info['model']} ({info['classes']} classes)")

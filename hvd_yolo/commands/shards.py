@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from hvd_yolo.cli import RunError, UsageError
+from hvd_yolo.cli import RunError, UsageError, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
     i = sub.add_parser("info", help="counts, classes, boxes per class, size histograms")
     i.add_argument("dir", help="shard directory (with manifest.json)")
-    i.add_argument("--json", metavar="PATH", help="also write the numbers as JSON ('-': stdout)")
+    i.add_argument("--json", metavar="PATH", help="also write the numbers as JSON ('-': stdout only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,13 +44,9 @@ def run(args: argparse.Namespace) -> int:
                   f"({checks})")
             return 0
         info = shard_info(args.dir)
-        if args.json == "-":
-            print(json.dumps(info, indent=1))
-            return 0
-        print(format_info(info))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(info, f, indent=1)
+        if args.json != "-":
+            print(format_info(info))
+        write_json(args.json, info)
         return 0
     except ShardError as e:
         raise RunError(str(e)) from None
