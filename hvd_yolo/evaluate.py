@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from hvd_yolo.config import ConfigError
+from hvd_yolo.config import Config, ConfigError
+from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate, ignore_stop_signals
+from hvd_yolo.data.dataset import ShardDataset
+from hvd_yolo.data.sampler import ShardSampler
 from hvd_yolo.metrics import coco_evaluate, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
+from hvd_yolo.stall import StallWatch
+
+if TYPE_CHECKING:
+    from hvd_yolo.dist import DistContext
 
 _ERROR = "__error__"
 
@@ -220,3 +228,34 @@ def score_distributed(
     if _ERROR in figures:
         raise RuntimeError(f"evaluation failed on rank 0: {figures[_ERROR]}")
     return figures
+
+
+def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext) -> DataLoader:
+    """Each rank's share of the validation set, letterboxed at ``input.size`` (padded evenly)."""
+    sampler = EpochIndices(ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
+                                        shuffle=False, tail="pad"))
+    return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
+                      batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
+                      collate_fn=collate, worker_init_fn=ignore_stop_signals)
+
+
+def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,
+                 step: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
+    """The loader's (images in [0, 1], metas), marking progress for the stall watch."""
+    for i, b in enumerate(loader):
+        if watch is not None:
+            watch.progress(f"evaluating batch {i}", step)
+        yield b["images"].to(device).float().div_(255), b["metas"]
+    if watch is not None:
+        watch.progress("gathering and scoring the detections", step)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
+             device: torch.device, results_path: str | None = None,
+             watch: StallWatch | None = None, step: int = 0) -> dict[str, Any]:
+    """Distributed COCO evaluation (every rank calls it; every rank gets the figures; rank 0
+    writes the detections as a COCO results json to ``results_path`` when given)."""
+    batches = eval_batches(loader, device, watch, step)
+    return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
+                           cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det,
+                           results_path=results_path)

@@ -10,6 +10,10 @@ One optimizer step:
   -> every ``log_every`` steps (0: the last step only): average the step's loss parts (the
      mean over its ``accumulate`` micro-batches) over ranks; rank 0 logs them.
 Rank 0 alone prints, logs and writes checkpoints; every rank runs every collective.
+
+One module on purpose (longer than the others): ``train()`` reads top to bottom as
+``setup()`` -> ``resume_state()`` -> ``train_one_epoch()`` per epoch -> ``evaluate_epoch()``,
+with the loop's state in one ``Run``; the evaluation itself lives in ``evaluate.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import multiprocessing
 import signal
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,11 @@ from torch.utils.data import DataLoader
 
 from hvd_yolo import checkpoint, dist
 from hvd_yolo.config import Config
-from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate
+from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
 from hvd_yolo.data.sampler import ShardSampler
-from hvd_yolo.evaluate import check_validation_set, evaluate_loader
+from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
 from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
@@ -56,14 +59,6 @@ class StopRequest:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1: Slurm signals every process of a step, and a
-    worker killed by it would abort the main process before it can checkpoint. The main
-    process stops them itself when it exits."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 @atexit.register  # runs before multiprocessing's own exit handler (registered earlier)
@@ -120,37 +115,6 @@ def recorded_best(ckpt_dir: Path) -> float:
         return float(json.loads((ckpt_dir / BEST_FILE).read_text())["mAP"])
     except (OSError, ValueError, KeyError):
         return -1.0
-
-
-def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: dist.DistContext) -> DataLoader:
-    """Each rank's share of the validation set, letterboxed at ``input.size`` (padded evenly)."""
-    sampler = EpochIndices(ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
-                                        shuffle=False, tail="pad"))
-    return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
-                      batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                      collate_fn=collate, worker_init_fn=ignore_stop_signals)
-
-
-def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,
-                 step: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
-    """The loader's (images in [0, 1], metas), marking progress for the stall watch."""
-    for i, b in enumerate(loader):
-        if watch is not None:
-            watch.progress(f"evaluating batch {i}", step)
-        yield b["images"].to(device).float().div_(255), b["metas"]
-    if watch is not None:
-        watch.progress("gathering and scoring the detections", step)
-
-
-def evaluate(model: torch.nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
-             device: torch.device, results_path: str | None = None,
-             watch: StallWatch | None = None, step: int = 0) -> dict[str, Any]:
-    """Distributed COCO evaluation (every rank calls it; every rank gets the figures; rank 0
-    writes the detections as a COCO results json to ``results_path`` when given)."""
-    batches = eval_batches(loader, device, watch, step)
-    return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
-                           cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det,
-                           results_path=results_path)
 
 
 class MetricsLog:

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvd_yolo.data.transforms import Letterbox, letterbox, unletterbox_boxes
+from hvd_yolo.data.transforms import Letterbox, letterbox
+from hvd_yolo.model.postprocess import unletterbox_boxes
 
 torch.set_num_threads(1)
 

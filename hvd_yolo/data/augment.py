@@ -9,6 +9,7 @@ schedule, not the same trajectory.)
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import numpy as np
@@ -128,3 +129,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     return {"images": images, "targets": torch.cat(targets) if targets else torch.zeros(0, 6),
             "metas": [s["meta"] for s in samples]}
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: Slurm signals every process of a step, and a
+    worker killed by it would abort the main process before it can checkpoint. The main
+    process stops them itself when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

@@ -1,8 +1,8 @@
 """Letterbox: resize keeping the aspect ratio, pad to the network's input size; boxes follow.
 
 ``letterbox`` scales an image ``[3, H, W]`` by ``scale = min(h / H, w / W)`` (up or down),
-centres it on an ``h x w`` canvas filled with 114 (grey) and moves the boxes with the pixels;
-``unletterbox_boxes`` maps boxes (e.g. detections) from the input back to original pixels.
+centres it on an ``h x w`` canvas filled with 114 (grey) and moves the boxes with the pixels
+(``model.postprocess.unletterbox_boxes`` maps detections back to original pixels).
 Resizing is torchvision's antialiased bilinear resize, on uint8 or float tensors.
 """
 
@@ -63,23 +63,6 @@ def letterbox(
     meta: LetterboxMeta = {"scale": float(scale), "pad": (int(left), int(top)),
                            "orig_hw": (H, W), "input_hw": (h, w)}
     return out, moved, meta
-
-
-def unletterbox_boxes(boxes: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
-    """Map boxes ``[k, 4+]`` (xyxy first, any extra columns kept) from the letterboxed input
-    back to the original image's pixels, clipped to it. Returns a new float tensor."""
-    boxes = torch.as_tensor(boxes)
-    if boxes.ndim != 2 or boxes.shape[1] < 4:
-        raise ValueError(f"boxes must be [k, 4+] xyxy, got shape {tuple(boxes.shape)}")
-    out = boxes.clone() if boxes.is_floating_point() else boxes.float()
-    left, top = meta["pad"]
-    H, W = meta["orig_hw"]
-    scale = float(meta["scale"])
-    xyxy = (out[:, :4] - out.new_tensor([left, top, left, top])) / scale
-    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, W)
-    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, H)
-    out[:, :4] = xyxy
-    return out
 
 
 class Letterbox:

@@ -7,11 +7,12 @@ the original image with the letterbox meta.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from hvd_yolo.data.transforms import LetterboxMeta, unletterbox_boxes
 from hvd_yolo.model.yolov3 import box_from_raw
 
 
@@ -82,6 +83,23 @@ def postprocess(
     return results
 
 
-def to_original(detections: torch.Tensor, meta: LetterboxMeta) -> torch.Tensor:
+def unletterbox_boxes(boxes: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """Map boxes ``[k, 4+]`` (xyxy first, any extra columns kept) from the letterboxed input
+    back to the original image's pixels, clipped to it. Returns a new float tensor."""
+    boxes = torch.as_tensor(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] < 4:
+        raise ValueError(f"boxes must be [k, 4+] xyxy, got shape {tuple(boxes.shape)}")
+    out = boxes.clone() if boxes.is_floating_point() else boxes.float()
+    left, top = meta["pad"]
+    H, W = meta["orig_hw"]
+    scale = float(meta["scale"])
+    xyxy = (out[:, :4] - out.new_tensor([left, top, left, top])) / scale
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, W)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, H)
+    out[:, :4] = xyxy
+    return out
+
+
+def to_original(detections: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """Map one image's detections ``[k, 6]`` from input to original pixels (clipped)."""
     return unletterbox_boxes(detections, meta)
