@@ -25,13 +25,13 @@ DESCRIPTION = """Train YOLOv3 on many processes with Horovod: convert a dataset 
 train under mpirun/horovodrun, evaluate, detect, benchmark."""
 
 EPILOG = """typical workflow:
-  hvd-yolo env                                       check the stack on each node
-  hvd-yolo convert yolo data/mine shards/mine         dataset -> shards (mpirun for many ranks)
-  hvd-yolo train --print-config > cfg.yaml            every setting, with its meaning
-  mpirun -np 4 hvd-yolo train --config cfg.yaml       train (or mpi/mpirun.sh, horovodrun)
+  hvd-yolo env                                   check the stack on each node
+  hvd-yolo convert yolo data/mine shards/mine     dataset -> shards (mpirun for many ranks)
+  hvd-yolo train --print-config > cfg.yaml        every setting, with its meaning
+  mpirun -np 4 hvd-yolo train --config cfg.yaml   train (or mpi/mpirun.sh, horovodrun)
   mpirun -np 4 hvd-yolo eval --checkpoint run/checkpoints/best.pt --data shards/val
   hvd-yolo detect --checkpoint best.pt photos/ --out detections.json --draw drawn/
-  hvd-yolo demo                                       all of the above on a synthetic dataset
+  hvd-yolo demo                                   all of the above on a synthetic dataset
 
 'hvd-yolo COMMAND --help' describes a command's options."""
 

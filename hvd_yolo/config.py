@@ -7,7 +7,10 @@ reproduced from its checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,9 +45,9 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     size: int = 416  # input size when multi-scale is off; must be a multiple of 32
-    multiscale: bool = False
-    min_size: int = 320
-    max_size: int = 608
+    multiscale: bool = False  # train at a random size in min_size..max_size (multiples of 32)
+    min_size: int = 320  # smallest multi-scale size
+    max_size: int = 608  # largest multi-scale size
     every: int = 10  # change the size every N optimizer steps
 
 
@@ -59,23 +62,23 @@ class AugmentConfig:
 class OptimConfig:
     name: str = "sgd"  # sgd (momentum, nesterov) or adamw
     lr: float = 0.01  # per-rank learning rate; scaled by world_size x accumulate
-    momentum: float = 0.937
+    momentum: float = 0.937  # SGD momentum / AdamW beta1
     weight_decay: float = 5e-4  # not applied to BatchNorm weights or biases
     batch_size: int = 8  # images per rank per backward pass
     accumulate: int = 1  # backward passes per allreduce / optimizer step
-    epochs: int = 10
+    epochs: int = 10  # passes over the training shards
     warmup_steps: int = 100  # linear warm-up (optimizer steps), then cosine to final_lr_ratio
-    final_lr_ratio: float = 0.05
+    final_lr_ratio: float = 0.05  # the last step's learning rate / the peak
     clip_grad: float = 10.0  # max gradient norm after synchronize (0: off)
-    ema: bool = True
-    ema_decay: float = 0.999
+    ema: bool = True  # keep an exponential moving average of the weights (evaluated, saved)
+    ema_decay: float = 0.999  # its decay per optimizer step
 
 
 @dataclass
 class DistConfig:
     compression: str = "fp16"  # none | fp16
     op: str = "average"  # average | adasum (LR not scaled by world size; needs optim.clip_grad=0)
-    sync_bn: bool = False
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (Horovod SyncBatchNorm)
     threads: int | None = None  # CPU threads per rank (default cores // local ranks)
     fusion_threshold_mb: float | None = None  # HOROVOD_FUSION_THRESHOLD
     cycle_time_ms: float | None = None  # HOROVOD_CYCLE_TIME (default: 10 on CPU, Horovod's on GPU)
@@ -87,21 +90,21 @@ class DistConfig:
 @dataclass
 class EvalConfig:
     every: int = 1  # evaluate every N epochs (0: only at the end)
-    batch_size: int = 8
-    conf_thres: float = 0.001
-    iou_thres: float = 0.6
-    max_det: int = 100
+    batch_size: int = 8  # images per rank per evaluation step
+    conf_thres: float = 0.001  # detections below this score are dropped
+    iou_thres: float = 0.6  # NMS IoU threshold
+    max_det: int = 100  # detections kept per image
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/train"
-    seed: int = 0
+    out_dir: str = "runs/train"  # checkpoints/, metrics.jsonl, config.json
+    seed: int = 0  # weights, data order and augmentation
     log_every: int = 1  # optimizer steps between averaged metric lines (0: the last step only)
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: end of each epoch only)
-    keep_last: int = 3
+    keep_last: int = 3  # step-N.pt checkpoints kept (the most recently written)
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files on rank 0
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -350,8 +353,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML file (optional), apply overrides and validate."""
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         check: bool = True) -> Config:
+    """Load a YAML file (optional), apply overrides and validate (unless ``check`` is False)."""
     raw: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -366,4 +370,39 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML ({what}{where})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    return from_dict(apply_overrides(raw, overrides or [])).validate()
+    cfg = from_dict(apply_overrides(raw, overrides or []))
+    return cfg.validate() if check else cfg
+
+
+def field_comments(section: type) -> dict[str, str]:
+    """Each field's comment in this file's source: the ``# ...`` after it, or the lines above it."""
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(section).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+        elif m := re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", text):
+            comments[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
+            above = []
+    return comments
+
+
+def to_commented_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML that :func:`load` reads back, each field with its comment."""
+    lines = ["# hvd-yolo train configuration (hvd-yolo train --config FILE; --set SECTION.KEY=VALUE)"]
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        comments = field_comments(type(value))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            item = list(item) if isinstance(item, tuple) else item
+            text = yaml.safe_dump({f.name: item}, default_flow_style=True, sort_keys=False)
+            text = "  " + text.strip()[1:-1]  # "{key: value}" -> "key: value"
+            note = comments.get(f.name)
+            if note and len(text) + len(note) > 96:  # a long comment goes above its key
+                lines += ["  # " + part for part in textwrap.wrap(note, 92)] + [text]
+            else:
+                lines.append(f"{text}  # {note}" if note else text)
+    return "\n".join(lines) + "\n"

@@ -82,3 +82,35 @@ def test_json_dash_is_stdout_only(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert cli.main([*argv, "--json", str(tmp_path / "m.json")]) == 0
     assert "parameters:" in capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text()) == figures
+
+
+def test_version_and_user_help(capsys: pytest.CaptureFixture) -> None:
+    from hvd_yolo import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"hvd-yolo {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in cli.COMMANDS) and "hvd_yolo" not in text
+
+
+def test_print_config_reads_back(tmp_path: Path) -> None:
+    """The printed config is YAML that --config reads back, with --set applied and comments."""
+    from hvd_yolo import config
+
+    (tmp_path / "mine.yaml").write_text("optim: {epochs: 3}\n")
+    proc = subprocess.run(hvd_yolo_argv("train", "--print-config", "--config", "mine.yaml",
+                                        "--set", "optim.lr=0.02"),
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "  lr: 0.02  # per-rank learning rate" in proc.stdout
+    assert "  hsv: [0.015, 0.7, 0.4]  # hue, saturation, value gains" in proc.stdout
+    (tmp_path / "all.yaml").write_text(proc.stdout)
+    expected = config.load(tmp_path / "mine.yaml", ["optim.lr=0.02"], check=False)
+    assert config.load(tmp_path / "all.yaml", check=False) == expected
+    assert expected.optim.epochs == 3
+    help_text = subprocess.run(hvd_yolo_argv("train", "--help"), capture_output=True, text=True,
+                               timeout=120).stdout
+    assert "--print-config" in help_text and "config.py" not in help_text

@@ -11,23 +11,29 @@ from hvd_yolo.cli import RunError, UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with sections data/model/input/augment/optim/"
-                        "dist/eval/run (see hvd_yolo/config.py)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with sections data, model, "
+                        "input, augment, optim, dist, eval, run (--print-config shows them all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from a checkpoint; auto: <out_dir>/checkpoints/last.pt "
                         "(the newest step file that verifies when last.pt is corrupted), or "
                         "start fresh when there is none")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the full configuration (defaults, then --config and --set) "
+                        "as YAML with each setting's meaning, and exit")
     parser.add_argument("--timeline", metavar="PATH", help="write a Horovod timeline (profiling)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = config.load(args.config, args.overrides, check=not args.print_config)
     except (config.ConfigError, FileNotFoundError) as e:  # every rank finds it; rank 0 says it
         rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0"))
         raise UsageError(str(e), show=rank == "0") from None
+    if args.print_config:  # a starting point for --config: every key, its value and meaning
+        print(config.to_commented_yaml(cfg), end="")
+        return 0
     from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError
     from hvd_yolo.data.shards import ShardError, error_text
