@@ -93,10 +93,6 @@ def init(threads: int | None = None, use_cuda: bool | None = None) -> DistContex
     return DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), device)
 
 
-def is_initialized() -> bool:
-    return hvd.is_initialized()
-
-
 def rank() -> int:
     return hvd.rank() if hvd.is_initialized() else 0
 

@@ -74,19 +74,6 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def eval_collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Collate ``Letterbox``-transformed samples into ``(float images [B,3,h,w] 0..1, metas)``."""
-    images = torch.stack([s["image"] for s in samples])
-    if not images.is_floating_point():
-        images = images.float().div_(255.0)
-    metas = []
-    for s in samples:
-        meta = dict(s["meta"])
-        meta.setdefault("image_id", int(s["image_id"]))
-        metas.append(meta)
-    return images, metas
-
-
 @torch.no_grad()
 def detect_batch(
     model: nn.Module,

@@ -391,7 +391,7 @@ def save_checkpoint(run: Run, epoch: int, batches_done: int) -> Path | None:
         sampler_state = {**run.sampler.state_dict(0), "epoch": epoch, "offset": 0}
     state = {
         "model": run.model.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
-        "optimizer": run.optimizer.state_dict(), "scheduler": {"step": run.step, "lr": run.lr},
+        "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.use_amp else None,
         "epoch": epoch, "step": run.step, "best_map": run.best_map,
         "sampler": sampler_state, "config": run.cfg.to_dict(),

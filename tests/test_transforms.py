@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvd_yolo.data.transforms import Letterbox, letterbox
+from hvd_yolo.data.augment import AugmentedDataset
+from hvd_yolo.data.transforms import letterbox
 from hvd_yolo.model.postprocess import unletterbox_boxes
 
 torch.set_num_threads(1)
@@ -91,11 +92,11 @@ def test_bad_inputs_are_clear_errors():
         letterbox(torch.zeros(3, 10, 10, dtype=torch.uint8), None, (0, 32))
 
 
-def test_letterbox_transform_on_a_dataset_sample():
+def test_evaluation_samples_are_letterboxed_with_their_meta():
     sample = {"image": _image_with_block(50, 100, (10, 10, 30, 40)),
               "boxes": torch.tensor([[10.0, 10, 30, 40]]), "classes": torch.tensor([1]),
               "image_id": 7, "name": "x.jpg", "hw": (50, 100)}
-    out = Letterbox(64)(sample)
+    out = AugmentedDataset([sample], 64, train=False)[(0, 0)]  # the evaluation loader's dataset
     assert out["image"].shape == (3, 64, 64) and out["classes"].tolist() == [1]
     assert out["meta"]["image_id"] == 7 and out["meta"]["pad"] == (0, 16)
     assert torch.allclose(out["boxes"], torch.tensor([[6.4, 22.4, 19.2, 41.6]]))

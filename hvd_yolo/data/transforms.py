@@ -64,17 +64,3 @@ def letterbox(
                            "orig_hw": (H, W), "input_hw": (h, w)}
     return out, moved, meta
 
-
-class Letterbox:
-    """Dataset transform: letterbox ``sample["image"]`` and ``sample["boxes"]`` to ``size`` and
-    add ``sample["meta"]`` (the letterbox meta plus ``"image_id"`` when the sample has one)."""
-
-    def __init__(self, size: int | tuple[int, int], fill: int = 114):
-        self.size, self.fill = _hw(size), fill
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, boxes, meta = letterbox(sample["image"], sample.get("boxes"), self.size,
-                                       self.fill)
-        if "image_id" in sample:
-            meta["image_id"] = int(sample["image_id"])
-        return {**sample, "image": image, "boxes": boxes, "meta": meta}
