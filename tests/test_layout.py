@@ -4,6 +4,7 @@ post-processing does not load the data pipeline."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,12 @@ def test_postprocess_does_not_load_the_data_pipeline():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=PACKAGE.parent, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_reading_shards_turns_hdf5_file_locking_off():
+    code = ("import os, hvd_yolo.data.dataset, hvd_yolo.data.shards; "
+            "print(os.environ.get('HDF5_USE_FILE_LOCKING'))")
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent, env=env, check=True)
+    assert out.stdout.strip() == "FALSE"

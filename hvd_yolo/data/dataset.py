@@ -27,15 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset, IterableDataset, get_worker_info  # noqa: E402
-
-from hvd_yolo.data.sampler import ShardSampler  # noqa: E402
-from hvd_yolo.data.shards import (  # noqa: E402
+from hvd_yolo.data.sampler import ShardSampler
+from hvd_yolo.data.shards import (
     CorruptSample,
     ShardError,
     check_tables,

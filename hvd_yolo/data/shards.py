@@ -35,15 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import h5py
+import numpy as np
 
 try:  # zlib-ng's SIMD CRC-32: the same values as zlib.crc32, ~5x faster (bench data)
-    from zlib_ng.zlib_ng import crc32  # noqa: E402
+    from zlib_ng.zlib_ng import crc32
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; plain zlib still works
-    from zlib import crc32  # noqa: E402
+    from zlib import crc32
 
 # Images are decoded with torchvision.io; torchvision 0.29 marks them deprecated in favour
 # of TorchCodec with a warning on every call. Silence exactly that message, nothing else.
