@@ -15,20 +15,12 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.checkpoint import CheckpointError
 from hvd_yolo.runlock import OutDirBusy, OutDirError, OutDirLock
+from tests.fixtures.train_runs import flip
 
 
 def state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
     return {"step": step, "model": {"w": torch.randn(64, 64, generator=g)}, "epoch": 0}
-
-
-def flip(path: Path, n: int = 64) -> None:
-    """Flip ``n`` bytes in the middle of the file (inside the weights)."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    for i in range(mid, mid + n):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_checkpoint_round_trip_is_verified(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import flip
+from tests.fixtures.train_runs import train_args as run_args
 from tests.mpi_harness import JobResult, mpirun_argv, run_argv, run_cli
 
 pytestmark = pytest.mark.mpi
@@ -31,10 +33,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--set", f"data.train={shards}", "--set", "data.workers=1",
-            "--set", "input.size=96", "--set", "optim.batch_size=2", "--set", "optim.epochs=5",
-            "--set", "optim.warmup_steps=2", "--set", f"run.out_dir={out}",
-            "--set", "run.progress=false", "--set", "dist.threads=1", *extra]
+    return run_args(shards, out, *extra, size=96, epochs=5)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -42,14 +41,6 @@ def losses(out: Path) -> dict[int, float]:
     later."""
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
                                                .splitlines()) if r["type"] == "step"}
-
-
-def flip(path: Path, n: int = 64) -> None:
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    for i in range(mid, mid + n):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def resumed_line(res: JobResult) -> str:

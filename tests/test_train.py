@@ -5,7 +5,6 @@ Every multi-rank test runs real ranks under mpirun (tests/mpi_harness.py, with t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import read_jsonl, train_args
 from tests.mpi_harness import mpirun_argv, run_cli, run_python
 
 pytestmark = pytest.mark.mpi
@@ -26,17 +26,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """13 small synthetic images in 3 shards: 13 is not divisible by ranks x batch."""
     return synthetic_shards(tmp_path_factory.mktemp("data"), 13, seed=3, shards=3,
                             size_range=(96, 144))
-
-
-def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--set", f"data.train={shards}", "--set", "data.workers=1",
-            "--set", "input.size=128", "--set", "optim.batch_size=2", "--set", "optim.epochs=3",
-            "--set", "optim.warmup_steps=2", "--set", f"run.out_dir={out}",
-            "--set", "run.progress=false", "--set", "dist.threads=1", *extra]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ allreduce correctness

@@ -20,6 +20,7 @@ import pytest
 from hvd_yolo import config
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import read_jsonl, train_args
 from tests.mpi_harness import describe_failure, mpirun_argv, run_cli, run_job
 
 pytestmark = pytest.mark.mpi
@@ -30,17 +31,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """13 small synthetic images in 3 shards."""
     return synthetic_shards(tmp_path_factory.mktemp("data"), 13, seed=5, shards=3,
                             size_range=(96, 144))
-
-
-def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--set", f"data.train={shards}", "--set", "data.workers=1",
-            "--set", "input.size=128", "--set", "optim.batch_size=2", "--set", "optim.epochs=3",
-            "--set", "optim.warmup_steps=2", "--set", f"run.out_dir={out}",
-            "--set", "run.progress=false", "--set", "dist.threads=1", *extra]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def rank_steps(out: Path, rank: int) -> list[dict]:
