@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config key, value or type that cannot work; the message names the key and the value."""
 
 
+# Gradient compression names (hvd_yolo.dist maps them to Horovod's compressors; the DDP
+# benchmark baseline to its comm hooks).
+COMPRESSIONS = ("none", "fp16")
+
+
 @dataclass
 class DataConfig:
     train: str = ""  # shard directory (hvd-yolo convert output)
@@ -133,7 +138,7 @@ class Config:
         if self.input.multiscale and self.input.min_size > self.input.max_size:
             raise ConfigError(f"input.min_size={self.input.min_size} > input.max_size={self.input.max_size}")
         checks = {
-            "dist.compression": (self.dist.compression, {"none", "fp16"}),
+            "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
             "dist.op": (self.dist.op, {"average", "adasum"}),
             "optim.name": (self.optim.name, {"sgd", "adamw"}),
             "data.tail": (self.data.tail, {"pad", "drop"}),

@@ -14,6 +14,8 @@ from typing import Any
 import horovod.torch as hvd
 import torch
 
+from hvd_yolo.config import COMPRESSIONS
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -187,6 +189,15 @@ def nonfinite_ranks(stop: bool, bad_batch: int | None, name: str) -> tuple[bool,
     return bool(flags[0] > 0), bad
 
 
+def compressor(name: str) -> Any:
+    """Horovod's compressor for a name of ``config.COMPRESSIONS`` (the one table)."""
+    table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    assert set(table) == set(COMPRESSIONS), "config.COMPRESSIONS and this table must agree"
+    if name not in table:
+        raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {name!r}")
+    return table[name]
+
+
 def distributed_optimizer(
     optimizer: torch.optim.Optimizer,
     model: torch.nn.Module,
@@ -200,16 +211,13 @@ def distributed_optimizer(
     communication overlaps the rest of the backward pass. ``accumulate`` maps to
     ``backward_passes_per_step`` (allreduce once every k backward passes).
     """
-    compressions = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
     ops = {"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}
-    if compression not in compressions:
-        raise ValueError(f"compression must be one of {sorted(compressions)}, got {compression!r}")
     if op not in ops:
         raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
     return hvd.DistributedOptimizer(
         optimizer,
         named_parameters=model.named_parameters(),
-        compression=compressions[compression],
+        compression=compressor(compression),
         backward_passes_per_step=accumulate,
         op=ops[op],
     )
@@ -281,12 +289,6 @@ def build_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ raw collectives (benchmarks)
-def compression(name: str) -> Any:
-    """``hvd.Compression`` by name (``none`` or ``fp16``)."""
-    table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
-    if name not in table:
-        raise ValueError(f"compression must be one of {sorted(table)}, got {name!r}")
-    return table[name]
 
 
 def allreduce_(tensor: torch.Tensor, name: str, average: bool = True) -> torch.Tensor:
@@ -301,7 +303,7 @@ def grouped_allreduce_(tensors: list[torch.Tensor], name: str, compression_name:
     With ``fp16`` the tensors are cast to half for the wire and the averaged result is written
     back into the original (fp32) tensors, as ``hvd.Compression.fp16`` does for gradients.
     """
-    comp = compression(compression_name)
+    comp = compressor(compression_name)
     op = hvd.Average if average else hvd.Sum
     if comp is hvd.Compression.none:
         hvd.grouped_allreduce_(tensors, name=name, op=op)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from hvd_yolo.config import COMPRESSIONS
+
 
 @dataclass(frozen=True)
 class DDPContext:
@@ -122,8 +124,8 @@ def wrap(model: torch.nn.Module, ctx: DDPContext, compression: str = "none"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif compression != "none":
-        raise ValueError(f"compression must be none or fp16, got {compression!r}")
+    elif compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {compression!r}")
     return ddp
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.cli import UsageError
+from hvd_yolo.config import COMPRESSIONS
 
 MODELS = ("yolov3-tiny", "yolov3")
 # Two-sided 95% Student t quantiles for n-1 degrees of freedom (1..30); 1.96 beyond.
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=80, help="number of classes (80: COCO-sized head)")
     p.add_argument("--loss", choices=("yolo", "sumsq"), default="yolo",
                    help="yolo: the real YoloLoss on random boxes; sumsq: sum of squared outputs")
-    p.add_argument("--compression", choices=("none", "fp16"), default="none")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none")
     p.add_argument("--overlap", choices=("on", "off"), default="on")
     p.add_argument("--iterations", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
