@@ -182,6 +182,15 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
 """)
 
     # ------------------------------------------------------------------ daemons
+    def _start_munged(self) -> None:
+        """munged on this cluster's own socket and key; wait for its socket."""
+        m = self.root / "munge"
+        self._spawn("munged", [_sbin("munged"), "--foreground", "--force",
+                               f"--socket={self.munge_socket}", f"--key-file={m}/munge.key",
+                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed",
+                               f"--log-file={self.log('munged')}"])
+        self._wait(lambda: self.munge_socket.exists(), 20, "munged socket")
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.stdout", "ab")
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
@@ -209,12 +218,7 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         if os.geteuid() != 0:
             raise SlurmUnavailable("a test Slurm cluster needs root (slurmd, SlurmUser=root)")
         self.write_config()
-        m = self.root / "munge"
-        self._spawn("munged", [_sbin("munged"), "--foreground", "--force",
-                               f"--socket={self.munge_socket}", f"--key-file={m}/munge.key",
-                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed",
-                               f"--log-file={self.log('munged')}"])
-        self._wait(lambda: self.munge_socket.exists(), 20, "munged socket")
+        self._start_munged()
         self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(self._ctld_up, 40, "slurmctld to answer")
         self._spawn("slurmd", [_sbin("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])

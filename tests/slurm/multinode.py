@@ -63,12 +63,7 @@ class MultiNodeSlurm(SlurmCluster):
     def start(self, timeout: float = 90) -> MultiNodeSlurm:
         """munged here, slurmctld on the login node, a slurmd per node; wait until all idle."""
         self.write_config()
-        m = self.root / "munge"
-        self._spawn("munged", [_sbin("munged"), "--foreground", "--force",
-                               f"--socket={self.munge_socket}", f"--key-file={m}/munge.key",
-                               f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed",
-                               f"--log-file={self.log('munged')}"])
-        self._wait(lambda: self.munge_socket.exists(), 20, "munged socket")
+        self._start_munged()
         self._spawn("slurmctld", cluster.exec_argv(
             self.name, [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)]))
         self._wait(self._ctld_up, 40, "slurmctld to answer")
