@@ -13,6 +13,7 @@ checks it first, so a corrupted file is named instead of resumed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -118,6 +119,27 @@ def atomic_link(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(dst.parent)
+
+
+BEST_FILE = "best.json"  # rank 0's record of best.pt's mAP (written after the evaluation)
+
+
+def record_best(ckpt_dir: Path, path: Path, figures: dict[str, Any], step: int) -> None:
+    """Point ``best.pt`` at the step file ``path`` just evaluated, and record its mAP."""
+    atomic_link(path, ckpt_dir / "best.pt")
+    tmp = ckpt_dir / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"mAP": figures["mAP"], "mAP50": figures["mAP50"], "step": step,
+                               "file": path.name}))
+    tmp.replace(ckpt_dir / BEST_FILE)
+
+
+def recorded_best(ckpt_dir: Path) -> float:
+    """The mAP of ``best.pt`` (-1 if none): a checkpoint is written before its evaluation, so
+    its own ``best_map`` may not count that evaluation."""
+    try:
+        return float(json.loads((ckpt_dir / BEST_FILE).read_text())["mAP"])
+    except (OSError, ValueError, KeyError):
+        return -1.0
 
 
 def step_files(ckpt_dir: Path) -> list[Path]:

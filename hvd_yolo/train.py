@@ -96,27 +96,6 @@ def nonfinite_message(bad: dict[int, int], step: int, epoch: int) -> str:
             f"check those batches' data; resume from the last checkpoint with --resume auto")
 
 
-BEST_FILE = "best.json"  # rank 0's record of best.pt's mAP (written after the evaluation)
-
-
-def record_best(ckpt_dir: Path, path: Path, figures: dict[str, Any], step: int) -> None:
-    """Point ``best.pt`` at the step file ``path`` just evaluated, and record its mAP."""
-    checkpoint.atomic_link(path, ckpt_dir / "best.pt")
-    tmp = ckpt_dir / f".{BEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"mAP": figures["mAP"], "mAP50": figures["mAP50"], "step": step,
-                               "file": path.name}))
-    tmp.replace(ckpt_dir / BEST_FILE)
-
-
-def recorded_best(ckpt_dir: Path) -> float:
-    """The mAP of ``best.pt`` (-1 if none): a checkpoint is written before its evaluation, so
-    its own ``best_map`` may not count that evaluation."""
-    try:
-        return float(json.loads((ckpt_dir / BEST_FILE).read_text())["mAP"])
-    except (OSError, ValueError, KeyError):
-        return -1.0
-
-
 class MetricsLog:
     """Rank 0's JSON-lines log (``metrics.jsonl``) and optional TensorBoard."""
 
@@ -224,7 +203,9 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
                     ema.ema.load_state_dict(model.state_dict())
                     ema.updates = 0
                 meta = {"path": str(path), "epoch": state["epoch"], "sampler": saved,
-                        "best_map": state.get("best_map", -1.0),
+                        # the checkpoint predates its own evaluation: best.json has that mAP
+                        "best_map": max(state.get("best_map", -1.0), checkpoint.recorded_best(
+                            Path(cfg.run.out_dir) / "checkpoints")),
                         "ema": (ema.updates, ema.decay) if ema is not None else None,
                         "scaler": state.get("scaler")}
         except checkpoint.CheckpointError as exc:
@@ -416,7 +397,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
         print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
               flush=True)
     if is_best and path is not None:
-        record_best(run.ckpt_dir, path, figures, run.step)
+        checkpoint.record_best(run.ckpt_dir, path, figures, run.step)
     return figures
 
 
@@ -536,10 +517,6 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     start = resume_state(resume, cfg, ctx, run.model, run.optimizer, run.ema, run.scaler,
                          run.sampler, run.train_ds.class_names, run.batches_per_epoch)
     run.step, run.best_map = start.step, start.best_map
-    if start.path:
-        # Horovod: rank 0 reads best.pt's mAP (the checkpoint predates its own evaluation).
-        run.best_map = max(run.best_map, dist.broadcast_object(
-            recorded_best(run.ckpt_dir) if ctx.is_root else None, name="hvd_yolo.train.best"))
     make_loaders(run)
     if ctx.is_root:
         print(f"training {cfg.model.name} ({len(run.train_ds.class_names)} classes) on {ctx.size} "
