@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hvd_yolo.config import Config, ConfigError
-from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate, ignore_stop_signals
+from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
-from hvd_yolo.data.sampler import ShardSampler
+from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.metrics import coco_evaluate, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
 from hvd_yolo.stall import StallWatch

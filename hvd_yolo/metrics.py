@@ -56,8 +56,12 @@ def coco_ground_truth(
     image_ids: Sequence[int] | None = None,
     class_names: Sequence[str] | None = None,
     category_ids: Sequence[int] | None = None,
+    ignore: Sequence[np.ndarray] | None = None,
+    file_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A COCO ground-truth dict from per-image ``boxes [k, 4]`` xyxy pixels and ``classes [k]``."""
+    """A COCO ground-truth dict from per-image ``boxes [k, 4]`` xyxy pixels and ``classes [k]``
+    (contiguous class ids, mapped to ``category_ids``). Boxes flagged in ``ignore [k]`` (COCO
+    ``iscrowd``, VOC ``difficult``) are exported with ``iscrowd=1``, which pycocotools ignores."""
     n = len(boxes)
     if len(classes) != n or len(image_hw) != n:
         raise ValueError(f"boxes, classes and image_hw differ in length: {n}, {len(classes)}, "
@@ -68,15 +72,16 @@ def coco_ground_truth(
         class_names = [str(i) for i in range(k)]
     category_ids = list(range(len(class_names))) if category_ids is None else list(category_ids)
     images, anns = [], []
-    for img_id, bx, cl, (h, w) in zip(image_ids, boxes, classes, image_hw):
-        images.append({"id": img_id, "width": int(w), "height": int(h),
-                       "file_name": f"{img_id}.jpg"})
-        for (x1, y1, x2, y2), c in zip(np.asarray(bx, dtype=np.float64).reshape(-1, 4).tolist(),
-                                       np.asarray(cl).reshape(-1).tolist()):
+    for j, (img_id, bx, cl, (h, w)) in enumerate(zip(image_ids, boxes, classes, image_hw)):
+        name = file_names[j] if file_names is not None else f"{img_id}.jpg"
+        images.append({"id": img_id, "width": int(w), "height": int(h), "file_name": name})
+        flags = np.zeros(len(cl), bool) if ignore is None else np.asarray(ignore[j], bool)
+        for (x1, y1, x2, y2), c, crowd in zip(np.asarray(bx, dtype=np.float64).reshape(-1, 4).tolist(),
+                                              np.asarray(cl).reshape(-1).tolist(), flags.tolist()):
             anns.append({"id": len(anns) + 1, "image_id": img_id,
                          "category_id": int(category_ids[int(c)]),
                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                         "iscrowd": 0})
+                         "iscrowd": int(crowd)})
     cats = [{"id": int(i), "name": str(nm)} for i, nm in zip(category_ids, class_names)]
     return {"images": images, "annotations": anns, "categories": cats}
 

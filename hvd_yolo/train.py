@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 
 from hvd_yolo import checkpoint, dist
 from hvd_yolo.config import Config
-from hvd_yolo.data.augment import AugmentedDataset, EpochIndices, collate, ignore_stop_signals
+from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
-from hvd_yolo.data.sampler import ShardSampler
+from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
 from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss

@@ -22,8 +22,8 @@ HVD_YOLO = str(Path(sys.executable).parent / "hvd-yolo")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.synthetic import write_yolo_dataset
+    from hvd_yolo.shards.convert import convert_dataset
 
     root = tmp_path_factory.mktemp("commands")
     for split, n, seed in (("train", 8, 11), ("val", 6, 12)):

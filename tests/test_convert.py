@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from hvd_yolo.data.convert import convert_dataset, orient_boxes
 from hvd_yolo.data.dataset import ShardDataset
-from hvd_yolo.data.shards import verify_shards
 from hvd_yolo.data.synthetic import CLASS_NAMES, make_samples, write_yolo_dataset
+from hvd_yolo.shards.convert import convert_dataset
+from hvd_yolo.shards.items import orient_boxes
+from hvd_yolo.shards.verify import verify_shards
 from tests.fixtures import datagen
 from tests.mpi_harness import run_cli
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from hvd_yolo import cli
-from hvd_yolo.data.convert import ConversionError, StrictError, convert_dataset, world_comm
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.synthetic import write_yolo_dataset
+from hvd_yolo.shards.comm import world_comm
+from hvd_yolo.shards.convert import ConversionError, StrictError, convert_dataset
 from tests.fixtures import datagen
 
 SMALL = {"size": (48, 64)}

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hvd_yolo.data.convert import convert_dataset
-from hvd_yolo.data.dataset import ShardDataset, ShardIterableDataset
+from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import ShardSampler
-from hvd_yolo.data.shards import ShardError
 from hvd_yolo.data.synthetic import write_yolo_dataset
+from hvd_yolo.shards.convert import convert_dataset
+from hvd_yolo.shards.format import ShardError
 from tests.fixtures import datagen
 
 
@@ -140,19 +140,6 @@ def test_contiguous_bytes_are_read_directly_and_chunked_fall_back_to_h5py(
     assert [chunked.image_bytes(i) for i in range(len(chunked))] == expected
     assert isinstance(chunked._files[0][1], h5py.Dataset)
     assert torch.equal(chunked[1]["image"], direct[1]["image"])
-
-
-def test_iterable_dataset_splits_rank_across_workers(shards: Path) -> None:
-    ds = ShardDataset(shards)
-    sampler = ShardSampler(ds.shard_sizes, rank=0, world_size=2, seed=2)
-    it = ShardIterableDataset(ds, sampler)
-    for workers in (0, 2):
-        batches = list(DataLoader(it, batch_size=2, num_workers=workers, collate_fn=list))
-        ids = sorted(_ids(batches))
-        assert ids == sorted(ds.annotations(i)["image_id"] for i in sampler)
-        per_worker = [len(sampler.worker_indices(w, max(workers, 1))) for w in
-                      range(max(workers, 1))]
-        assert len(batches) == sum((k + 1) // 2 for k in per_worker)
 
 
 def test_coco_ground_truth_scores_perfect_detections(tmp_path: Path) -> None:

@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from hvd_yolo.data.dataset import ShardDataset
-from hvd_yolo.data.shards import (
-    CorruptSample,
-    SampleRecord,
-    ShardError,
-    verify_shards,
-    write_manifest,
-    write_shard,
-)
+from hvd_yolo.shards.format import CorruptSample, ShardError
+from hvd_yolo.shards.verify import verify_shards
+from hvd_yolo.shards.writer import SampleRecord, write_manifest, write_shard
 from tests.fixtures.datagen import image_bytes, synthetic_shards
 from tests.mpi_harness import run_cli
 

@@ -39,7 +39,7 @@ def test_postprocess_does_not_load_the_data_pipeline():
 
 
 def test_reading_shards_turns_hdf5_file_locking_off():
-    code = ("import os, hvd_yolo.data.dataset, hvd_yolo.data.shards; "
+    code = ("import os, hvd_yolo.data.dataset, hvd_yolo.shards.convert; "
             "print(os.environ.get('HDF5_USE_FILE_LOCKING'))")
     env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -134,8 +134,8 @@ def test_horovodrun_gloo_trains_across_nodes(sim: dict, shards: Path, tmp_path: 
 
 
 def test_convert_across_nodes_writes_the_same_shards(sim: dict, tmp_path: Path) -> None:
-    from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.synthetic import write_yolo_dataset
+    from hvd_yolo.shards.convert import convert_dataset
 
     src = write_yolo_dataset(tmp_path / "src", 10, seed=4, size_range=(64, 96))
     convert_dataset("yolo", src, tmp_path / "local", shards=4)

@@ -234,23 +234,6 @@ def test_unread_is_what_the_old_world_has_not_read() -> None:
     assert len(t) == 16 and list(t) == list(_ranks({**cfg, "world_size": 5}, 3)[0])
 
 
-@SETTINGS
-@given(cfg=setups(), epoch=st.integers(0, 100), workers=st.integers(1, 6), data=st.data())
-def test_worker_indices_partition_the_rank(cfg: dict[str, Any], epoch: int, workers: int,
-                                           data: Any) -> None:
-    rank = data.draw(st.integers(0, cfg["world_size"] - 1))
-    s = ShardSampler(rank=rank, **cfg)
-    s.set_epoch(epoch)
-    k = data.draw(st.integers(0, len(s)))
-    s.load_state_dict(s.state_dict(k))
-    expected = list(s)
-    parts = [s.worker_indices(w, workers).tolist() for w in range(workers)]
-    assert sum(len(p) for p in parts) == len(expected)
-    # round-robin over the workers (what a DataLoader does) gives back the sampler's order
-    merged = [parts[i % workers][i // workers] for i in range(len(expected))]
-    assert merged == expected
-
-
 def test_no_shuffle_is_contiguous_for_evaluation() -> None:
     s0 = ShardSampler([4, 4, 4, 4], rank=0, world_size=2, shuffle=False)
     s1 = ShardSampler([4, 4, 4, 4], rank=1, world_size=2, shuffle=False)

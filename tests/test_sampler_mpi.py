@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hvd_yolo.data.convert import convert_dataset
 from hvd_yolo.data.synthetic import write_yolo_dataset
+from hvd_yolo.shards.convert import convert_dataset
 from tests.mpi_harness import run_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,23 +17,18 @@ RANK_CODE = """
 import torch
 from torch.utils.data import DataLoader
 from hvd_yolo import dist
-from hvd_yolo.data.dataset import ShardDataset, ShardIterableDataset
+from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import ShardSampler
 
 ctx = dist.init(threads=1)
 ds = ShardDataset({root!r})
 print(f"sizes={{ds.shard_sizes}}", flush=True)
 for tail in ("pad", "drop"):
-    for mode in ("map", "iterable"):
+    for mode in ("map",):
         sampler = ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=7, tail=tail)
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
-            if mode == "map":
-                loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2,
-                                    collate_fn=list)
-            else:
-                loader = DataLoader(ShardIterableDataset(ds, sampler), batch_size=2,
-                                    num_workers=2, collate_fn=list)
+            loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, collate_fn=list)
             steps, ids = 0, []
             for batch in loader:
                 # one collective per step, as in training: unequal step counts would hang here
@@ -56,7 +51,7 @@ read = sorted(i for s in old for i in list(s)[:2])
 sampler = ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=7)
 sampler.load_state_dict(old[0].state_dict(2))
 sampler.set_epoch(2)
-loader = DataLoader(ShardIterableDataset(ds, sampler), batch_size=2, num_workers=2, collate_fn=list)
+loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2, collate_fn=list)
 ids, steps = [], 0
 for batch in loader:
     dist.allreduce_sum(1.0, name="step.redeal")  # unequal step counts would hang here
@@ -81,7 +76,7 @@ def test_two_ranks_equal_steps_with_workers(tmp_path: Path) -> None:
     assert res.values("done") == {0: "1", 1: "1"}
     assert res.values("sizes") == {0: "[3, 4, 4]", 1: "[3, 4, 4]"}
     for tail, per_rank in (("pad", 6), ("drop", 5)):  # 11 samples dealt in blocks: 6 + 5
-        for mode in ("map", "iterable"):
+        for mode in ("map",):
             for epoch in (0, 1):
                 key = f"{tail}_{mode}_{epoch}"
                 steps = res.values(f"steps_{key}")

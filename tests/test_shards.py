@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 
 from hvd_yolo import cli
-from hvd_yolo.data.convert import convert_dataset
-from hvd_yolo.data.shards import (
-    FORMAT,
-    VERSION,
-    SampleRecord,
-    shard_info,
-    write_manifest,
-    write_shard,
-)
 from hvd_yolo.data.synthetic import write_yolo_dataset
+from hvd_yolo.shards.convert import convert_dataset
+from hvd_yolo.shards.format import FORMAT, VERSION
+from hvd_yolo.shards.info import shard_info
+from hvd_yolo.shards.writer import SampleRecord, write_manifest, write_shard
 from tests.fixtures import datagen
 
 

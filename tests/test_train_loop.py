@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvd_yolo.data.convert import convert_dataset
 from hvd_yolo.data.synthetic import write_yolo_dataset
+from hvd_yolo.shards.convert import convert_dataset
 from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import run_cli
 

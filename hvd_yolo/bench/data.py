@@ -51,7 +51,7 @@ class FileImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Any:
-        from hvd_yolo.data.shards import decode_rgb
+        from hvd_yolo.shards.format import decode_rgb
 
         with open(self.paths[i], "rb") as f:
             return decode_rgb(f.read())
@@ -70,7 +70,7 @@ class ShardImages:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> Any:
-        from hvd_yolo.data.shards import decode_rgb
+        from hvd_yolo.shards.format import decode_rgb
 
         return decode_rgb(self.ds.read(i))
 
@@ -122,10 +122,10 @@ def _read_file(path: str) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo.cli import UsageError, write_json
-    from hvd_yolo.data.convert import convert_dataset
     from hvd_yolo.data.sampler import ShardSampler
-    from hvd_yolo.data.shards import ShardError, load_manifest
     from hvd_yolo.data.synthetic import write_yolo_dataset
+    from hvd_yolo.shards.convert import convert_dataset
+    from hvd_yolo.shards.format import ShardError, load_manifest
 
     tmp = None
     try:

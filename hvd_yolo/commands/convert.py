@@ -11,14 +11,9 @@ import sys
 from pathlib import Path
 
 from hvd_yolo.cli import RunError, UsageError
-from hvd_yolo.data.convert import (
-    FORMATS,
-    LABEL_FRAMES,
-    ConversionError,
-    convert_dataset,
-    format_report,
-    world_comm,
-)
+from hvd_yolo.shards.comm import world_comm
+from hvd_yolo.shards.convert import FORMATS, LABEL_FRAMES, ConversionError, convert_dataset
+from hvd_yolo.shards.report import format_report
 
 EPILOG = """examples:
   hvd-yolo convert yolo data/coco128 shards/coco128 --shards 8

@@ -112,7 +112,7 @@ def iter_images(plan: list[tuple[Path, Any]], names: dict[Path, str], skipped: l
                 ) -> Iterator[tuple[int, str, torch.Tensor]]:
     """Yield ``(image_id, output name, uint8 image [3,H,W])``; unreadable files are appended to
     ``skipped`` (with the reason) and printed, not fatal."""
-    from hvd_yolo.data.shards import ShardError
+    from hvd_yolo.shards.format import ShardError
 
     next_id = 0
     for root, files in plan:

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.dataset import ShardDataset
-    from hvd_yolo.data.shards import ShardError
     from hvd_yolo.evaluate import evaluate, make_eval_loader
+    from hvd_yolo.shards.format import ShardError
 
     ctx = dist.init()
     # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hvd_yolo.data.shards import ShardError, format_info, shard_info, verify_shards
+    from hvd_yolo.shards.format import ShardError
+    from hvd_yolo.shards.info import format_info, shard_info
+    from hvd_yolo.shards.verify import verify_shards
 
     if not Path(args.dir).is_dir():
         raise UsageError(f"{args.dir}: no such directory")

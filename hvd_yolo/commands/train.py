@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError
-    from hvd_yolo.data.shards import ShardError, error_text
     from hvd_yolo.runlock import OutDirError
+    from hvd_yolo.shards.format import ShardError, error_text
     from hvd_yolo.train import NonFiniteLoss, train
 
     try:

@@ -1,34 +1,9 @@
-"""Data: converters to HDF5 shards, the shard format, the shard Dataset and the rank-aware sampler.
+"""Online data: shards -> batches, every step (``dataset``: the shard reader; ``sampler``: the
+rank-aware sampler; ``augment``, ``transforms``, ``multiscale``: what happens to a sample and a
+batch). ``synthetic`` writes the demo's source datasets.
 
-``HDF5_USE_FILE_LOCKING=FALSE`` is set here, before any submodule imports h5py, because HDF5's
-file locks fail or hang on many shared file systems and the shards are read-only anyway.
-Public names are imported lazily so ``import hvd_yolo.data.synthetic`` stays light.
+The offline side (source datasets -> shards, and the shard format) is ``hvd_yolo.shards``;
+importing it first sets ``HDF5_USE_FILE_LOCKING`` before any module here opens a shard.
 """
 
-from __future__ import annotations
-
-import importlib
-import os
-from typing import Any
-
-os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
-
-_EXPORTS = {
-    "convert_dataset": "hvd_yolo.data.convert",
-    "ConversionError": "hvd_yolo.data.convert",
-    "ShardDataset": "hvd_yolo.data.dataset",
-    "ShardIterableDataset": "hvd_yolo.data.dataset",
-    "ShardSampler": "hvd_yolo.data.sampler",
-    "ShardError": "hvd_yolo.data.shards",
-    "load_manifest": "hvd_yolo.data.shards",
-    "verify_shards": "hvd_yolo.data.shards",
-    "shard_info": "hvd_yolo.data.shards",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'hvd_yolo.data' has no attribute {name!r}")
+import hvd_yolo.shards  # noqa: F401  (sets HDF5_USE_FILE_LOCKING before h5py opens a file)

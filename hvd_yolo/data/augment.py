@@ -101,24 +101,6 @@ class AugmentedDataset(Dataset):
                 "meta": {"image_id": sample["image_id"], "corrupt": corrupt}}
 
 
-class EpochIndices(torch.utils.data.Sampler):
-    """Yields ``(epoch, index)`` pairs from a sampler of indices (see AugmentedDataset)."""
-
-    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
-        self.sampler = sampler
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((self.epoch, int(i)) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images (uint8 [B,3,S,S]) and build targets [N,6] = (batch index, class, xyxy)."""
     images = torch.stack([s["image"] for s in samples])

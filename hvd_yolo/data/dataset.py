@@ -30,10 +30,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
-from hvd_yolo.data.sampler import ShardSampler
-from hvd_yolo.data.shards import (
+from hvd_yolo.shards.format import (
     CorruptSample,
     ShardError,
     check_tables,
@@ -219,30 +218,23 @@ class ShardDataset(Dataset):
 
     # ------------------------------------------------------------------ evaluation
     def coco_ground_truth(self) -> dict[str, Any]:
-        """A COCO json dict of every sample (from the index tables; no image is decoded).
+        """A COCO json dict of every sample, from the index tables (no image is decoded); VOC
+        ``difficult`` and COCO ``iscrowd`` boxes are marked ``iscrowd=1``, ignored in scoring."""
+        from hvd_yolo.metrics import coco_ground_truth
 
-        Category ids are the source ids (``category_ids``); VOC ``difficult`` and COCO
-        ``iscrowd`` boxes are both exported with ``iscrowd=1`` so pycocotools ignores them.
-        """
-        images, anns = [], []
+        boxes, classes, hw, ids, names, ignore = [], [], [], [], [], []
         for idx in self._index:
             for j in range(idx.count):
-                h, w = (int(v) for v in idx.hw[j])
-                iid = int(idx.ids[j])
-                images.append({"id": iid, "width": w, "height": h, "file_name": idx.names[j]})
-                for k in range(idx.box_offsets[j], idx.box_offsets[j + 1]):
-                    x1, y1, x2, y2 = (float(v) for v in idx.xyxy[k])
-                    anns.append({
-                        "id": len(anns) + 1,
-                        "image_id": iid,
-                        "category_id": self.category_ids[int(idx.cls[k])],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": (x2 - x1) * (y2 - y1),
-                        "iscrowd": int(bool(idx.iscrowd[k]) or bool(idx.difficult[k])),
-                    })
-        cats = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)]
-        return {"info": {"description": f"hvd_yolo shards {self.root}"}, "images": images,
-                "annotations": anns, "categories": cats}
+                a, b = idx.box_offsets[j], idx.box_offsets[j + 1]
+                boxes.append(idx.xyxy[a:b])
+                classes.append(idx.cls[a:b])
+                ignore.append((idx.iscrowd[a:b] > 0) | (idx.difficult[a:b] > 0))
+                hw.append(tuple(int(v) for v in idx.hw[j]))
+                ids.append(int(idx.ids[j]))
+                names.append(idx.names[j])
+        gt = coco_ground_truth(boxes, classes, hw, ids, self.class_names, self.category_ids,
+                               ignore=ignore, file_names=names)
+        return {"info": {"description": f"hvd_yolo shards {self.root}"}, **gt}
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -296,23 +288,3 @@ def old_format_message(root: Path, manifest: dict[str, Any]) -> str:
     return (f"{root}: shard format version {manifest.get('version')} has no per-sample checksums "
             f"(dataset images/crc32): image bytes are read unchecked. Convert it again to "
             f"add them: {how}")
-
-
-class ShardIterableDataset(IterableDataset):
-    """Iterable use of a ``ShardSampler``: each DataLoader worker reads its own slice of this
-    rank's indices (``sampler.worker_indices``), so no index is read twice. Call
-    ``sampler.set_epoch(e)`` before each epoch. With ``k`` workers and batch size ``b`` every rank
-    yields the same batches count, since every rank has the same number of indices."""
-
-    def __init__(self, dataset: ShardDataset, sampler: ShardSampler) -> None:
-        self.dataset = dataset
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i in self.sampler.worker_indices(wid, nw):
-            yield self.dataset[int(i)]

@@ -13,8 +13,8 @@ Epoch ``e`` (``shuffle=True``):
    ``tail="drop"`` cuts every rank to the shortest (at most one sample per rank is left out).
 
 ``shuffle=False`` (evaluation) gives rank ``r`` the ``r``-th contiguous part in index order.
-``len()`` is the same on every rank, at any world size and shard sizes. ``worker_indices`` splits
-a rank's indices across DataLoader workers.
+``len()`` is the same on every rank, at any world size and shard sizes. ``EpochIndices`` turns
+the indices into ``(epoch, index)`` pairs for the augmenting dataset.
 
 Resume. ``state_dict(consumed)`` records the epoch, the samples each rank has read (``offset``)
 and the world size; ``load_state_dict(state)`` continues it:
@@ -192,13 +192,6 @@ class ShardSampler(Sampler[int]):
             self._legs = []
         self.epoch = int(epoch)
 
-    def worker_indices(self, worker_id: int, num_workers: int) -> np.ndarray:
-        """The part of this rank's remaining indices that DataLoader worker ``worker_id`` reads
-        (strided, so the workers' outputs interleave back into the sampler's order)."""
-        if num_workers < 1 or not 0 <= worker_id < num_workers:
-            raise ValueError(f"worker {worker_id} is not in range for {num_workers} workers")
-        return self.epoch_indices()[self._offset:][worker_id::num_workers]
-
     # ------------------------------------------------------------------ resume
     def state_dict(self, consumed: int = 0) -> dict[str, Any]:
         """State after ``consumed`` more samples of the current iteration (counted from the
@@ -251,3 +244,21 @@ class ShardSampler(Sampler[int]):
         return (f"ShardSampler(rank={self.rank}/{self.world_size}, {self.num_total} samples in "
                 f"{len(self.shard_sizes)} shards, blocks of <= {self.block_size}, "
                 f"tail={self.tail}, epoch={self.epoch}{resumed}, len={len(self)})")
+
+
+class EpochIndices(Sampler):
+    """Yields ``(epoch, index)`` pairs from a sampler of indices (see AugmentedDataset)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -1,0 +1,147 @@
+"""``hvd-yolo shards verify``: every table, digest, box and (optionally) image of a shard directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hvd_yolo.shards.format import (
+    DATASETS,
+    WRITE_BUFFER,
+    ShardError,
+    ShardIndex,
+    check_tables,
+    crc32,
+    datasets_of,
+    decode_rgb,
+    digest,
+    load_manifest,
+    read_index,
+)
+
+
+@dataclass
+class VerifyResult:
+    shards: int
+    images: int
+    boxes: int
+    decoded: int
+
+
+def verify_shards(
+    root: str | Path,
+    decode: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyResult:
+    """Check a shard directory; raise ``ShardError`` naming the first bad shard/sample.
+
+    Checks: manifest and shard attributes agree, index tables are consistent, every dataset's
+    sha256 matches the shard's and the manifest's, every box lies inside its image with a
+    positive area and a known class, ids and names are unique, counts add up, and (``decode``)
+    every image matches its CRC32 and decodes to its recorded size.
+    """
+    root = Path(root)
+    manifest = load_manifest(root)
+    num_classes = len(manifest.get("class_names", []))
+    entries = manifest.get("shards", [])
+    ids: set[int] = set()
+    names: set[str] = set()
+    images = boxes = decoded = 0
+    for si, entry in enumerate(entries):
+        fname = entry.get("file", "?")
+        path = root / fname
+        if not path.is_file():
+            raise ShardError(f"{fname}: listed in the manifest but missing from {root}")
+        idx = read_index(path)
+        where = fname
+        a = idx.attrs
+        if a.get("version") != manifest.get("version"):
+            raise ShardError(f"{where}: format version {a.get('version')} but manifest.json "
+                             f"says {manifest.get('version')}")
+        if a.get("shard_index") != si:
+            raise ShardError(f"{where}: shard_index attribute {a.get('shard_index')}, expected {si}")
+        check_tables(idx, where, entry)
+        sums = json.loads(a.get("sha256", "{}"))
+        actual = _dataset_digests(path, datasets_of(idx.version))
+        for d in datasets_of(idx.version):
+            if sums.get(d) != actual[d]:
+                raise ShardError(f"{where}: {d} sha256 mismatch (stored {sums.get(d)}, "
+                                 f"computed {actual[d]}): the file is corrupt")
+            if entry.get("sha256", {}).get(d) != actual[d]:
+                raise ShardError(f"{where}: {d} sha256 differs from manifest.json: the shard "
+                                 "was replaced or the manifest belongs to another conversion")
+        for i in range(idx.count):
+            label = f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])})"
+            if int(idx.ids[i]) in ids:
+                raise ShardError(f"{label}: duplicate image id")
+            if idx.names[i] in names:
+                raise ShardError(f"{label}: duplicate image name")
+            ids.add(int(idx.ids[i]))
+            names.add(idx.names[i])
+            _check_boxes(idx, i, label, num_classes)
+        if decode:
+            with h5py.File(path, "r") as f:
+                data = f["images/bytes"]
+                for i in range(idx.count):
+                    label = f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])})"
+                    raw = data[idx.image_offsets[i]:idx.image_offsets[i + 1]]
+                    if idx.crc32 is not None and crc32(raw) != int(idx.crc32[i]):
+                        raise ShardError(f"{label}: CRC32 {crc32(raw):08x} of its bytes, "
+                                         f"images/crc32 records {int(idx.crc32[i]):08x}")
+                    try:
+                        img = decode_rgb(raw)
+                    except Exception as e:  # noqa: BLE001 - report any decoder failure
+                        raise ShardError(f"{label}: image does not decode ({e})") from e
+                    if tuple(img.shape[1:]) != tuple(int(v) for v in idx.hw[i]):
+                        raise ShardError(f"{label}: decodes to {tuple(img.shape[1:])} but hw "
+                                         f"records {tuple(int(v) for v in idx.hw[i])}")
+                    decoded += 1
+                    if progress:
+                        progress(1)
+        images += idx.count
+        boxes += len(idx.cls)
+    if images != manifest.get("num_samples"):
+        raise ShardError(f"manifest.json: num_samples {manifest.get('num_samples')} but the "
+                         f"shards hold {images}")
+    if boxes != manifest.get("num_boxes"):
+        raise ShardError(f"manifest.json: num_boxes {manifest.get('num_boxes')} but the shards "
+                         f"hold {boxes}")
+    return VerifyResult(len(entries), images, boxes, decoded)
+
+
+def _check_boxes(idx: ShardIndex, i: int, label: str, num_classes: int) -> None:
+    h, w = (int(v) for v in idx.hw[i])
+    if h <= 0 or w <= 0:
+        raise ShardError(f"{label}: image size {w}x{h} is not positive")
+    a, b = idx.box_offsets[i], idx.box_offsets[i + 1]
+    for k in range(a, b):
+        x1, y1, x2, y2 = (float(v) for v in idx.xyxy[k])
+        if not np.all(np.isfinite(idx.xyxy[k])):
+            raise ShardError(f"{label}: box {k - a} has a non-finite coordinate")
+        if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+            raise ShardError(f"{label}: box {k - a} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is not "
+                             f"inside the {w}x{h} image with a positive area")
+        if not 0 <= int(idx.cls[k]) < max(num_classes, 1):
+            raise ShardError(f"{label}: box {k - a} has class {int(idx.cls[k])} but the "
+                             f"manifest lists {num_classes} classes")
+
+
+def _dataset_digests(path: Path, datasets: Sequence[str] = DATASETS) -> dict[str, str]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        h = hashlib.sha256()
+        data = f["images/bytes"]
+        for start in range(0, len(data), WRITE_BUFFER):
+            h.update(data[start:start + WRITE_BUFFER].tobytes())
+        out["images/bytes"] = h.hexdigest()
+        for d in datasets[1:]:
+            values = f[d].asstr()[:] if d == "images/name" else f[d][:]
+            out[d] = digest(d, values)
+    return out
