@@ -13,6 +13,7 @@ from pathlib import Path
 from hvd_yolo.cli import RunError, UsageError
 from hvd_yolo.shards.comm import world_comm
 from hvd_yolo.shards.convert import FORMATS, LABEL_FRAMES, ConversionError, convert_dataset
+from hvd_yolo.shards.items import REENCODE
 from hvd_yolo.shards.report import format_report
 
 EPILOG = """examples:
@@ -21,6 +22,7 @@ EPILOG = """examples:
       --images data/coco/val2017 shards/val2017 --shard-size 256
   hvd-yolo convert voc VOCdevkit/VOC2007 shards/voc07-trainval --split trainval
   mpirun -np 4 hvd-yolo convert voc my_labelimg_folder shards/mine --shards 16
+  hvd-yolo convert yolo aerial_tiles shards/aerial --reencode png   # .tif tiles stored as PNG
 """
 
 
@@ -50,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="boxes of EXIF-rotated images refer to the stored pixels (raw) or "
                         "the rotated image (display); auto: yolo display, voc/coco raw unless "
                         "the declared size is the rotated one")
+    parser.add_argument("--reencode", choices=REENCODE, default=None,
+                        help="store images that are not JPEG/PNG (TIFF, BMP, WEBP...) re-encoded "
+                        "losslessly as PNG, listed in the report (default: skipped, with the "
+                        "reason)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards and manifest in a non-empty OUT")
     parser.add_argument("--strict", action="store_true",
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, strict=args.strict, names=args.names,
             annotations=args.annotations, images=args.images, split=args.split,
             allow_missing_labels=args.allow_missing_labels, label_frame=args.label_frame,
-            comm=comm, progress=not args.quiet and sys.stderr.isatty(),
+            reencode=args.reencode, comm=comm, progress=not args.quiet and sys.stderr.isatty(),
             command=["hvd-yolo", *sys.argv[1:]],
         )
     except ConversionError as e:  # raised on every rank; rank 0 says it

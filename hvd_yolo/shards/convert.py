@@ -31,7 +31,7 @@ from typing import Any
 
 from hvd_yolo.shards.comm import world_comm
 from hvd_yolo.shards.format import FORMAT, MANIFEST, VERSION, shard_file_name
-from hvd_yolo.shards.items import process_item
+from hvd_yolo.shards.items import REENCODE, process_item
 from hvd_yolo.shards.report import build_report, created_by
 from hvd_yolo.shards.sources.coco import read_coco
 from hvd_yolo.shards.sources.common import ConversionError, SourceItem, SourcePlan
@@ -42,6 +42,7 @@ from hvd_yolo.shards.writer import SampleRecord, write_manifest, write_shard
 FORMATS = ("yolo", "coco", "voc")
 LABEL_FRAMES = ("auto", "raw", "display")
 DEFAULT_SHARD_SIZE_MB = 256.0
+SPILL_DIR = ".reencoded"  # re-encoded images wait here (inside the temp output) until written
 
 
 class StrictError(ConversionError):
@@ -118,7 +119,7 @@ def _num_shards(valid: int, nbytes: int, shards: int | None, shard_size_mb: floa
 
 
 def _check_options(fmt: str, shards: int | None, shard_size_mb: float | None,
-                   label_frame: str) -> None:
+                   label_frame: str, reencode: str | None) -> None:
     if fmt not in FORMATS:
         raise ConversionError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if shards is not None and shard_size_mb is not None:
@@ -129,6 +130,8 @@ def _check_options(fmt: str, shards: int | None, shard_size_mb: float | None,
         raise ConversionError(f"--shard-size must be a positive number of MB, got {shard_size_mb}")
     if label_frame not in LABEL_FRAMES:
         raise ConversionError(f"label_frame must be one of {LABEL_FRAMES}, got {label_frame!r}")
+    if reencode is not None and reencode not in REENCODE:
+        raise ConversionError(f"--reencode must be one of {', '.join(REENCODE)}, got {reencode!r}")
 
 
 def _raise_first(errors: list[str | None]) -> None:
@@ -151,6 +154,7 @@ def convert_dataset(
     split: str | None = None,
     allow_missing_labels: bool = False,
     label_frame: str = "auto",
+    reencode: str | None = None,
     comm: Any = None,
     progress: bool = False,
     command: list[str] | None = None,
@@ -163,9 +167,11 @@ def convert_dataset(
     Bad items are skipped and reported; with ``strict`` the first one raises ``StrictError``.
     ``label_frame`` says whether boxes refer to the stored pixels (``raw``) or the EXIF-rotated
     image (``display``); ``auto``: YOLO labels are display-frame, VOC/COCO raw-frame unless their
-    declared image size is the rotated one. Raises ``ConversionError`` on unusable input.
+    declared image size is the rotated one. ``reencode="png"`` stores images that are not JPEG
+    or PNG (TIFF, BMP, WEBP...) re-encoded losslessly as PNG, each listed in the report; by
+    default they are skipped with the reason. Raises ``ConversionError`` on unusable input.
     """
-    _check_options(fmt, shards, shard_size_mb, label_frame)
+    _check_options(fmt, shards, shard_size_mb, label_frame, reencode)
     comm = comm if comm is not None else world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     out = Path(out).resolve()
@@ -203,9 +209,12 @@ def convert_dataset(
         counts = {"seen": 0, "dropped": 0, "clipped": 0, "in_skipped": 0, "written": 0}
         strict_hit, local_err = None, None
         bar = _progress(len(mine), "convert", progress and rank == 0)
+        spill = tmp / SPILL_DIR
         try:
+            if reencode is not None:
+                spill.mkdir(exist_ok=True)
             for k, item in enumerate(mine):
-                rec, its, seen = process_item(item, meta["root"], label_frame)
+                rec, its, seen = process_item(item, meta["root"], label_frame, reencode, spill)
                 counts["seen"] += seen
                 if rec is None:
                     counts["in_skipped"] += seen
@@ -216,6 +225,7 @@ def convert_dataset(
                     if it.kind in ("dropped", "clipped"):
                         counts[it.kind] += 1
                     issues.append(it.to_dict())
+                its = [it for it in its if it.kind != "reencoded"]  # reported, not a problem
                 if strict and its:
                     strict_hit = (start + k, its[0].message(), its[0].kind)
                     break
@@ -271,6 +281,7 @@ def convert_dataset(
         if rank == 0:
             try:
                 _raise_first([w[1] for w in written])
+                shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)  # every shard is written
                 entries = [e for _, e in sorted((s for w in written for s in w[0]),
                                                 key=lambda t: t[0])]
                 all_issues = [i for part, _ in gathered_issues for i in part]
@@ -289,7 +300,7 @@ def convert_dataset(
                     "source": {"format": fmt, "root": meta["root"], "image_root": meta["image_root"],
                                "annotation": meta["annotation"]},
                     "options": {"shards": shards, "shard_size_mb": shard_size_mb, "strict": strict,
-                                "label_frame": label_frame, "split": split,
+                                "label_frame": label_frame, "split": split, "reencode": reencode,
                                 "allow_missing_labels": allow_missing_labels},
                     "report": report,
                     "created_by": created_by(command, size),

@@ -14,6 +14,11 @@ from hvd_yolo.shards.sources.common import Issue, SourceItem, rel_name
 from hvd_yolo.shards.writer import SampleRecord
 
 CLIP_TOLERANCE = 0.01  # pixels a box may stick out of the image before the clip is reported
+REENCODE = ("png",)  # convert --reencode: what images the shard format cannot keep become
+# Pillow modes PNG stores as they are ("I" only when its values fit 16 bits), and modes turned
+# into RGB first (a colour-space change, reported as such).
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I")
+_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La", "PA")
 
 
 def _sniff(data: bytes) -> str:
@@ -59,10 +64,44 @@ def orient_boxes(boxes: np.ndarray, orientation: int, raw_wh: tuple[int, int]) -
                      np.maximum(ax, bx), np.maximum(ay, by)], axis=1)
 
 
+def reencode_png(data: bytes) -> tuple[bytes, str]:
+    """``data`` (TIFF, BMP, WEBP, GIF...) re-encoded losslessly as PNG by Pillow, its EXIF
+    orientation applied to the pixels; returns the PNG bytes and what was done, for the report.
+    Raises ValueError when the pixels cannot be kept exactly (float or 32-bit samples)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        kind, frames, mode = im.format or "image", getattr(im, "n_frames", 1), im.mode
+        img = ImageOps.exif_transpose(im)
+        done = f"{kind} re-encoded losslessly as PNG"
+        if mode == "I":
+            lo, hi = img.getextrema()
+            if lo < 0 or hi > 65535:
+                raise ValueError(f"{kind} with 32-bit samples ({lo}..{hi}) cannot be stored as "
+                                 "PNG exactly: rescale it to 8 or 16 bits first")
+        elif mode in _TO_RGB_MODES:
+            img = img.convert("RGB")
+            done += f" (colour mode {mode} converted to RGB)"
+        elif mode not in _PNG_MODES:
+            raise ValueError(f"{kind} with pixel mode {mode} cannot be stored as PNG exactly: "
+                             "convert it to 8- or 16-bit RGB or grey first")
+        if frames > 1:
+            done += f" (first of {frames} frames)"
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+    return out.getvalue(), done
+
+
 def process_item(
-    item: SourceItem, root: str, label_frame: str = "auto"
+    item: SourceItem, root: str, label_frame: str = "auto", reencode: str | None = None,
+    spill: Path | None = None,
 ) -> tuple[SampleRecord | None, list[Issue], int]:
-    """Check one item against its image: (record or None if skipped, issues, boxes seen)."""
+    """Check one item against its image: (record or None if skipped, issues, boxes seen).
+
+    JPEG and PNG bytes are stored as they are. Other formats are skipped with the reason, or,
+    with ``reencode="png"``, re-encoded losslessly as PNG (reported as a ``reencoded`` issue);
+    the boxes are then oriented from the original file's EXIF orientation, as for a JPEG.
+    Re-encoded bytes go to a file in ``spill`` (kept in the record without one)."""
     seen = len(item.boxes)
     if item.error is not None:
         return None, [item.error], seen
@@ -79,11 +118,19 @@ def process_item(
     if not data:
         return skip("image file is empty")
     kind = _sniff(data)
+    stored, notes = data, []
     if kind not in ("JPEG", "PNG"):
-        return skip(f"unsupported image format ({kind}): images are stored as their original "
-                    "JPEG/PNG bytes, never re-encoded; convert it to JPEG or PNG first")
+        if reencode != "png":
+            return skip(f"unsupported image format ({kind}): images are stored as their original "
+                        "JPEG/PNG bytes; convert it to JPEG or PNG first, or run convert with "
+                        "--reencode png to store it re-encoded losslessly")
+        try:
+            stored, done = reencode_png(data)
+        except Exception as e:  # noqa: BLE001 - Pillow's errors name the problem
+            return skip(f"cannot re-encode this {kind} image as PNG: {e}")
+        notes.append(Issue(item.name, img_rel, None, done, kind="reencoded"))
     try:
-        img = decode_rgb(data)
+        img = decode_rgb(stored)
         raw_wh, orientation = _orientation(data)
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt image
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -117,14 +164,21 @@ def process_item(
     if frame == "raw":
         boxes = orient_boxes(boxes, orientation, raw_wh)
     keep, issues = _check_boxes(item, boxes, w, h, label_file)
+    path: str | None = item.image
+    if stored is not data:  # re-encoded: spilled to a file, so a rank's chunk is not held in RAM
+        path = None
+        if spill is not None:
+            path = str(spill / f"{int(item.image_id)}.png")
+            Path(path).write_bytes(stored)
     rec = SampleRecord(
-        name=item.name, image_id=int(item.image_id), hw=(h, w), nbytes=len(data), path=item.image,
+        name=item.name, image_id=int(item.image_id), hw=(h, w), nbytes=len(stored),
+        path=path, data=stored if stored is not data and path is None else None,
         boxes=boxes[keep].astype(np.float32).reshape(-1, 4),
         classes=item.classes[keep].astype(np.int32),
         iscrowd=item.iscrowd[keep].astype(np.uint8),
         difficult=item.difficult[keep].astype(np.uint8),
     )
-    return rec, issues, seen
+    return rec, notes + issues, seen
 
 
 def _check_boxes(

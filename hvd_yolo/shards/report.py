@@ -13,7 +13,8 @@ from hvd_yolo.shards.format import MANIFEST
 def build_report(n: int, valid: int, num_shards: int, issues: list[dict[str, Any]],
             counts: dict[str, int], notes: list[str]) -> dict[str, Any]:
     skipped = [i for i in issues if i["kind"] == "skipped"]
-    box_issues = [i for i in issues if i["kind"] != "skipped"]
+    box_issues = [i for i in issues if i["kind"] in ("clipped", "dropped")]
+    reencoded = [i for i in issues if i["kind"] == "reencoded"]
     assert n == valid + len(skipped), (n, valid, len(skipped))
     return {
         "inputs": n,
@@ -27,6 +28,7 @@ def build_report(n: int, valid: int, num_shards: int, issues: list[dict[str, Any
         "boxes_in_skipped_items": counts["in_skipped"],
         "skipped_items": skipped,
         "box_issues": box_issues,
+        "reencoded": reencoded,
         "notes": notes,
     }
 
@@ -49,7 +51,11 @@ def format_report(report: dict[str, Any], max_lines: int = 20) -> str:
         f"{r['boxes_dropped']} + in skipped items {r['boxes_in_skipped_items']}"
         f" ({r['boxes_clipped']} clipped to the image)",
     ]
-    for title, rows in (("skipped", r["skipped_items"]), ("box issues", r["box_issues"])):
+    if r.get("reencoded"):
+        lines.append(f"re-encoded losslessly as PNG (--reencode png): {len(r['reencoded'])} of the "
+                     "written images")
+    for title, rows in (("skipped", r["skipped_items"]), ("box issues", r["box_issues"]),
+                        ("re-encoded", r.get("reencoded", []))):
         if rows:
             lines.append(f"{title}:")
             for i in rows[:max_lines]:
