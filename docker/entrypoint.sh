@@ -10,7 +10,7 @@ set -euo pipefail
 
 setup_ssh() {
   mkdir -p /root/.ssh /run/sshd
-  chmod 0700 /root/.ssh
+  chmod 0700 /root/.ssh 2>/dev/null || true  # read-only where Kubernetes mounts the keys
   if [ -n "${SSH_AUTHORIZED_KEYS:-}" ]; then
     printf '%s\n' "$SSH_AUTHORIZED_KEYS" >> /root/.ssh/authorized_keys
     chmod 0600 /root/.ssh/authorized_keys
