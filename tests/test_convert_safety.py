@@ -4,7 +4,11 @@ dataset as it was and no partial files behind."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,40 @@ def test_two_rank_convert_onto_a_full_disk_reports_it(tmp_path: Path, small_disk
     assert "no space left on device" in res.output
     assert datagen.shard_content(old) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["shards"]
+
+
+def test_a_killed_conversion_leaves_nothing_behind_after_the_next_one(tmp_path: Path) -> None:
+    src = write_yolo_dataset(tmp_path / "yolo", 300, seed=3, size=(96, 128))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "hvd_yolo.cli", "convert", "yolo", str(src),
+                             str(out), "--shards", "4", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.converting-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # kill -9 while it converts
+    proc.wait(timeout=30)
+    assert list(tmp_path.glob(".out.converting-*")), "the conversion ended before the kill"
+    # a conversion into the same folder that is still running is left alone (its folder is locked)
+    busy = tmp_path / ".out.converting-busy"
+    busy.mkdir()
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    # a kill in the middle of a swap: the old dataset waits in the trash folder, out is gone
+    old = datagen.synthetic_shards(tmp_path / "old-src", 4, seed=1, shards=2)
+    trash = tmp_path / ".out.old-x"
+    trash.mkdir()
+    os.rename(old, trash / "out")
+    convert = [sys.executable, "-m", "hvd_yolo.cli", "convert", "yolo", str(src), str(out),
+               "--shards", "2", "-q"]
+    try:
+        res = subprocess.run(convert, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and "is not empty" in res.stderr, res.stderr
+        assert res.stderr.count("left by a conversion that did not finish") == 2
+        assert sorted(p.name for p in tmp_path.glob(".out.*")) == [".out.converting-busy"]
+        assert verify_shards(out).images == 4  # the old dataset is back, and kept
+        res = subprocess.run([*convert, "--overwrite"], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert verify_shards(out).images == 300
+    finally:
+        os.close(fd)

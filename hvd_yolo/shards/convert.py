@@ -21,9 +21,11 @@ same collective steps; a failure on any rank reaches every rank as a ``Conversio
 from __future__ import annotations
 
 import bisect
+import fcntl
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -62,6 +64,8 @@ def _read_plan(fmt: str, source: str | Path, opts: dict[str, Any]) -> SourcePlan
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """Check ``out`` and create the temporary sibling the shards are written into (returned);
     ``out`` itself is not touched until ``_swap_in``."""
+    if out.parent.is_dir():
+        _remove_stale(out)  # first: it may put back the dataset a killed conversion had moved
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} exists and is not a directory")
     if out.is_dir():
@@ -78,6 +82,36 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         raise ConversionError(f"cannot create the output next to {out} ({e.strerror or e})") from e
 
 
+def _lock_dir(path: Path) -> int | None:
+    """An exclusive ``flock`` on the folder itself (it moves with a rename; the kernel drops it
+    when the process dies): the open descriptor, or None when another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what a killed conversion into ``out`` left beside it: its temporary folder, and the
+    old dataset's trash folder (put back first if the kill came before the new one was renamed
+    in). A folder still locked belongs to a conversion that is running: left alone."""
+    for p in sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(
+            out.parent.glob(f".{out.name}.converting-*")):
+        fd = _lock_dir(p) if p.is_dir() else None
+        if fd is None:
+            continue
+        try:
+            if ".old-" in p.name and (p / out.name).is_dir() and not out.exists():
+                os.rename(p / out.name, out)  # the old dataset, back where it was
+            shutil.rmtree(p)
+            print(f"removed {p}, left by a conversion that did not finish", file=sys.stderr)
+        finally:
+            os.close(fd)
+
+
 def _ours(name: str) -> bool:
     """A file the converter writes (or left half-written) in an output directory."""
     return name == MANIFEST or name.startswith(MANIFEST + ".tmp") or (
@@ -91,6 +125,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    trash_lock = _lock_dir(trash)  # a conversion starting meanwhile leaves it alone
     os.rename(out, trash / out.name)
     try:
         os.rename(tmp, out)
@@ -101,6 +136,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if not _ours(p.name):
             os.rename(p, out / p.name)
     shutil.rmtree(trash, ignore_errors=True)
+    if trash_lock is not None:
+        os.close(trash_lock)
 
 
 def _num_shards(valid: int, nbytes: int, shards: int | None, shard_size_mb: float | None
@@ -179,11 +216,12 @@ def convert_dataset(
             "allow_missing_labels": allow_missing_labels}
 
     # 1. plan on rank 0, scatter contiguous chunks of the sorted items
-    plan, err, tmp = None, None, None
+    plan, err, tmp, tmp_lock = None, None, None, None
     if rank == 0:
         try:
             plan = _read_plan(fmt, source, opts)
             tmp = _prepare_out(out, overwrite)  # every rank writes here; rank 0 swaps it in
+            tmp_lock = _lock_dir(tmp)  # held to the end: marks the folder as in use
         except ConversionError as e:
             err = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must learn about the failure
@@ -317,6 +355,9 @@ def convert_dataset(
         if rank == 0:  # the old dataset (if any) is untouched: drop the unfinished one
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if tmp_lock is not None:
+            os.close(tmp_lock)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
