@@ -24,9 +24,11 @@ class ConfigError(ValueError):
     """A config key, value or type that cannot work; the message names the key and the value."""
 
 
-# Gradient compression names (hvd_yolo.dist maps them to Horovod's compressors; the DDP
-# benchmark baseline to its comm hooks).
-COMPRESSIONS = ("none", "fp16")
+# Gradient compression names (hvd_yolo.dist maps them to Horovod's compressors, powersgd to
+# hvd_yolo.powersgd's optimizer; the DDP benchmark baseline to its comm hooks).
+COMPRESSIONS = ("none", "fp16", "powersgd")
+# How the ranks' models are kept together (hvd_yolo.sync builds the optimizer for each).
+SYNCS = ("allreduce", "local")
 
 
 @dataclass
@@ -81,7 +83,21 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    compression: str = "fp16"  # none | fp16
+    # none | fp16 | powersgd (low-rank gradients with error feedback, dist.powersgd_rank)
+    compression: str = "fp16"
+    # allreduce: gradients averaged every step | local: each rank steps on its own gradients and
+    # the weights are averaged every dist.local_steps steps (local SGD)
+    sync: str = "allreduce"
+    local_steps: int = 4  # dist.sync=local: optimizer steps between weight averages
+    # dist.sync=local: plain gradient allreduce for the first N optimizer steps (post-local SGD)
+    sync_warmup_steps: int = 0
+    # dist.sync=local: average the optimizer state (momentum) with the weights too (doubles the
+    # bytes of each average; always done before a checkpoint)
+    local_sync_momentum: bool = False
+    powersgd_rank: int = 4  # dist.compression=powersgd: rank r of each compressed gradient matrix
+    # dist.compression=powersgd: plain fp32 gradient allreduce before this optimizer step (the
+    # LR warm-up's, by default)
+    powersgd_start_step: int = 100
     op: str = "average"  # average | adasum (LR not scaled by world size; needs optim.clip_grad=0)
     sync_bn: bool = False  # BatchNorm statistics over all ranks (Horovod SyncBatchNorm)
     threads: int | None = None  # CPU threads per rank (default cores // local ranks)
@@ -140,6 +156,7 @@ class Config:
         checks = {
             "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
             "dist.op": (self.dist.op, {"average", "adasum"}),
+            "dist.sync": (self.dist.sync, set(SYNCS)),
             "optim.name": (self.optim.name, {"sgd", "adamw"}),
             "data.tail": (self.data.tail, {"pad", "drop"}),
             "data.on_corrupt": (self.data.on_corrupt, {"skip", "error"}),
@@ -154,6 +171,7 @@ class Config:
                 f"dist.op=adasum with optim.clip_grad={self.optim.clip_grad}: Adasum updates each "
                 f"parameter inside its backward hook, before the whole gradient (and its norm) "
                 f"exists, so it cannot clip: set optim.clip_grad=0")
+        check_sync(self.dist)
         if self.dist.stall_shutdown_s and self.dist.stall_shutdown_s <= self.dist.stall_warning_s:
             raise ConfigError(f"dist.stall_shutdown_s={self.dist.stall_shutdown_s} must exceed "
                               f"dist.stall_warning_s={self.dist.stall_warning_s} (or be 0: never)")
@@ -183,6 +201,10 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "dist.threads": (1, None, True, True),
     "dist.fusion_threshold_mb": (0, None, True, True),
     "dist.cycle_time_ms": (0, None, False, True),
+    "dist.local_steps": (1, None, True, True),
+    "dist.sync_warmup_steps": (0, None, True, True),
+    "dist.powersgd_rank": (1, None, True, True),
+    "dist.powersgd_start_step": (0, None, True, True),
     "dist.stall_warning_s": (0, None, False, True),
     "dist.stall_shutdown_s": (0, None, True, True),
     "eval.every": (0, None, True, True),
@@ -195,6 +217,18 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "run.keep_last": (1, None, True, True),
     "run.max_steps": (0, None, True, True),
 }
+
+
+def check_sync(d: DistConfig) -> None:
+    """Refuse the combinations of sync, compression and op that have no meaning together."""
+    if d.sync == "local" and d.compression == "powersgd":
+        raise ConfigError("dist.sync=local with dist.compression=powersgd: local SGD averages "
+                          "weights, not gradients; use dist.compression=none or fp16 (its "
+                          "warm-up gradient allreduce)")
+    if d.op == "adasum" and (d.sync == "local" or d.compression == "powersgd"):
+        what = "dist.sync=local" if d.sync == "local" else "dist.compression=powersgd"
+        raise ConfigError(f"dist.op=adasum with {what}: Adasum is Horovod's own optimizer; use "
+                          f"dist.op=average")
 
 
 def check_ranges(cfg: Config) -> None:

@@ -191,7 +191,10 @@ def nonfinite_ranks(stop: bool, bad_batch: int | None, name: str) -> tuple[bool,
 
 def compressor(name: str) -> Any:
     """Horovod's compressor for a name of ``config.COMPRESSIONS`` (the one table)."""
-    table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
+    # powersgd is its own optimizer (hvd_yolo.powersgd): its factors and the tensors it leaves
+    # uncompressed go through plain fp32 allreduces.
+    table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
+             "powersgd": hvd.Compression.none}
     assert set(table) == set(COMPRESSIONS), "config.COMPRESSIONS and this table must agree"
     if name not in table:
         raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {name!r}")
@@ -211,6 +214,8 @@ def distributed_optimizer(
     communication overlaps the rest of the backward pass. ``accumulate`` maps to
     ``backward_passes_per_step`` (allreduce once every k backward passes).
     """
+    if compression == "powersgd":
+        raise ValueError("powersgd is not a Horovod compressor: hvd_yolo.sync builds its optimizer")
     ops = {"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}
     if op not in ops:
         raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
@@ -288,12 +293,22 @@ def build_info() -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------ raw collectives (benchmarks)
+# ------------------------------------------- raw collectives (benchmarks, PowerSGD, local SGD)
 
 
 def allreduce_(tensor: torch.Tensor, name: str, average: bool = True) -> torch.Tensor:
     """In-place allreduce of ``tensor`` (any dtype Horovod supports, fp16 included)."""
     return hvd.allreduce_(tensor, name=name, op=hvd.Average if average else hvd.Sum)
+
+
+def allreduce_async_(tensor: torch.Tensor, name: str) -> int:
+    """Start averaging ``tensor`` over ranks in place; returns the handle :func:`wait` takes."""
+    return hvd.allreduce_async_(tensor, name=name, op=hvd.Average)
+
+
+def wait(handle: int) -> torch.Tensor:
+    """Wait for an allreduce started by :func:`allreduce_async_`; returns its tensor."""
+    return hvd.synchronize(handle)
 
 
 def grouped_allreduce_(tensors: list[torch.Tensor], name: str, compression_name: str = "none",

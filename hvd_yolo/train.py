@@ -6,7 +6,9 @@ One optimizer step:
   -> forward, loss, backward: each gradient's allreduce starts from its backward hook
      (hvd.DistributedOptimizer with named_parameters; fp16-compressed by default)
   -> after ``accumulate`` backward passes: synchronize (wait for the allreduces), clip,
-     step, EMA update
+     step, EMA update (``dist.compression=powersgd``: low-rank gradients, hvd_yolo.powersgd;
+     ``dist.sync=local``: no gradient allreduce, the weights averaged every
+     ``dist.local_steps`` steps and before every checkpoint, hvd_yolo.local_sgd)
   -> every ``log_every`` steps (0: the last step only): average the step's loss parts (the
      mean over its ``accumulate`` micro-batches) over ranks; rank 0 logs them.
 Rank 0 alone prints, logs and writes checkpoints; every rank runs every collective.
@@ -31,13 +33,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo import checkpoint, dist
+from hvd_yolo import checkpoint, dist, sync
 from hvd_yolo.config import Config
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
+from hvd_yolo.local_sgd import LocalSGDOptimizer
 from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
@@ -282,6 +285,11 @@ class Run:
     t_last: float = 0.0
     images_since: int = 0
 
+    @property
+    def local(self) -> LocalSGDOptimizer | None:
+        """The optimizer of ``dist.sync=local`` (it averages the weights), else None."""
+        return self.optimizer if isinstance(self.optimizer, LocalSGDOptimizer) else None
+
 
 def setup(cfg: Config, timeline: str | None) -> Run:
     """Horovod, the out_dir, the datasets, the model and optimizer, the sampler (every rank)."""
@@ -336,8 +344,9 @@ def setup(cfg: Config, timeline: str | None) -> Run:
     # LR scales with the global batch (averaged gradients); Adasum combines updates instead.
     base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, device) * acc
     # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
-    # carried over), so a checkpoint's optimizer state is loaded into the wrapper.
-    optimizer = dist.distributed_optimizer(optimizer, model, cfg.dist.compression, acc, cfg.dist.op)
+    # carried over), so a checkpoint's optimizer state is loaded into the wrapper. PowerSGD and
+    # local SGD wrap it instead (hvd_yolo.sync).
+    optimizer = sync.distributed_optimizer(optimizer, model, cfg.dist, acc, cfg.run.seed)
     return Run(cfg, ctx, out_dir, ckpt_dir, lock, watch, rank_log, hvd_env, train_ds, val_ds,
                model, criterion, optimizer, ema, scaler, use_amp, adasum, canvas, sampler,
                batches_per_epoch, steps_per_epoch, total_steps, stop_at, base_lr)
@@ -362,8 +371,14 @@ def save_checkpoint(run: Run, epoch: int, batches_done: int) -> Path | None:
     """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch`` (every rank
     calls it: the BatchNorm statistics are averaged first); returns its path on rank 0."""
     run.watch.progress("averaging BatchNorm statistics, writing a checkpoint", run.step)
-    # Horovod: BatchNorm running statistics (model and EMA) averaged over ranks.
-    dist.average_buffers([run.model, *([run.ema.ema] if run.ema else [])], "hvd_yolo.train.buffers")
+    if run.local is not None:
+        # Horovod: local SGD: weights, buffers, optimizer state and EMA averaged over ranks (a
+        # checkpoint is taken right after an average: every rank holds the model it saves).
+        run.local.average_all(run.ema.ema if run.ema else None)
+    else:
+        # Horovod: BatchNorm running statistics (model and EMA) averaged over ranks.
+        dist.average_buffers([run.model, *([run.ema.ema] if run.ema else [])],
+                             "hvd_yolo.train.buffers")
     if not run.ctx.is_root:
         return None
     if batches_done:  # the sampler counts from where this epoch's iteration started
@@ -408,8 +423,10 @@ def log_step(run: Run, values: torch.Tensor, epoch: int, size: int, bar: Any) ->
     now = time.perf_counter()
     img_s = run.images_since * run.ctx.size / max(now - run.t_last, 1e-9)
     run.t_last, run.images_since = now, 0
+    sent = sync.bytes_sent(run.optimizer)  # PowerSGD, local SGD: rank 0's allreduce payload
     run.log.write({"type": "step", "step": run.step, "epoch": epoch, "lr": run.lr, "size": size,
-                   "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3], "img_s": img_s})
+                   "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3], "img_s": img_s,
+                   **({"bytes_sent": sent} if sent is not None else {})})
     if bar is not None:
         bar.set_postfix(loss=f"{avg[0]:.3f}", box=f"{avg[1]:.3f}", obj=f"{avg[2]:.3f}",
                         cls=f"{avg[3]:.3f}", lr=f"{run.lr:.2e}", img_s=f"{img_s:.1f}", size=size)
@@ -476,6 +493,8 @@ def train_one_epoch(run: Run, epoch: int) -> int:
                 scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad()
+        if run.local is not None:
+            run.local.after_step()  # Horovod: every dist.local_steps steps, weights averaged
         if run.ema is not None:
             run.ema.update(model)
         run.step += 1
@@ -517,13 +536,15 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     start = resume_state(resume, cfg, ctx, run.model, run.optimizer, run.ema, run.scaler,
                          run.sampler, run.train_ds.class_names, run.batches_per_epoch)
     run.step, run.best_map = start.step, start.best_map
+    sync.start_at(run.optimizer, run.step)  # PowerSGD's start step, local SGD's warm-up
     make_loaders(run)
     if ctx.is_root:
         print(f"training {cfg.model.name} ({len(run.train_ds.class_names)} classes) on {ctx.size} "
               f"rank(s), {len(run.train_ds)} images, {run.steps_per_epoch} steps/epoch x "
               f"{cfg.optim.epochs} epochs, global batch "
               f"{cfg.optim.batch_size * ctx.size * cfg.optim.accumulate}, lr {run.base_lr:g}, "
-              f"op {cfg.dist.op}, compression {cfg.dist.compression}; "
+              f"op {cfg.dist.op}, compression {cfg.dist.compression}, sync {cfg.dist.sync}"
+              + (f" every {cfg.dist.local_steps} steps" if cfg.dist.sync == "local" else "") + "; "
               + (" ".join(f"{k}={v}" for k, v in run.hvd_env.items()) or "Horovod defaults"),
               flush=True)
 

@@ -67,6 +67,28 @@ def test_bench_train_no_overlap_accumulate(tmp_path, backend):
 
 
 @pytest.mark.mpi
+def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
+    """PowerSGD rank 1 (from the first step) and local SGD every 2 steps report the payload
+    their optimizers sent over the timed steps: PowerSGD's is exactly its P, Q and
+    uncompressed tensors per step; local SGD's is one fp32 average of the parameters and
+    BatchNorm statistics every 2 steps."""
+    from hvd_yolo.model.yolov3 import build_model
+    from hvd_yolo.powersgd import wire_elements
+
+    model = build_model("yolov3-tiny", 3)
+    ps = _train(tmp_path, "--compression", "powersgd", "--powersgd-rank", "1")
+    _check_common(ps, 2)  # every rank applies the same update
+    assert ps["allreduce_bytes_counted"] and ps["powersgd_rank"] == 1
+    assert ps["allreduce_bytes_per_step"] == 4 * sum(wire_elements(p.shape, 1)
+                                                     for p in model.parameters())
+    assert ps["allreduce_bytes_per_step"] < ps["parameters"] / 10  # < 1/20 of fp16's bytes
+    local = _train(tmp_path, "--sync", "local", "--local-steps", "2")
+    assert local["allreduce_bytes_counted"] and local["local_steps"] == 2
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    assert local["allreduce_bytes_per_step"] == 4 * (ps["parameters"] + buffers) / 2
+
+
+@pytest.mark.mpi
 def test_bench_train_one_rank(tmp_path):
     r = _train(tmp_path, "--threads", "1", np=1)
     _check_common(r, 1)

@@ -78,7 +78,8 @@ def test_ranges_and_choices() -> None:
     assert error("optim.lr=0") == "optim.lr=0.0: must be > 0"
     assert error("augment.hsv=[0.1, -1, 0]") == "augment.hsv=(0.1, -1.0, 0.0): must be >= 0"
     assert error("data.workers=-1") == "data.workers=-1: must be >= 0"
-    assert "dist.compression='fp8': must be one of ['fp16', 'none']" in error("dist.compression=fp8")
+    assert ("dist.compression='fp8': must be one of ['fp16', 'none', 'powersgd']"
+            in error("dist.compression=fp8"))
     assert "data.on_corrupt='ignore'" in error("data.on_corrupt=ignore")
     assert "optim.name='lamb'" in error("optim.name=lamb")
     assert "unknown key(s) ['lr_max']" in error("optim.lr_max=1")

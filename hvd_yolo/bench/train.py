@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.cli import UsageError
-from hvd_yolo.config import COMPRESSIONS
+from hvd_yolo.config import COMPRESSIONS, SYNCS, DistConfig
 
 MODELS = ("yolov3-tiny", "yolov3")
 # Two-sided 95% Student t quantiles for n-1 degrees of freedom (1..30); 1.96 beyond.
@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="yolo: the real YoloLoss on random boxes; sumsq: sum of squared outputs")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none")
     p.add_argument("--overlap", choices=("on", "off"), default="on")
+    p.add_argument("--sync", choices=SYNCS, default="allreduce",
+                   help="local: each rank steps on its own gradients, weights averaged every "
+                        "--local-steps steps (Horovod only, --overlap on)")
+    p.add_argument("--local-steps", type=int, default=4, help="--sync local: steps per average")
+    p.add_argument("--powersgd-rank", type=int, default=4, help="--compression powersgd: rank r")
+    p.add_argument("--powersgd-start-step", type=int, default=0,
+                   help="--compression powersgd: plain allreduce before this step (warm-up "
+                        "iterations count)")
     p.add_argument("--iterations", type=int, default=10, help="timed iterations")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--threads", type=int, default=None,
@@ -187,6 +195,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.size % 32 or args.size < 32:
         raise UsageError(f"--size must be a positive multiple of 32, got {args.size}")
+    for name in ("local_steps", "powersgd_rank"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.backend == "ddp" and (args.sync == "local" or args.compression == "powersgd"):
+        raise UsageError(f"--sync {args.sync} --compression {args.compression}: hvd_yolo's "
+                         f"local SGD and PowerSGD run on --backend horovod")
+    if args.sync == "local" and args.compression == "powersgd":
+        raise UsageError("--sync local averages weights: use --compression none or fp16")
+    if (args.sync == "local" or args.compression == "powersgd") and args.overlap == "off":
+        raise UsageError(f"--sync {args.sync} --compression {args.compression} has its own "
+                         f"optimizer: use --overlap on")
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
         from hvd_yolo.dist import horovod_settings
@@ -240,8 +259,12 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         from hvd_yolo import dist
 
         if args.overlap == "on":
-            opt = dist.distributed_optimizer(opt, model, compression=args.compression,
-                                             accumulate=k)
+            from hvd_yolo import sync
+
+            opt = sync.distributed_optimizer(opt, model, DistConfig(
+                compression=args.compression, sync=args.sync, local_steps=args.local_steps,
+                powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step),
+                accumulate=k, seed=args.seed)
         else:
             from hvd_yolo import dist as hvd_ext
         dist.broadcast_state(model, opt)
@@ -288,7 +311,11 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         opt.zero_grad()
         _sync(device)
         t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, time.thread_time() - m0
+        if args.sync == "local":
+            opt.after_step()  # local SGD's weight average counts as communication
+        t4 = time.perf_counter()
+        return (t1 - t0, t2 - t1 + t4 - t3, t3 - t2, time.process_time() - c0,
+                time.thread_time() - m0)
 
     for _ in range(args.warmup):
         one_iteration()
@@ -299,6 +326,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
 
         _hvd.start_timeline(str(Path(args.timeline).resolve()))
     rows = []
+    sent_before = getattr(opt, "bytes_sent", None)
     t_start = time.perf_counter()
     for i in range(args.iterations):
         rows.append(one_iteration())
@@ -317,12 +345,13 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     # compare a sample of every parameter tensor exactly.
     fingerprint = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 16)].float().cpu()
                              for p in params]).tolist()
+    sent = None if sent_before is None else (opt.bytes_sent - sent_before) / args.iterations
     per_rank = comm.allgather_object({"rows": rows, "wall": wall, "fingerprint": fingerprint})
-    return _summarize(args, comm, model, per_rank)
+    return _summarize(args, comm, model, per_rank, sent)
 
 
 def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module,
-               per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+               per_rank: list[dict[str, Any]], sent: float | None = None) -> dict[str, Any]:
     imgs = args.batch_size * args.accumulate
     n_iter = args.iterations
     # One optimizer step is as slow as its slowest rank: per-iteration time = max over ranks.
@@ -348,6 +377,11 @@ def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module
         "loss": args.loss,
         "compression": args.compression,
         "overlap": args.overlap,
+        "sync": args.sync,
+        "local_steps": args.local_steps if args.sync == "local" else None,
+        "powersgd_rank": args.powersgd_rank if args.compression == "powersgd" else None,
+        "powersgd_start_step": (args.powersgd_start_step if args.compression == "powersgd"
+                                else None),
         "iterations": n_iter,
         "warmup": args.warmup,
         "world_size": comm.size,
@@ -359,8 +393,12 @@ def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module
         "env": launch_env(),
         "parameters": n_params,
         "gradient_tensors": sum(1 for p in model.parameters() if p.requires_grad),
-        # What one rank sends into the allreduce per optimizer step (0 on one rank).
-        "allreduce_bytes_per_step": n_params * bytes_per_value if comm.size > 1 else 0,
+        # What one rank sends into the allreduce per optimizer step (0 on one rank): counted
+        # by PowerSGD's and local SGD's optimizers over the timed steps (local SGD: its
+        # averages amortised over them), else parameters x bytes per value.
+        "allreduce_bytes_per_step": (0 if comm.size == 1 else sent if sent is not None
+                                     else n_params * bytes_per_value),
+        "allreduce_bytes_counted": sent is not None and comm.size > 1,
         "img_per_sec_per_rank": mean,
         "img_per_sec_per_rank_ci95": ci,
         "img_per_sec_total": mean * comm.size,
@@ -398,6 +436,7 @@ def _report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     wait_s = "n/a (inside backward)" if wait is None else f"{wait * 1000:.1f} ms/step"
     print(f"bench train: {r['backend']} {r['model']} {r['size']}px batch {r['batch']}x"
           f"{r['accumulate']} compression={r['compression']} overlap={r['overlap']} "
+          f"sync={r['sync']} "
           f"ranks={r['world_size']} threads={r['threads']['intra_op']}")
     print(f"img/s per rank: {r['img_per_sec_per_rank']:.2f} +- "
           f"{r['img_per_sec_per_rank_ci95']:.2f} (95% CI)")

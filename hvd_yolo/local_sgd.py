@@ -1,0 +1,87 @@
+"""Local SGD (hybrid synchronisation): each rank steps on its own gradients, and every
+``local_steps`` optimizer steps one grouped allreduce averages the weights.
+
+What is averaged: the parameters and the floating-point buffers (BatchNorm statistics), and,
+with ``sync_momentum``, the optimizer's floating-point state (SGD momentum, AdamW moments).
+For the first ``warmup_steps`` steps the gradients are averaged instead, every step, by one
+grouped allreduce after backward (post-local SGD, Lin et al., ICLR 2020). Before a checkpoint
+or an evaluation :meth:`LocalSGDOptimizer.average_all` averages everything, the EMA included,
+so a checkpoint always holds the one model every rank has. Gradient clipping clips each rank's
+own gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hvd_yolo import dist
+from hvd_yolo.sync import WrappedOptimizer
+
+
+def float_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's floating-point state tensors, in parameter order (momentum, moments)."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                    out.append(value)
+    return out
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and floating-point buffers (BatchNorm running statistics)."""
+    return [p.data for p in model.parameters()] + [
+        b for b in model.buffers() if b.is_floating_point()]
+
+
+class LocalSGDOptimizer(WrappedOptimizer):
+    """Wraps a torch optimizer for ``dist.sync=local``; the loop calls ``synchronize()`` before
+    the step and ``after_step()`` after it, on every rank."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                 local_steps: int = 4, warmup_steps: int = 0, sync_momentum: bool = False,
+                 compression: str = "fp16") -> None:
+        super().__init__(optimizer)
+        self.model, self.local_steps, self.warmup_steps = model, local_steps, warmup_steps
+        self.sync_momentum, self.compression = sync_momentum, compression
+        self.averages = 0  # weight averages taken (every rank)
+
+    def synchronize(self) -> None:
+        """During the warm-up, average the gradients; afterwards each rank keeps its own."""
+        if self.steps < self.warmup_steps:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            # Horovod: the warm-up's gradients averaged in one grouped allreduce
+            dist.grouped_allreduce_(grads, "local_sgd.grads", self.compression)
+            self.bytes_sent += sum(g.numel() for g in grads) * (
+                2 if self.compression == "fp16" else 4)
+        self.steps += 1
+
+    def due(self) -> bool:
+        """Whether the step just taken ends a local period (every rank decides the same)."""
+        local = self.steps - self.warmup_steps
+        return local > 0 and local % self.local_steps == 0
+
+    def after_step(self) -> bool:
+        """Average the weights if this step ends a local period; returns whether it did."""
+        if not self.due():
+            return False
+        tensors = model_tensors(self.model)
+        if self.sync_momentum:
+            tensors += float_state(self.optimizer)
+        self._average(tensors)
+        return True
+
+    def average_all(self, ema: torch.nn.Module | None = None) -> None:
+        """Average the weights, buffers, optimizer state and ``ema``'s weights and buffers:
+        before a checkpoint or an evaluation, so every rank holds the same model."""
+        tensors = model_tensors(self.model) + float_state(self.optimizer)
+        if ema is not None:
+            tensors += [t for t in ema.state_dict().values() if t.is_floating_point()]
+        self._average(tensors)
+
+    def _average(self, tensors: list[torch.Tensor]) -> None:
+        # Horovod: one grouped allreduce (fp32) averages all of them
+        dist.grouped_allreduce_(tensors, "local_sgd.average", "none")
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        self.averages += 1

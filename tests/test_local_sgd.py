@@ -1,0 +1,159 @@
+"""Local SGD (dist.sync=local, hvd_yolo.local_sgd) through `hvd-yolo train` on 2 real ranks:
+k=1 is synchronous SGD, k>1 keeps the ranks apart between averages and together right after
+each, and a run killed with -9 resumes on the uninterrupted run's trajectory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hvd_yolo import checkpoint
+from hvd_yolo.launch import hvd_yolo_argv
+from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import train_args
+from tests.mpi_harness import mpirun_argv, run_cli, run_job
+from tests.test_resume import kill_ranks, losses, resumed_line
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks."""
+    return synthetic_shards(tmp_path_factory.mktemp("data"), 40, seed=5, shards=3,
+                            size_range=(96, 128))
+
+
+def args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return train_args(shards, out, "--set", "optim.clip_grad=0", *extra, size=64, epochs=5)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    state = checkpoint.load(path)
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"ema.{k}": v for k, v in state["ema"]["model"].items()}}
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if not a[key].is_floating_point():
+            assert torch.equal(a[key], b[key]), key
+            continue
+        scale = float(a[key].abs().max()) or 1.0
+        diff = float((a[key] - b[key]).abs().max())
+        assert diff <= rel * scale, (key, diff, scale)
+
+
+def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -> None:
+    """dist.sync=local with local_steps=1 (weights averaged after every step) ends with the
+    weights and EMA of gradient allreduce (fp32, no clipping: SGD's update is linear in the
+    gradient and momentum), per tensor to 1e-4 of its scale, and logs the same losses.
+    model.freeze_bn: BatchNorm over 2 images of 64 px (2x2 maps in the last layers) amplifies
+    float rounding differences to 1e-4 within 3 steps; with it the runs agree to 1e-6."""
+    sync, local = tmp_path / "sync", tmp_path / "local"
+    common = ("--set", "run.max_steps=5", "--set", "dist.compression=none",
+              "--set", "model.freeze_bn=true")
+    run_cli(args(shards, sync, *common), np=2, timeout=300)
+    run_cli(args(shards, local, *common, "--set", "dist.sync=local", "--set",
+                 "dist.local_steps=1"), np=2, timeout=300)
+    assert_close(weights(sync / "checkpoints" / "last.pt"),
+                 weights(local / "checkpoints" / "last.pt"), 1e-4)
+    a, b = losses(sync), losses(local)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+
+
+SPY = """
+import sys
+from hvd_yolo import local_sgd
+
+# Every rank prints a checksum of its weights before and after each average (product code runs).
+cls = local_sgd.LocalSGDOptimizer
+after_step, average_all = cls.after_step, cls.average_all
+
+
+def checksum(opt):
+    return repr(sum(float(p.double().sum()) for p in opt.model.parameters()))
+
+
+def spy_after_step(self):
+    before = checksum(self)
+    done = after_step(self)
+    if done:
+        print(f"average step={self.steps} before={before} after={checksum(self)}", flush=True)
+    return done
+
+
+def spy_average_all(self, ema=None):
+    average_all(self, ema)
+    print(f"save step={self.steps} after={checksum(self)}", flush=True)
+
+
+cls.after_step, cls.average_all = spy_after_step, spy_average_all
+from hvd_yolo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def averages(res, rank: int) -> list[dict[str, str]]:
+    return [dict(part.split("=", 1) for part in line.split()[1:]) | {"kind": line.split()[0]}
+            for line in res.rank_lines(rank) if line.startswith(("average ", "save "))]
+
+
+def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path,
+                                                                 tmp_path: Path) -> None:
+    """local_steps=3 after 2 warm-up steps of gradient allreduce: averages at steps 5 and 8
+    (and before the step-8 checkpoint); before each, the ranks' weights differ (each stepped on
+    its own gradients); right after, they are identical."""
+    out = tmp_path / "run"
+    res = run_job([sys.executable, "-c", SPY, *args(
+        shards, out, "--set", "dist.sync=local", "--set", "dist.local_steps=3",
+        "--set", "dist.sync_warmup_steps=2", "--set", "run.max_steps=8")], np=2, timeout=300)
+    r0, r1 = averages(res, 0), averages(res, 1)
+    assert [(a["kind"], a["step"]) for a in r0] == [("average", "5"), ("average", "8"),
+                                                    ("save", "8")], res.output
+    assert [(a["kind"], a["step"]) for a in r1] == [(a["kind"], a["step"]) for a in r0]
+    for a, b in zip(r0, r1):
+        assert a["after"] == b["after"], (a, b)
+        if a["kind"] == "average":
+            assert a["before"] != b["before"], (a, b)
+    assert "sync local every 3 steps" in res.output
+
+
+def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_path: Path) -> None:
+    """kill -9 after the step-4 checkpoint (mid local period: averages every 3 steps), resume
+    with --resume auto: every step's loss up to 8 and the step-8 weights and EMA match an
+    uninterrupted run (a checkpoint is taken right after an average of everything, momentum
+    included, so the resumed ranks start where the uninterrupted ones were)."""
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    common = ("--set", "run.checkpoint_every=2", "--set", "dist.sync=local",
+              "--set", "dist.local_steps=3")
+    run_cli(args(shards, ref, *common, "--set", "run.max_steps=8"), np=2, timeout=300)
+    proc = subprocess.Popen(mpirun_argv(2) + hvd_yolo_argv(*args(shards, cut, *common)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = cut / "checkpoints" / "step-00000004.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    kill_ranks(proc, cut)
+    output = proc.communicate()[0].decode(errors="replace")
+    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + output
+    res = run_cli(args(shards, cut, *common, "--set", "run.max_steps=8", "--resume", "auto"),
+                  np=2, timeout=300)
+    resumed_at = int(resumed_line(res).split("step ")[1].split()[0])
+    assert resumed_at in (4, 6), res.output
+    a, b = losses(ref), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 9)), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert_close(weights(ref / "checkpoints" / "last.pt"), weights(cut / "checkpoints" / "last.pt"),
+                 1e-4)
