@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         if e.show:
             print(f"{prog_name(args)}: error: {e}", file=sys.stderr, flush=True)
         return e.code
+    except Exception as e:
+        if type(e).__name__ != "HorovodInternalError":
+            raise
+        # Horovod shut down under this rank because another rank failed: that rank printed why.
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "?"))
+        print(f"{prog_name(args)}: error: rank {rank}: stopped, another rank failed (its error "
+              "is printed above)", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

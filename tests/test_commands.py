@@ -8,12 +8,14 @@ images and must find the same boxes, drawing one PNG per image.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.datagen import flip_image_bytes
 from tests.mpi_harness import run_cli
 
 pytestmark = pytest.mark.mpi
@@ -52,6 +54,19 @@ def test_eval_on_two_ranks_equals_one_rank(trained: dict[str, Path], tmp_path: P
     dets = json.loads((tmp_path / "dets2.json").read_text())
     assert len(dets) == figures[2]["detections"]
     assert dets and set(dets[0]) >= {"image_id", "category_id", "bbox", "score"}
+
+
+def test_eval_on_a_corrupt_image_names_it_and_fails_on_every_rank(trained: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    shutil.copytree(trained["val"], val)
+    file, j, name = flip_image_bytes(val, 4)
+    res = run_cli(["eval", "--checkpoint", str(trained["checkpoint"]), "--data", str(val)],
+                  np=2, timeout=300, check=False)
+    assert res.returncode == 1 and not res.timed_out, res.output
+    assert "hvd-yolo eval: error: rank " in res.output
+    assert f"{file} sample {j} ({name!r}): CRC32 mismatch" in res.output
+    assert "Traceback" not in res.output
 
 
 def detect(trained: dict[str, Path], source: Path, out: Path, draw: Path | None = None

@@ -19,7 +19,7 @@ from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.shards.format import CorruptSample, ShardError
 from hvd_yolo.shards.verify import verify_shards
 from hvd_yolo.shards.writer import SampleRecord, write_manifest, write_shard
-from tests.fixtures.datagen import image_bytes, synthetic_shards
+from tests.fixtures.datagen import flip_image_bytes, image_bytes, synthetic_shards
 from tests.mpi_harness import run_cli
 
 BAD = 5  # the sample whose JPEG bytes get flipped (shard 1, index 1 with 8 samples in 4 shards)
@@ -36,21 +36,6 @@ def copy(shards: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(shards, dst)
     return dst
-
-
-def flip_image_bytes(root: Path, index: int, count: int = 8) -> tuple[str, int, str]:
-    """Flip ``count`` bytes in the middle of global sample ``index``'s JPEG; returns (shard file,
-    index in the shard, file name)."""
-    ds = ShardDataset(root)
-    s, j = ds.locate(index)
-    path = ds._paths[s]
-    name = ds._index[s].names[j]
-    a, b = (int(v) for v in ds._index[s].image_offsets[j:j + 2])
-    ds.close()
-    with h5py.File(path, "r+") as f:
-        mid = (a + b) // 2
-        f["images/bytes"][mid:mid + count] ^= np.uint8(0xFF)
-    return path.name, j, name
 
 
 def test_index_tables_are_checked_at_open(shards: Path, tmp_path: Path) -> None:

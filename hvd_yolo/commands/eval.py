@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from hvd_yolo import config
-from hvd_yolo.cli import UsageError, write_json
+from hvd_yolo.cli import RunError, UsageError, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.dataset import ShardDataset
     from hvd_yolo.evaluate import evaluate, make_eval_loader
-    from hvd_yolo.shards.format import ShardError
+    from hvd_yolo.shards.format import ShardError, error_text
 
     ctx = dist.init()
     # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.
@@ -42,8 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if list(ds.class_names) != list(state["class_names"]):
         raise UsageError(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
                          f"{state['class_names']}", show=ctx.is_root)
-    figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg, ctx.device,
-                       results_path=args.results)
+    try:
+        figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg,
+                           ctx.device, results_path=args.results)
+    except ShardError as e:  # a corrupt image: named, no traceback; mpirun ends the other ranks
+        raise RunError(f"rank {ctx.rank}: {error_text(e)} (an evaluation scores every image: "
+                       f"`hvd-yolo shards verify {args.data}` lists the damage; convert the set "
+                       "again)") from None
     if ctx.is_root and args.json == "-":
         write_json("-", figures)
     elif ctx.is_root:
