@@ -15,6 +15,8 @@ started from its login node like a real job. Sections:
              (benchmarks/scaling_model.py) is checked against.
   train      2 nodes x 1 rank at 1 Gbit/s, Gloo, `hvd-yolo bench train` yolov3-tiny 320:
              fp32 vs fp16, overlap on/off, accumulate 1 vs 4; and 1 rank alone (efficiency).
+  comm       the same 2 nodes at 1 Gbit/s: synchronous fp16 vs PowerSGD rank 4 vs local SGD
+             k=4 (8 timed steps: two averages), and 1 rank alone; bytes per step as counted.
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
@@ -187,6 +189,51 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
+COMM_CONFIGS = {  # name -> bench train options (section comm)
+    "fp16_sync": ["--compression", "fp16"],
+    "powersgd_r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
+    "local_k4": ["--compression", "fp16", "--sync", "local", "--local-steps", "4"],
+}
+
+
+def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Synchronisation modes at 1 Gbit/s: img/s, 2-node efficiency, bytes per step."""
+    bring_up(2, "1gbit")
+    common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
+              "--threads", "1", "--iterations", "4" if args.quick else "8", "--warmup", "2",
+              "--quiet"]
+    names = ["single", *COMM_CONFIGS]
+    per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            out = work / f"comm_{name}_r{r}.json"
+            if name == "single":
+                argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
+            else:
+                argv = job_argv("gloo", 2, hosts_of(2),
+                                [*common, *COMM_CONFIGS[name], "--json", str(out)])
+            rc = run(argv, 900, work / f"comm_{name}_r{r}.log")
+            if rc == 0 and out.exists():
+                rec = json.loads(out.read_text())
+                per[name].append({k: rec.get(k) for k in KEEP})
+            print(f"  comm {name} round {r}: rc {rc} "
+                  f"{per[name][-1]['img_per_sec_total'] if per[name] else ''}", flush=True)
+    cluster.down(NAME)
+    result: dict[str, Any] = {}
+    for name, recs in per.items():
+        if recs:
+            result[name] = {k: statistics.median(rec[k] for rec in recs) for k in KEEP
+                            if recs[0].get(k) is not None}
+            result[name]["rounds"] = len(recs)
+            result[name]["img_per_sec_rounds"] = [rec["img_per_sec_total"] for rec in recs]
+    if "single" in result:
+        for name in COMM_CONFIGS:
+            if name in result:
+                result[name]["efficiency"] = (result[name]["img_per_sec_total"]
+                                              / (2 * result["single"]["img_per_sec_total"]))
+    return result
+
+
 def bring_up(nodes: int, rate: str) -> None:
     cluster.down(NAME)
     cluster.up(cluster.Spec(name=NAME, nodes=nodes, link=rate, subnet=SUBNET))
@@ -212,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                            "load_before": os.getloadavg()},
                   created=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rounds=args.rounds,
                   command=" ".join(["benchmarks/cluster_bench.py", *(argv or sys.argv[1:])]))
-    sections = {"allreduce": section_allreduce, "nodes": section_nodes, "train": section_train}
+    sections = {"allreduce": section_allreduce, "nodes": section_nodes, "train": section_train,
+                "comm": section_comm}
     with tempfile.TemporaryDirectory(prefix="hvd_cluster_bench_") as tmp:
         try:
             for name in args.sections.split(","):

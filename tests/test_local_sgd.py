@@ -20,8 +20,6 @@ from tests.fixtures.train_runs import train_args
 from tests.mpi_harness import mpirun_argv, run_cli, run_job
 from tests.test_resume import kill_ranks, losses, resumed_line
 
-pytestmark = pytest.mark.mpi
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -51,6 +49,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: fl
         assert diff <= rel * scale, (key, diff, scale)
 
 
+@pytest.mark.mpi
 def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -> None:
     """dist.sync=local with local_steps=1 (weights averaged after every step) ends with the
     weights and EMA of gradient allreduce (fp32, no clipping: SGD's update is linear in the
@@ -108,6 +107,7 @@ def averages(res, rank: int) -> list[dict[str, str]]:
             for line in res.rank_lines(rank) if line.startswith(("average ", "save "))]
 
 
+@pytest.mark.mpi
 def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path,
                                                                  tmp_path: Path) -> None:
     """local_steps=3 after 2 warm-up steps of gradient allreduce: averages at steps 5 and 8
@@ -128,6 +128,7 @@ def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path,
     assert "sync local every 3 steps" in res.output
 
 
+@pytest.mark.mpi
 def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_path: Path) -> None:
     """kill -9 after the step-4 checkpoint (mid local period: averages every 3 steps), resume
     with --resume auto: every step's loss up to 8 and the step-8 weights and EMA match an
@@ -157,3 +158,19 @@ def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_p
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
     assert_close(weights(ref / "checkpoints" / "last.pt"), weights(cut / "checkpoints" / "last.pt"),
                  1e-4)
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["dist.sync=local", "dist.compression=powersgd"],
+     "dist.sync=local with dist.compression=powersgd"),
+    (["dist.sync=local", "dist.op=adasum", "optim.clip_grad=0"], "dist.op=adasum with dist.sync=local"),
+    (["dist.compression=powersgd", "dist.op=adasum", "optim.clip_grad=0"],
+     "dist.op=adasum with dist.compression=powersgd"),
+    (["dist.sync=async"], "dist.sync='async': must be one of ['allreduce', 'local']"),
+    (["dist.local_steps=0"], "dist.local_steps=0: must be >= 1"),
+])
+def test_combinations_without_meaning_are_refused_by_name(keys: list[str], message: str) -> None:
+    from hvd_yolo import config
+
+    with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.load(None, ["data.train=x", *keys])
