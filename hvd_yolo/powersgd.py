@@ -15,7 +15,9 @@ small convs) are averaged uncompressed (fp32), also started from their backward 
 ``start_step`` every gradient goes uncompressed, as in torch's PowerSGD hook
 (``start_powerSGD_iter``). Horovod's ``Compressor`` cannot keep per-tensor state or run two
 rounds, hence this optimizer instead of ``hvd.DistributedOptimizer``. The error feedback is
-this rank's and is not checkpointed: a resume restarts it from zero (Q from the seed).
+this rank's and is not checkpointed: a resume restarts it from zero (Q from the seed). With
+AMP (CUDA) the factors and the error feedback are in the loss scale's units; a scale change
+leaves the error one step in the old units.
 """
 
 from __future__ import annotations
@@ -136,11 +138,16 @@ class PowerSGDOptimizer(WrappedOptimizer):
         for name, p, m, pm, qm, handle in second:
             dist.wait(handle)  # Horovod: the second round
             approx = pm @ qm.t()
-            self.error[name] = m - approx
-            # Warm start: next step's Q is this one (a column of zeros, from a zero gradient,
-            # would stay zero: start that tensor's Q afresh; the same choice on every rank)
-            self.q[name] = qm if bool((qm.norm(dim=0) > 0).all()) else self._initial_q(
-                name, qm.shape[0], qm.device)
+            # A non-finite gradient (an AMP overflow step, which the scaler skips; a NaN loss,
+            # which stops the run) must not stay in the error feedback.
+            error = m - approx
+            self.error[name] = error if bool(torch.isfinite(error).all()) else torch.zeros_like(m)
+            # Warm start: next step's Q is this one. A column of zeros (a zero gradient) would
+            # stay zero, and a non-finite one spread: start that Q afresh (Q is the same on
+            # every rank, so is this choice).
+            norms = qm.norm(dim=0)
+            self.q[name] = qm if bool((norms > 0).all() and torch.isfinite(norms).all()) else (
+                self._initial_q(name, qm.shape[0], qm.device))
             p.grad.copy_(approx.reshape(p.grad.shape))
         for name in self.passes:
             self.passes[name] = 0
