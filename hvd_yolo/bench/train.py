@@ -199,13 +199,13 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.backend == "ddp" and (args.sync == "local" or args.compression == "powersgd"):
-        raise UsageError(f"--sync {args.sync} --compression {args.compression}: hvd_yolo's "
-                         f"local SGD and PowerSGD run on --backend horovod")
+        raise UsageError("--sync local and --compression powersgd run on --backend horovod "
+                         "(the DDP baseline has --compression none and fp16)")
     if args.sync == "local" and args.compression == "powersgd":
         raise UsageError("--sync local averages weights: use --compression none or fp16")
     if (args.sync == "local" or args.compression == "powersgd") and args.overlap == "off":
-        raise UsageError(f"--sync {args.sync} --compression {args.compression} has its own "
-                         f"optimizer: use --overlap on")
+        raise UsageError("--sync local and --compression powersgd bring their own optimizer: "
+                         "use --overlap on")
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
         from hvd_yolo.dist import horovod_settings
