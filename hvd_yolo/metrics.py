@@ -114,8 +114,10 @@ def coco_evaluate(
 ) -> dict[str, Any]:
     """COCO bbox mAP of ``results`` against ``gt`` over ``image_ids`` (default: all gt images).
 
-    Returns ``{"mAP", "mAP50", "per_class_AP": {category name: AP}, "images", "detections"}``;
-    a figure with no ground truth to score is NaN (classes without any are left out).
+    Returns ``{"mAP", "mAP50", "AP_small", "AP_medium", "AP_large", "per_class_AP": {category
+    name: AP}, "images", "detections"}`` (AP_* : AP@[.5:.95] over COCO's area ranges, < 32² px,
+    32²..96², > 96²); a figure with no ground truth to score is NaN (classes without any are
+    left out).
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -131,7 +133,8 @@ def coco_evaluate(
     if bad:
         raise ValueError(f"detections for image ids not in the ground truth: {sorted(bad)[:5]}")
     names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
-    figures: dict[str, Any] = {"mAP": math.nan, "mAP50": math.nan, "per_class_AP": {},
+    figures: dict[str, Any] = {"mAP": math.nan, "mAP50": math.nan, "AP_small": math.nan,
+                               "AP_medium": math.nan, "AP_large": math.nan, "per_class_AP": {},
                                "images": len(ids), "detections": len(results)}
     if not ids:
         return figures
@@ -157,5 +160,9 @@ def coco_evaluate(
         figures["mAP"] = float(np.mean(p[p > -1]))
         p50 = p[0]
         figures["mAP50"] = float(np.mean(p50[p50 > -1]))
+    for a, label in enumerate(ev.params.areaRngLbl[1:], 1):  # small, medium, large
+        pa = precision[:, :, :, a, last_m]
+        if (pa > -1).any():
+            figures[f"AP_{label}"] = float(np.mean(pa[pa > -1]))
     figures["per_class_AP"] = per_class
     return figures

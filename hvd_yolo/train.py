@@ -406,8 +406,9 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
                        run.ctx.device, watch=run.watch, step=run.step)
     is_best = figures["mAP"] > run.best_map
     run.best_map = max(run.best_map, figures["mAP"])
-    run.log.write({"type": "eval", "step": run.step, "epoch": epoch, "mAP": figures["mAP"],
-                   "mAP50": figures["mAP50"], "per_class_AP": figures.get("per_class_AP")})
+    run.log.write({"type": "eval", "step": run.step, "epoch": epoch,
+                   **{k: figures.get(k) for k in ("mAP", "mAP50", "AP_small", "AP_medium",
+                                                  "AP_large", "per_class_AP")}})
     if run.ctx.is_root:
         print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
               flush=True)

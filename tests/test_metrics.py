@@ -62,6 +62,10 @@ def test_hand_worked_average_precision():
     assert figs["per_class_AP"]["b"] == pytest.approx(ap_b, abs=1e-9)
     assert figs["mAP"] == pytest.approx((ap_a + ap_b) / 2, abs=1e-9)  # 0.567492
     assert figs["mAP50"] == pytest.approx((ap_a + 1.0) / 2, abs=1e-9)  # 0.917492
+    # By COCO's area ranges: both "a" boxes are medium (32² .. 96² px), the "b" box is large.
+    assert figs["AP_medium"] == pytest.approx(ap_a, abs=1e-9)
+    assert figs["AP_large"] == pytest.approx(ap_b, abs=1e-9)
+    assert math.isnan(figs["AP_small"])  # no small ground truth to score
     # Only image 2 evaluated: class "a" has no ground truth there and drops out.
     only2 = coco_evaluate(gt, dets, image_ids=[2])
     assert only2["per_class_AP"] == {"b": pytest.approx(0.3)} and only2["images"] == 1
