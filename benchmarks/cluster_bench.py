@@ -15,8 +15,9 @@ started from its login node like a real job. Sections:
              (benchmarks/scaling_model.py) is checked against.
   train      2 nodes x 1 rank at 1 Gbit/s, Gloo, `hvd-yolo bench train` yolov3-tiny 320:
              fp32 vs fp16, overlap on/off, accumulate 1 vs 4; and 1 rank alone (efficiency).
-  comm       the same 2 nodes at 1 Gbit/s: synchronous fp16 vs PowerSGD rank 4 vs local SGD
-             k=4 (8 timed steps: two averages), and 1 rank alone; bytes per step as counted.
+  comm       the same 2 nodes at --comm-link (1 Gbit/s): synchronous fp16 vs PowerSGD rank 4 vs
+             local SGD k=4 (8 timed steps: two averages), and 1 rank alone; bytes per step as
+             counted.
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
@@ -197,8 +198,8 @@ COMM_CONFIGS = {  # name -> bench train options (section comm)
 
 
 def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Synchronisation modes at 1 Gbit/s: img/s, 2-node efficiency, bytes per step."""
-    bring_up(2, "1gbit")
+    """Synchronisation modes at ``--comm-link``: img/s, 2-node efficiency, bytes per step."""
+    bring_up(2, args.comm_link)
     common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
               "--threads", "1", "--iterations", "4" if args.quick else "8", "--warmup", "2",
               "--quiet"]
@@ -226,6 +227,7 @@ def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                             if recs[0].get(k) is not None}
             result[name]["rounds"] = len(recs)
             result[name]["img_per_sec_rounds"] = [rec["img_per_sec_total"] for rec in recs]
+    result["link"] = args.comm_link
     if "single" in result:
         for name in COMM_CONFIGS:
             if name in result:
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sections", default="allreduce,nodes,train")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--comm-link", default="1gbit", help="the comm section's link rate (tc)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: fl
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -> None:
     """dist.sync=local with local_steps=1 (weights averaged after every step) ends with the
     weights and EMA of gradient allreduce (fp32, no clipping: SGD's update is linear in the
@@ -129,6 +130,7 @@ def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path,
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_path: Path) -> None:
     """kill -9 after the step-4 checkpoint (mid local period: averages every 3 steps), resume
     with --resume auto: every step's loss up to 8 and the step-8 weights and EMA match an

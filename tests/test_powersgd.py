@@ -142,6 +142,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             size_range=(96, 128))
 
 
+@pytest.mark.slow
 def test_powersgd_training_keeps_the_ranks_together_and_resumes_after_a_kill(
         shards: Path, tmp_path: Path) -> None:
     """dist.compression=powersgd (rank 2 from step 2) through `hvd-yolo train`: both ranks
