@@ -18,8 +18,16 @@ from typing import Any
 
 import torch
 
-from hvd_yolo.bench.train import MODELS, BenchComm, launch_env, mean_ci95, set_threads, versions, write_json
-from hvd_yolo.cli import UsageError
+from hvd_yolo.bench.common import (
+    MODELS,
+    BenchComm,
+    launch_env,
+    mean_ci95,
+    set_threads,
+    sync_device,
+    versions,
+)
+from hvd_yolo.cli import UsageError, write_json
 
 DEFAULT_SWEEP_KIB = (4, 64, 1024, 4096, 16384, 65536, 262144)
 QUICK_SWEEP_KIB = (64, 1024, 16384)
@@ -92,11 +100,6 @@ class _Coll(BenchComm):
             tdist.barrier()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def gradient_shapes(model_name: str, classes: int) -> list[tuple[int, ...]]:
     """The shapes of ``model_name``'s trainable parameters (its gradient set), in model order."""
     from hvd_yolo.model.yolov3 import build_model
@@ -112,10 +115,10 @@ def memcpy_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> flo
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
@@ -125,10 +128,10 @@ def _time_case(coll: _Coll, tensors: list[torch.Tensor], name: str,
     """Time one allreduce case; every rank runs the same number of iterations."""
     for _ in range(max(1, args.warmup)):
         coll.allreduce(tensors, name)
-    _sync(coll.device)
+    sync_device(coll.device)
     t0 = time.perf_counter()
     coll.allreduce(tensors, name)
-    _sync(coll.device)
+    sync_device(coll.device)
     estimate = time.perf_counter() - t0
     iters = int(min(args.max_iterations, max(args.min_iterations,
                                             args.seconds_per_case / max(estimate, 1e-6))))
@@ -136,10 +139,10 @@ def _time_case(coll: _Coll, tensors: list[torch.Tensor], name: str,
     coll.barrier()
     times = []
     for _ in range(iters):
-        _sync(coll.device)
+        sync_device(coll.device)
         t0 = time.perf_counter()
         coll.allreduce(tensors, name)
-        _sync(coll.device)
+        sync_device(coll.device)
         times.append(time.perf_counter() - t0)
     return {"iterations": iters, "times_s": times}
 

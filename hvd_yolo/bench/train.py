@@ -20,26 +20,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
-import math
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hvd_yolo.cli import UsageError
+from hvd_yolo.bench.common import (
+    MODELS,
+    BenchComm,
+    launch_env,
+    mean_ci95,
+    set_threads,
+    sync_device,
+    synthetic_batch,
+    versions,
+)
+from hvd_yolo.cli import UsageError, write_json
 from hvd_yolo.config import COMPRESSIONS, SYNCS, DistConfig
-
-MODELS = ("yolov3-tiny", "yolov3")
-# Two-sided 95% Student t quantiles for n-1 degrees of freedom (1..30); 1.96 beyond.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,110 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
 
 
-# ----------------------------------------------------------------------------- shared helpers
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% confidence interval of the mean)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = statistics.fmean(values)
-    if n == 1:
-        return m, float("nan")
-    t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
-    return m, t * statistics.stdev(values) / math.sqrt(n)
-
-
-def versions() -> dict[str, Any]:
-    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("torch", "horovod", "numpy"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    out["cpu_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
-    return out
-
-
-# Set by mpirun for each job (session dirs, daemon URIs, working dir): not settings, and they
-# carry the launching machine's paths and addresses.
-_LAUNCHER_INTERNAL = ("OMPI_MCA_orte_", "OMPI_MCA_ess", "OMPI_MCA_pmix", "OMPI_MCA_initial_wdir",
-                      "OMPI_MCA_shmem_RUNTIME_QUERY_hint")
-
-
-def launch_env() -> dict[str, str]:
-    """The environment that shapes the run: thread counts, Horovod and Open MPI settings."""
-    keep = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HOROVOD_", "OMPI_MCA_", "NCCL_", "GLOO_",
-            "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith(keep) and not k.startswith(_LAUNCHER_INTERNAL)
-            and "PASSWORD" not in k and "SECRET" not in k}
-
-
-def write_json(path: str | None, result: dict[str, Any]) -> None:
-    from hvd_yolo.cli import write_json as cli_write_json
-
-    cli_write_json(path, result)
-
-
-def set_threads(interop: int) -> None:
-    """Inter-op threads must be set before any parallel work; ignore if already fixed."""
-    try:
-        torch.set_num_interop_threads(max(1, interop))
-    except RuntimeError:
-        pass
-    torch.set_flush_denormal(True)
-
-
-# ----------------------------------------------------------------------------- the benchmark
-class BenchComm:
-    """Init and the object collectives the benchmarks need, for either backend."""
-
-    def __init__(self, backend: str, threads: int | None, use_cuda: bool | None):
-        self.backend = backend
-        if backend == "horovod":
-            from hvd_yolo import dist
-
-            self._dist = dist
-            ctx = dist.init(threads=threads, use_cuda=use_cuda)
-        else:
-            from hvd_yolo.bench import ddp
-
-            self._ddp = ddp
-            ctx = ddp.init(threads=threads, use_cuda=use_cuda)
-        self.rank, self.size, self.local_size, self.device = (ctx.rank, ctx.size, ctx.local_size,
-                                                             ctx.device)
-        self.ddp_ctx = ctx if backend == "ddp" else None
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        if self.backend == "horovod":
-            return self._dist.allgather_object(obj, name="bench.gather")
-        return self._ddp.allgather_object(obj)
-
-    def close(self) -> None:
-        if self.backend == "ddp":
-            self._ddp.shutdown()
-
-
-def synthetic_batch(batch: int, size: int, classes: int, device: torch.device, seed: int,
-                    boxes_per_image: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images in 0..1 and ``[N, 6]`` targets (batch_index, class, x1, y1, x2, y2)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, size, size, generator=g)
-    n = batch * boxes_per_image
-    wh = torch.rand(n, 2, generator=g) * (size / 2 - 16) + 16
-    xy = torch.rand(n, 2, generator=g) * (size - wh)
-    cls = torch.randint(0, classes, (n,), generator=g).float()
-    idx = torch.arange(batch).repeat_interleave(boxes_per_image).float()
-    targets = torch.cat([idx[:, None], cls[:, None], xy, xy + wh], 1)
-    return images.to(device), targets.to(device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "accumulate", "iterations", "classes"):
         if getattr(args, name) < 1:
@@ -208,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
                          "use --overlap on")
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
-        from hvd_yolo.dist import horovod_settings
+        from hvd_yolo import dist
 
-        horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
+        dist.horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     elif args.timeline or args.cycle_time_ms is not None or args.fusion_threshold_mb is not None:
         raise UsageError("--timeline/--cycle-time-ms/--fusion-threshold-mb are "
                          "Horovod settings; drop them with --backend ddp")
@@ -266,7 +161,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
                 powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step),
                 accumulate=k, seed=args.seed)
         else:
-            from hvd_yolo import dist as hvd_ext
+            hvd_ext = dist  # --overlap off: one grouped allreduce after backward
         dist.broadcast_state(model, opt)
     else:
         ddp = comm._ddp
@@ -281,7 +176,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         Process CPU minus main-thread CPU is what the other threads burnt (Horovod's background
         thread, MPI/Gloo progress, torch pools): the cost of busy-polling shows up there.
         """
-        _sync(device)
+        sync_device(device)
         c0, m0 = time.process_time(), time.thread_time()
         t0 = time.perf_counter()
         for micro in range(k):
@@ -291,7 +186,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
             with ctx:
                 loss = loss_fn(forward_model(images), targets)
                 (loss / k if k > 1 else loss).backward()
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
         if args.backend == "horovod" and args.overlap == "on":
             opt.synchronize()
@@ -301,7 +196,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
                 hvd_ext.grouped_allreduce_(grads, "bench.grads", args.compression)
             else:
                 comm._ddp.allreduce_flat_(grads, args.compression)
-        _sync(device)
+        sync_device(device)
         t2 = time.perf_counter()
         if args.backend == "horovod" and args.overlap == "on":
             with opt.skip_synchronize():
@@ -309,7 +204,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         else:
             opt.step()
         opt.zero_grad()
-        _sync(device)
+        sync_device(device)
         t3 = time.perf_counter()
         if args.sync == "local":
             opt.after_step()  # local SGD's weight average counts as communication
@@ -322,9 +217,9 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     if args.timeline and comm.rank == 0:
         Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo import dist as _hvd
+        from hvd_yolo import dist
 
-        _hvd.start_timeline(str(Path(args.timeline).resolve()))
+        dist.start_timeline(str(Path(args.timeline).resolve()))
     rows = []
     sent_before = getattr(opt, "bytes_sent", None)
     t_start = time.perf_counter()
@@ -338,9 +233,9 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
                   f"{args.batch_size * k / (c + w + s):.2f} img/s per rank", flush=True)
     wall = time.perf_counter() - t_start
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo import dist as _hvd
+        from hvd_yolo import dist
 
-        _hvd.stop_timeline()
+        dist.stop_timeline()
     # Every rank must end with bitwise the same weights (their gradients were averaged):
     # compare a sample of every parameter tensor exactly.
     fingerprint = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 16)].float().cpu()
