@@ -276,7 +276,7 @@ REDERIVED = ("optim.batch_size", "optim.accumulate")
 RUNTIME = ("data.workers", "data.val", "dist.threads", "dist.cycle_time_ms",
            "dist.fusion_threshold_mb", "dist.cuda", "run.out_dir", "run.progress",
            "run.max_steps", "run.tensorboard", "run.log_every", "run.checkpoint_every",
-           "run.keep_last")
+           "run.keep_last", "model.checkpoint")
 
 
 def _flat(cfg: dict[str, Any]) -> dict[str, Any]:

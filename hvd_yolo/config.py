@@ -47,6 +47,10 @@ class ModelConfig:
     # BatchNorm normalises with its running statistics (e.g. from weights) and keeps them; its
     # scale and shift still train. For fine-tuning with small per-rank batches or accumulation.
     freeze_bn: bool = False
+    # Activation checkpointing: "none", "backbone" (Darknet-53's residual blocks; tiny: its
+    # conv+maxpool stages) or "all" (also the neck and heads): less activation memory per rank
+    # for a recomputed forward (hvd-yolo bench memory measures both). Same gradients.
+    checkpoint: str = "none"
 
 
 @dataclass
@@ -161,6 +165,7 @@ class Config:
             "data.tail": (self.data.tail, {"pad", "drop"}),
             "data.on_corrupt": (self.data.on_corrupt, {"skip", "error"}),
             "model.name": (self.model.name, {"yolov3", "yolov3-tiny"}),
+            "model.checkpoint": (self.model.checkpoint, {"none", "backbone", "all"}),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
@@ -172,6 +177,11 @@ class Config:
                 f"parameter inside its backward hook, before the whole gradient (and its norm) "
                 f"exists, so it cannot clip: set optim.clip_grad=0")
         check_sync(self.dist)
+        if self.model.checkpoint != "none" and self.dist.sync_bn:
+            raise ConfigError(
+                f"model.checkpoint={self.model.checkpoint} with dist.sync_bn=true: a checkpointed "
+                f"segment recomputes its forward during backward, which would repeat SyncBN's "
+                f"allreduces there; set model.checkpoint=none or dist.sync_bn=false")
         if self.dist.stall_shutdown_s and self.dist.stall_shutdown_s <= self.dist.stall_warning_s:
             raise ConfigError(f"dist.stall_shutdown_s={self.dist.stall_shutdown_s} must exceed "
                               f"dist.stall_warning_s={self.dist.stall_warning_s} (or be 0: never)")

@@ -316,7 +316,7 @@ def setup(cfg: Config, timeline: str | None) -> Run:
     num_classes = len(train_ds.class_names)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (broadcast anyway)
-    model = build_model(cfg.model.name, num_classes)
+    model = build_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint)
     if cfg.model.weights:
         load_darknet_weights(model, cfg.model.weights)
     if cfg.dist.sync_bn:

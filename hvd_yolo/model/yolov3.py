@@ -16,11 +16,13 @@ input pixels and, as in Darknet and ultralytics, the same at every input size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint as checkpoint_segment
 
 # Darknet's COCO anchors (pixels, at 416), per output scale, large stride first.
 YOLOV3_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
@@ -35,6 +37,9 @@ YOLOV3_TINY_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((23, 27), (37, 58), (81, 82)),  # stride 16, mask 1,2,3
 )
 MODEL_NAMES = ("yolov3", "yolov3-tiny")
+# Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
+# all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
+CHECKPOINT_MODES = ("none", "backbone", "all")
 MAX_STRIDE = 32
 WH_LOG_CLAMP = math.log(1000.0)  # exp(t) is clamped to 1000x the anchor (avoids inf early on)
 LEAKY_SLOPE = 0.1
@@ -221,6 +226,44 @@ class YOLOv3(nn.Module):
         # Outputs of these layers are needed later (shortcut/route sources).
         self._keep = {s for m in layers for s in getattr(m, "sources", ()) if s != -1}
         self._init_biases()
+        self.set_checkpoint("none")
+
+    def set_checkpoint(self, mode: str) -> None:
+        """Activation checkpointing ``mode`` (``CHECKPOINT_MODES``), used in training with grad.
+
+        The layers are cut into segments; a checkpointed segment keeps only its inputs in the
+        forward and recomputes its activations in the backward (``torch.utils.checkpoint``,
+        non-reentrant: the autograd graph, so each parameter's gradient hook, is the usual one).
+        Backbone segments end at each residual shortcut (tiny: each maxpool) and at the backbone's
+        last layer; with ``all`` the neck/head segments end at each 3x3 conv and the last layer.
+        """
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"model.checkpoint={mode!r}: must be one of "
+                             f"{', '.join(CHECKPOINT_MODES)}")
+        self.checkpoint = mode
+        n, cut = len(self.layers), self.backbone_cutoff
+        ends = []
+        for i, m in enumerate(self.layers):
+            if i < cut:
+                end = isinstance(m, (Shortcut, MaxPool)) or i == cut - 1
+            else:
+                end = i == n - 1 or (isinstance(m, ConvLayer) and m.conv.kernel_size[0] == 3)
+            if end:
+                ends.append(i + 1)
+        segments: list[tuple[int, int, bool]] = []
+        start = 0
+        for end in ends:
+            segments.append((start, end, mode == "all" or (mode == "backbone" and end <= cut)))
+            start = end
+        self._segments = [(a, b, ck, *self._segment_io(a, b)) for a, b, ck in segments]
+
+    def _segment_io(self, start: int, end: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(kept outputs from before ``start`` the segment reads, kept outputs it makes that
+        layers from ``end`` on read)."""
+        reads = sorted({s for m in list(self.layers)[start:end] for s in getattr(m, "sources", ())
+                        if s < start})
+        later = {s for m in list(self.layers)[end:] for s in getattr(m, "sources", ())}
+        return tuple(reads), tuple(i for i in range(start, end) if i in later)
 
     @property
     def num_anchors(self) -> int:
@@ -250,7 +293,27 @@ class YOLOv3(nn.Module):
         self.check_input(x)
         kept: dict[int, torch.Tensor] = {}
         outputs: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        if self.checkpoint == "none" or not (self.training and torch.is_grad_enabled()):
+            self._run(0, len(self.layers), x, kept, outputs)
+            return outputs
+        for start, end, ckpt, reads, makes in self._segments:
+            if not ckpt:
+                x = self._run(start, end, x, kept, outputs)
+                continue
+            res = checkpoint_segment(
+                self._segment_fn(start, end, reads, makes), x, *(kept[s] for s in reads),
+                use_reentrant=False, context_fn=lambda a=start, b=end: (
+                    nullcontext(), self._restore_buffers(a, b)))
+            x = res[0]
+            kept.update(zip(makes, res[1:1 + len(makes)]))
+            outputs += res[1 + len(makes):]
+        return outputs
+
+    def _run(self, start: int, end: int, x: torch.Tensor, kept: dict[int, torch.Tensor],
+             outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Layers ``start .. end-1`` on ``x``: fills ``kept`` and ``outputs``, returns the last x."""
+        for i in range(start, end):
+            layer = self.layers[i]
             if isinstance(layer, Shortcut):
                 x = layer(x, kept[layer.sources[0]])
             elif isinstance(layer, Route):
@@ -261,7 +324,27 @@ class YOLOv3(nn.Module):
                 x = layer(x)
             if i in self._keep:
                 kept[i] = x
-        return outputs
+        return x
+
+    def _segment_fn(self, start: int, end: int, reads: tuple[int, ...], makes: tuple[int, ...]):
+        def run_segment(x: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            kept, outputs = dict(zip(reads, inputs)), []
+            x = self._run(start, end, x, kept, outputs)
+            return (x, *(kept[i] for i in makes), *outputs)
+        return run_segment
+
+    @contextmanager
+    def _restore_buffers(self, start: int, end: int) -> Iterator[None]:
+        """Around a segment's recomputation: BatchNorm's running statistics (updated once, in
+        the forward) are put back, so checkpointing changes no buffer."""
+        buffers = [b for m in list(self.layers)[start:end] for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, v in zip(buffers, saved):
+                    b.copy_(v)
 
     def output_shapes(self, height: int, width: int, batch: int = 1) -> list[tuple[int, ...]]:
         """Shapes ``forward`` returns for an input ``[batch, 3, height, width]``."""
@@ -292,11 +375,12 @@ def build_model(
     name: str,
     num_classes: int,
     anchors: Sequence[Sequence[Sequence[float]]] | None = None,
+    checkpoint: str = "none",
 ) -> YOLOv3:
     """``"yolov3"`` or ``"yolov3-tiny"`` for ``num_classes`` classes.
 
     ``anchors``: per output scale (large stride first), a list of ``(w, h)`` pixel pairs; the
-    default is Darknet's COCO set for that model.
+    default is Darknet's COCO set for that model. ``checkpoint``: see ``YOLOv3.set_checkpoint``.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -309,7 +393,9 @@ def build_model(
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     num_anchors = len(anchors[0])
-    return YOLOv3(name, num_classes, specs_fn(num_anchors * (5 + num_classes)), anchors, cutoff)
+    model = YOLOv3(name, num_classes, specs_fn(num_anchors * (5 + num_classes)), anchors, cutoff)
+    model.set_checkpoint(checkpoint)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
