@@ -117,3 +117,48 @@ def test_bench_allreduce(tmp_path):
         # 2 ranks: bus bandwidth = algorithm bandwidth * 2(n-1)/n = algorithm bandwidth
         assert c["busbw_GBps"] == pytest.approx(c["algbw_GBps"])
         assert c["busbw_vs_memcpy"] == pytest.approx(c["busbw_GBps"] / r["memcpy_GBps"])
+
+
+def test_bench_memory_tiny_with_a_budget() -> None:
+    """`hvd-yolo bench memory` (one process per configuration, no mpirun): every row measured,
+    checkpointing compared with none, and the budget's answer is what its probes measured."""
+    import subprocess
+
+    from hvd_yolo.launch import hvd_yolo_argv
+
+    budget_gb = 0.16
+    proc = subprocess.run(hvd_yolo_argv(
+        "bench", "memory", "--models", "yolov3-tiny", "--sizes", "64", "--checkpoint", "none,all",
+        "--classes", "3", "--iterations", "1", "--threads", "1", "--budget-gb", str(budget_gb),
+        "--max-batch", "2", "--json", "-"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)  # --json -: the JSON alone on stdout
+    assert "bench memory: cpu" in proc.stderr
+    rows = {row["checkpoint"]: row for row in r["rows"]}
+    assert set(rows) == {"none", "all"} and r["benchmark"] == "memory"
+    for row in rows.values():
+        assert row["activation_peak_mb"] > 0 and row["img_per_sec"] > 0
+        assert row["peak_per_rank_mb"] == pytest.approx(row["state_mb"] + row["activation_peak_mb"])
+    assert "time_overhead" in rows["all"] and "activation_saving" in rows["all"]
+    budget_mb = budget_gb * 1024
+    for b in r["budget"]["largest_batch"]:
+        probes = b["probes"]
+        assert probes[0]["batch"] == 1
+        for p in probes:
+            assert p["fits"] == (p["peak_per_rank_mb"] is not None
+                                 and p["peak_per_rank_mb"] <= budget_mb), p
+        fitting = [p["batch"] for p in probes if p["fits"]]
+        assert b["batch"] == max(fitting, default=0)
+        if not b["capped"]:  # doubling, then bisection down to a neighbour that does not fit
+            assert any(p["batch"] == b["batch"] + 1 and not p["fits"] for p in probes), probes
+
+
+def test_bench_memory_refuses_a_size_by_name() -> None:
+    import subprocess
+
+    from hvd_yolo.launch import hvd_yolo_argv
+
+    proc = subprocess.run(hvd_yolo_argv("bench", "memory", "--sizes", "320,100"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--sizes 100: input sizes must be positive multiples of 32" in proc.stderr

@@ -1,4 +1,4 @@
-"""`hvd-yolo bench <train|allreduce|data>`: each benchmark lives in `hvd_yolo.bench.<name>`."""
+"""`hvd-yolo bench <train|allreduce|data|memory>`: each benchmark lives in `hvd_yolo.bench.<name>`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ BENCHMARKS = {
     "train": ("hvd_yolo.bench.train", "synthetic training-step throughput (Horovod or DDP)"),
     "allreduce": ("hvd_yolo.bench.allreduce", "allreduce algorithm/bus bandwidth vs memcpy"),
     "data": ("hvd_yolo.bench.data", "shard reader vs folder-of-files images/s"),
+    "memory": ("hvd_yolo.bench.memory",
+               "peak memory and img/s per input size, model, batch and checkpointing"),
 }
 
 
