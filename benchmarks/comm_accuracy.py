@@ -1,7 +1,8 @@
 """Accuracy of each synchronisation mode: `hvd-yolo demo` (2 ranks, YOLOv3-tiny on the synthetic
 shapes, AdamW) once per mode, the final validation mAP of each against synchronous fp16.
 
-    .venv/bin/python benchmarks/comm_accuracy.py [--epochs 8] [--modes fp16,powersgd_r4,...]
+    .venv/bin/python benchmarks/comm_accuracy.py [--epochs 8] [--size 128] [--train-images 256]
+        [--modes fp16,powersgd_r4,...]
 
 Modes: fp16 (the demo's default), none, powersgd_r1, powersgd_r4 (PowerSGD from the end of the
 demo's 30-step LR warm-up), local_k4, local_k16 (local SGD, weights averaged every k steps).
@@ -32,10 +33,9 @@ MODES = {
 }
 
 
-def run_mode(name: str, epochs: int, work: Path) -> dict:
+def run_mode(name: str, demo_args: list[str], work: Path) -> dict:
     out = work / name
-    argv = [str(Path(sys.executable).parent / "hvd-yolo"), "demo", "--epochs", str(epochs),
-            "--out", str(out)]
+    argv = [str(Path(sys.executable).parent / "hvd-yolo"), "demo", *demo_args, "--out", str(out)]
     for item in MODES[name]:
         argv += ["--set", item]
     t0 = time.time()
@@ -55,20 +55,33 @@ def run_mode(name: str, epochs: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--size", type=int, default=128, help="the demo's input size")
+    ap.add_argument("--train-images", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the demo's seed (data, weights); results named MODE_seedN when not 0")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "comm_accuracy.json"))
     args = ap.parse_args()
     path = Path(args.json)
     record = json.loads(path.read_text()) if path.exists() else {}
-    record.update(command=" ".join(["benchmarks/comm_accuracy.py", *sys.argv[1:]]),
-                  epochs=args.epochs, demo="hvd-yolo demo --epochs N (2 ranks, 256 px, AdamW)")
+    demo_args = ["--epochs", str(args.epochs), "--size", str(args.size),
+                 "--train-images", str(args.train_images)]
+    commands = record.setdefault("commands", [])
+    if "command" in record:
+        commands.insert(0, record.pop("command"))
+    commands.append(" ".join(["benchmarks/comm_accuracy.py", *sys.argv[1:]]))
+    record["demo"] = ("hvd-yolo demo " + " ".join(demo_args) + " --seed N (2 ranks, batch 8 per "
+                      "rank, AdamW, 64 validation images)")
+    demo_args += ["--seed", str(args.seed)]
     results = record.setdefault("modes", {})
     with tempfile.TemporaryDirectory(prefix="hvd_comm_acc_") as tmp:
         for name in args.modes.split(","):
-            results[name] = run_mode(name, args.epochs, Path(tmp))
-            if "fp16" in results and results[name].get("rc") == 0 and results["fp16"].get("rc") == 0:
-                results[name]["mAP50_minus_fp16"] = results[name]["mAP50"] - results["fp16"]["mAP50"]
-            print(f"{name}: {results[name]}", flush=True)
+            key = name if args.seed == 0 else f"{name}_seed{args.seed}"
+            results[key] = run_mode(name, demo_args, Path(tmp))
+            base = results.get("fp16" if args.seed == 0 else f"fp16_seed{args.seed}", {})
+            if results[key].get("rc") == 0 and base.get("rc") == 0:
+                results[key]["mAP50_minus_fp16"] = results[key]["mAP50"] - base["mAP50"]
+            print(f"{key}: {results[key]}", flush=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
 
 
