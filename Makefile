@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean docker-check
 
 install:
 	bash scripts/install.sh
@@ -26,6 +26,11 @@ bench: install
 	$(PY) benchmarks/run_matrix.py
 	$(PY) benchmarks/cluster_bench.py  # simulated cluster; skips itself, saying why, without root/sshd
 	$(PY) benchmarks/scaling_model.py
+
+# Build docker/Dockerfile with a real engine and run a 2-rank demo inside it (docker/check.sh;
+# knobs: DOCKER, IMAGE, BASE_IMAGE, TORCH_INDEX_URL, PIP_CERT, BUILD_ARGS).
+docker-check:
+	bash docker/check.sh
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache runs demo_out

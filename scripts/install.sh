@@ -99,7 +99,18 @@ if [ -z "$gpu" ]; then
   gpu=0
   if [ -n "$torch_cuda" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
 fi
+# A CUDA torch makes Horovod compile its CUDA pieces when torch finds a CUDA toolkit (nvcc);
+# without one (PyPI's torch in a CPU-only container), a CPU build is the only one possible.
+cuda_home=""
+if [ -n "$torch_cuda" ]; then
+  cuda_home=${CUDA_HOME:-/usr/local/cuda}
+  [ -x "$cuda_home/bin/nvcc" ] || cuda_home=""
+  if [ -z "$cuda_home" ] && [ "$gpu" = 1 ]; then
+    die "torch $torch_ver is a CUDA build and a GPU build was asked for, but nvcc was not found under ${CUDA_HOME:-/usr/local/cuda} (set CUDA_HOME)"
+  fi
+fi
 key="horovod-${HOROVOD_VERSION}_torch-${torch_ver}_py-${py_ver}_${mpi_ver}_nccl-${gpu}"
+[ -n "$torch_cuda" ] && [ -z "$cuda_home" ] && key+="_nocuda"
 wheel_dir="$CACHE/wheels/$key"
 
 horovod_ok() {
@@ -131,10 +142,13 @@ else
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
     export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     export MAKEFLAGS="-j$(nproc)" HOROVOD_BUILD_ARCH_FLAGS=${HOROVOD_BUILD_ARCH_FLAGS:-}
-    if [ -n "$torch_cuda" ]; then
-      # A CUDA build of torch makes Horovod compile its CUDA pieces even on a CPU-only machine.
-      cuda_home=${CUDA_HOME:-/usr/local/cuda}
-      [ -x "$cuda_home/bin/nvcc" ] || die "torch $torch_ver is a CUDA build, so Horovod needs the CUDA toolkit: nvcc not found under $cuda_home (set CUDA_HOME)"
+    if [ -n "$torch_cuda" ] && [ -z "$cuda_home" ]; then
+      # torch.utils.cpp_extension finds no CUDA_HOME, so Horovod builds its CPU extension.
+      log "torch $torch_ver is a CUDA build but no CUDA toolkit (nvcc) is here: building Horovod for CPU"
+      unset CUDA_HOME CUDA_PATH
+    elif [ -n "$torch_cuda" ]; then
+      # A CUDA build of torch with a toolkit present: Horovod compiles its CUDA pieces, even on
+      # a machine without a GPU.
       export CUDA_HOME="$cuda_home" CUDAToolkit_ROOT="$cuda_home" HOROVOD_CUDA_HOME="$cuda_home"
       export PATH="$cuda_home/bin:$PATH"
       # Compile the kernels for a few current architectures only (the full list is slow).

@@ -141,7 +141,8 @@ def test_launch_scripts_pass_shellcheck() -> None:
     if shellcheck is None:
         pytest.skip(f"shellcheck unavailable, lint skipped: {why}")
     scripts = [MPIRUN_SH, HOROVODRUN_SH, *sorted((REPO / "mpi" / "slurm").glob("*.sbatch")),
-               REPO / "mpi" / "slurm" / "common.sh", REPO / "docker" / "entrypoint.sh"]
+               REPO / "mpi" / "slurm" / "common.sh", REPO / "docker" / "entrypoint.sh",
+               REPO / "docker" / "check.sh"]
     proc = subprocess.run([str(shellcheck), "-x", "-S", "style", "-s", "bash",
                            *map(str, scripts)], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
