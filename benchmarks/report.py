@@ -335,6 +335,7 @@ def write_report(out_dir: Path) -> None:
         for x in d.get("bytes_only", []):
             lines.append(f"| {x['reader']}, bytes only (no decode) | 0 | "
                          f"{x['images_per_s']:.1f} | {x['mb_per_s']:.1f} |")
+    lines += memory_section(out_dir)
     failed = [r for r in rows if "error" in r]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -351,6 +352,106 @@ def write_report(out_dir: Path) -> None:
                                t["result"]["img_per_sec_total"], "efficiency": t["efficiency"]}
                               for t in a["table"]]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+TARGET_CKPT_SLOWER, TARGET_CKPT_SAVING = 0.35, 0.40  # YOLOv3 608, model.checkpoint
+
+
+def memory_section(out_dir: Path) -> list[str]:
+    """`hvd-yolo bench memory` results: memory.json (glibc's default allocator settings) and,
+    when present, memory_mmap.json (--malloc mmap: the peak follows the live tensors)."""
+    path = out_dir / "memory.json"
+    if not path.exists():
+        return []
+    m = json.loads(path.read_text())
+    mmap_path = out_dir / "memory_mmap.json"
+    live: dict[tuple, Any] = {}
+    mm: dict[str, Any] = {}
+    if mmap_path.exists():
+        mm = json.loads(mmap_path.read_text())
+        live = {(r["model"], r["size"], r["batch"], r["checkpoint"]): r for r in mm["rows"]
+                if "oom" not in r}
+    load = m.get("load_average", {})
+    lines = ["", "## Input size: memory per rank and activation checkpointing "
+             "(`hvd-yolo bench memory`)", "",
+             f"One rank's forward+backward (real YoloLoss, {m['classes']} classes), "
+             f"{m['device']}, {m['threads']} torch thread(s), batch "
+             f"{', '.join(sorted({str(r['batch']) for r in m['rows']}))}, medians of "
+             f"{m['rounds']} rounds alternating the checkpoint modes, {m['iterations']} timed "
+             f"pass(es) after {m['warmup']} warm-up each"
+             + (f"; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after "
+                f"(a shared machine: wall-clock img/s is noisy, CPU s/img is the steadier "
+                f"measure of cost)" if load else "") + ".",
+             "Activations: peak resident memory added by the pass (glibc's default malloc, "
+             "which keeps freed blocks for reuse)"
+             + ("; live: the same with `--malloc mmap` (every freed block >= 128 KiB returned "
+                "at once, so the peak follows the live tensors, as CUDA's max_memory_allocated "
+                "does)" if live else "")
+             + ". Per rank: activations + weights, gradients, momentum and EMA (4 fp32 copies).",
+             "", "Measured by " + _memory_command(m, "memory.json")
+             + (" and " + _memory_command(mm, "memory_mmap.json") if live else "") + ".",
+             "", "| model | size | checkpoint | activations MiB | vs none | live MiB | vs none "
+             "| per rank MiB | CPU s/img | vs none | img/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+        if "oom" in r:
+            lines.append(f"| {r['model']} | {r['size']} | {r['checkpoint']} | out of memory "
+                         f"| | | | | | | |")
+            continue
+        key = (r["model"], r["size"], r["batch"], r["checkpoint"])
+        lv = live.get(key)
+        lv0 = live.get(key[:3] + ("none",))
+        lv_saving = (f"-{1 - lv['activation_peak_mb'] / lv0['activation_peak_mb']:.0%}"
+                     if lv and lv0 and r["checkpoint"] != "none" else "")
+        rel = r["checkpoint"] != "none" and "activation_saving" in r
+        saving = f"-{r['activation_saving']:.0%}" if rel else ""
+        slower = f"{r['cpu_overhead']:+.0%}" if rel else ""
+        live_mb = f"{lv['activation_peak_mb']:.0f}" if lv else ""
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['checkpoint']} | {r['activation_peak_mb']:.0f} | "
+            f"{saving} | {live_mb} | {lv_saving} | {r['peak_per_rank_mb']:.0f} | "
+            f"{r['cpu_s_per_img']:.2f} | {slower} | {r['img_per_sec']:.2f} |")
+    lines += _checkpoint_target(m, live)
+    return lines
+
+
+def _memory_command(m: dict[str, Any], name: str) -> str:
+    """The `hvd-yolo bench memory` line that measured ``m`` (from its settings and rows)."""
+    def uniq(key: str) -> str:
+        return ",".join(dict.fromkeys(str(r[key]) for r in m["rows"]))
+    return (f"`hvd-yolo bench memory --models {uniq('model')} --sizes {uniq('size')} "
+            f"--batch-size {uniq('batch')} --checkpoint {uniq('checkpoint')} --iterations "
+            f"{m['iterations']} --warmup {m['warmup']} --rounds {m['rounds']} --threads "
+            f"{m['threads']}{' --malloc mmap' if m.get('malloc') == 'mmap' else ''} --json "
+            f"benchmarks/results/{name}`")
+
+
+def _checkpoint_target(m: dict[str, Any], live: dict[tuple, Any]) -> list[str]:
+    rows = {(r["checkpoint"]): r for r in m["rows"]
+            if r["model"] == "yolov3" and r["size"] == 608 and "oom" not in r}
+    if "none" not in rows:
+        return []
+    out = ["", f"Target (YOLOv3 608): checkpointing at most {TARGET_CKPT_SLOWER:.0%} slower "
+           f"for at least {TARGET_CKPT_SAVING:.0%} less activation memory."]
+    for mode in ("backbone", "all"):
+        r = rows.get(mode)
+        if r is None:
+            continue
+        lv, lv0 = live.get(("yolov3", 608, r["batch"], mode)), live.get(("yolov3", 608,
+                                                                         r["batch"], "none"))
+        saving_live = (1 - lv["activation_peak_mb"] / lv0["activation_peak_mb"]
+                       if lv and lv0 else None)
+        slower = r["cpu_overhead"]
+
+        def verdict(saving: float, slower: float = slower) -> str:
+            ok = slower <= TARGET_CKPT_SLOWER and saving >= TARGET_CKPT_SAVING
+            return "met" if ok else "**MISSED**"
+        out.append(f"- `{mode}`: {slower:+.0%} CPU time per image (wall {r['time_overhead']:+.0%});"
+                   f" {r['activation_saving']:.0%} less resident activation memory with glibc's "
+                   f"default malloc ({verdict(r['activation_saving'])})"
+                   + (f", {saving_live:.0%} less live activation memory "
+                      f"({verdict(saving_live)})" if saving_live is not None else "") + ".")
+    return out
 
 
 def _plots(out_dir: Path, a: dict[str, Any]) -> list[Path]:
