@@ -34,7 +34,8 @@ no_engine() { printf 'no container engine: %s\n' "$*" >&2; exit 77; }
 buildkit_client() {  # $1 works for a BuildKit build: buildx present, or a client < 23
   local major
   "$1" buildx version >/dev/null 2>&1 && return 0
-  major=$("$1" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1) || return 1
+  # (`docker version` fails without a daemon but still prints the client's version)
+  major=$("$1" version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1 || true)
   [[ "$major" =~ ^[0-9]+$ ]] && [ "$major" -lt 23 ]
 }
 if [ -z "${DOCKER:-}" ]; then
@@ -46,8 +47,10 @@ if [ -z "${DOCKER:-}" ]; then
     no_engine "docker $(docker version --format '{{.Client.Version}}' 2>/dev/null) needs the buildx plugin for BuildKit (the Dockerfile uses RUN --mount), and no older client was found"
   }
 fi
-info=$("$DOCKER" info --format '{{.ServerVersion}}' 2>&1) \
-  || no_engine "'$DOCKER info' failed: ${info//$'\n'/ } (start dockerd, e.g. 'dockerd --iptables=false --bridge=none &')"
+if ! info=$("$DOCKER" info --format '{{.ServerVersion}}' 2>/dev/null); then
+  why=$("$DOCKER" info 2>&1 | grep -m 1 -iE 'cannot connect|denied|error' || true)
+  no_engine "'$DOCKER info' failed: ${why:-no answer} (start dockerd, e.g. 'dockerd --iptables=false --bridge=none &')"
+fi
 say "engine: $DOCKER (client $("$DOCKER" version --format '{{.Client.Version}}'), server $info)"
 export DOCKER_BUILDKIT=1
 
