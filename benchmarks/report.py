@@ -412,6 +412,19 @@ def memory_section(out_dir: Path) -> list[str]:
             f"{saving} | {live_mb} | {lv_saving} | {r['peak_per_rank_mb']:.0f} | "
             f"{r['cpu_s_per_img']:.2f} | {slower} | {r['img_per_sec']:.2f} |")
     lines += _checkpoint_target(m, live)
+    budget_path = out_dir / "memory_budget.json"
+    if budget_path.exists():
+        b = json.loads(budget_path.read_text())
+        lines += ["", f"Largest batch per rank in {b['budget']['gb']:g} GiB (weights, gradients, "
+                  f"momentum, EMA and the measured activation peak; "
+                  f"{_memory_command(b, 'memory_budget.json')[:-1]} --budget-gb "
+                  f"{b['budget']['gb']:g}`):", ""]
+        for x in b["budget"]["largest_batch"]:
+            probes = ", ".join(f"{p['batch']}: {p['peak_per_rank_mb']:.0f} MiB"
+                               if p["peak_per_rank_mb"] is not None else f"{p['batch']}: OOM"
+                               for p in x["probes"])
+            lines.append(f"- {x['model']} {x['size']} px, checkpoint={x['checkpoint']}: batch "
+                         f"**{x['batch']}** (probes {probes})")
     return lines
 
 
