@@ -120,8 +120,8 @@ def evaluate_loader(
     """Evaluate this rank's share of the data and score everything (call on every rank).
 
     Returns the same figures on every rank: ``{"mAP", "mAP50", "AP_small", "AP_medium",
-    "AP_large", "per_class_AP", "images", "detections"}`` (see ``metrics.coco_evaluate``). ``results_path``: rank 0 also
-    writes the merged detections there as a COCO results json.
+    "AP_large", "per_class_AP", "images", "detections"}`` (see ``metrics.coco_evaluate``).
+    ``results_path``: rank 0 also writes the merged detections there as a COCO results json.
     """
     results: list[dict[str, Any]] = []
     seen: list[int] = []

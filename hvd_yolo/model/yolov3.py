@@ -11,6 +11,9 @@ YOLOv3; 32, 16 for tiny), each ``[B, A, H/s, W/s, 5 + C]`` holding ``(tx, ty, tw
 cls...)`` logits. Boxes decode Darknet's way (``box_from_raw``): centre ``(sigmoid(t) + cell) *
 stride``, size ``exp(t) * anchor``, so published Darknet weights work unchanged. Anchors are in
 input pixels and, as in Darknet and ultralytics, the same at every input size.
+
+(One module, ~400 lines, on purpose: the layer list in cfg order, the forward over it and the
+activation-checkpoint segments cut from it are one definition of the network.)
 """
 
 from __future__ import annotations
