@@ -129,6 +129,7 @@ class RunConfig:
     seed: int = 0  # weights, data order and augmentation
     log_every: int = 1  # optimizer steps between averaged metric lines (0: the last step only)
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: end of each epoch only)
+    commit_every: int = 1  # elastic runs: steps between in-memory commits (a lost rank rolls back to one)
     keep_last: int = 3  # step-N.pt checkpoints kept (the most recently written)
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     tensorboard: bool = False  # also write TensorBoard event files on rank 0
@@ -226,6 +227,7 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "eval.max_det": (1, None, True, True),
     "run.log_every": (0, None, True, True),
     "run.checkpoint_every": (0, None, True, True),
+    "run.commit_every": (1, None, True, True),
     "run.keep_last": (1, None, True, True),
     "run.max_steps": (0, None, True, True),
 }

@@ -95,6 +95,11 @@ def init(threads: int | None = None, use_cuda: bool | None = None) -> DistContex
     return DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), device)
 
 
+def elastic_launch() -> bool:
+    """True when ``horovodrun --min-np/--max-np`` (elastic mode) started this process."""
+    return os.environ.get("HOROVOD_ELASTIC", "0") not in ("", "0")
+
+
 def rank() -> int:
     return hvd.rank() if hvd.is_initialized() else 0
 

@@ -137,7 +137,10 @@ def claim_out_dir(out_dir: Path, ctx: dist.DistContext) -> OutDirLock | None:
         except OutDirError as exc:
             lock, error = None, str(exc)
     # Horovod: rank 0's decision reaches every rank, so all stop together or none does.
-    error = dist.broadcast_object(error, name="hvd_yolo.train.out_dir_lock")
+    # (Elastic runs: no collective before the elastic loop, which a late worker joins; a busy
+    # out_dir ends rank 0, and so the job.)
+    if not dist.elastic_launch():
+        error = dist.broadcast_object(error, name="hvd_yolo.train.out_dir_lock")
     if error:
         raise OutDirError(error)
     if lock is not None:
@@ -284,6 +287,8 @@ class Run:
     done: bool = False
     t_last: float = 0.0
     images_since: int = 0
+    # elastic runs (hvd_yolo.elastic): called with (epoch, batches done) after every step
+    on_step: Any = None
 
     @property
     def local(self) -> LocalSGDOptimizer | None:
@@ -510,6 +515,8 @@ def train_one_epoch(run: Run, epoch: int) -> int:
         run.done = run.step >= run.stop_at
         if run.stopped or (cfg.run.checkpoint_every and run.step % cfg.run.checkpoint_every == 0):
             save_checkpoint(run, epoch, b + 1)
+        if run.on_step is not None:
+            run.on_step(epoch, b + 1)  # elastic runs: commit the state (hvd_yolo.elastic)
         if run.stopped or run.done:
             break
     if bar is not None:
@@ -529,6 +536,10 @@ def train_one_epoch(run: Run, epoch: int) -> int:
 
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the final summary (same on every rank)."""
+    if dist.elastic_launch():  # horovodrun --min-np/--max-np: the loop survives lost/new workers
+        from hvd_yolo import elastic
+
+        return elastic.train(cfg, resume, timeline)
     # ---------------------------------------------------------------- set-up
     run = setup(cfg, timeline)
     ctx = run.ctx

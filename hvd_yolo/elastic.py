@@ -1,0 +1,185 @@
+"""Elastic training: `hvd-yolo train` under `horovodrun --min-np M --max-np N --host-discovery-script S`.
+
+The job keeps training when a worker dies (the others roll back to the last commit and go on
+with fewer ranks) and grows when the discovery script lists new slots (the new workers receive
+the state by broadcast at the next commit). ``train.train()`` comes here when horovodrun started
+the process elastic (``dist.elastic_launch()``).
+
+- :class:`ElasticState` (Horovod's ``TorchState``): weights, optimizer state, EMA weights, and
+  where the loop is: the epoch, the sampler's state (``ShardSampler.state_dict``), the best mAP.
+  It is committed in memory every ``run.commit_every`` optimizer steps and at each epoch's end.
+- After every change of the world (:func:`adapt`): a sampler for the new rank and world size
+  loads the committed sampler state, which re-deals the epoch's unread samples over the new
+  world; batches per epoch, the step (re-derived from the batches left, as a resume does), the
+  LR schedule and its base LR (world-size scaled) are recomputed.
+- Rank 0 appends one line per commit and per reset to ``out_dir/ranks/elastic.jsonl``: the
+  committed sampler range (the samples every rank read since the previous commit can be
+  re-derived from it with ``ShardSampler``) and the time.
+
+Horovod is imported here as well as in ``dist.py``: ``hvd.elastic``'s state class and its ``run``
+decorator are the API (a subclass and a decorator, not collectives ``dist`` could wrap).
+Not supported in elastic runs (refused at start): ``--resume``, ``dist.sync=local`` and
+``dist.compression=powersgd`` (their extra state is not part of the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import horovod.torch as hvd
+
+from hvd_yolo import dist, sync
+from hvd_yolo.config import Config, ConfigError
+from hvd_yolo.data.sampler import ShardSampler
+from hvd_yolo.evaluate import make_eval_loader
+from hvd_yolo.stall import StallWatch
+from hvd_yolo.train import Run, evaluate_epoch, make_loaders, save_checkpoint, setup, train_one_epoch
+
+
+class ElasticState(hvd.elastic.TorchState):
+    """What every rank rolls back to after a lost worker, and what a new worker receives."""
+
+    def __init__(self, run: Run, on_commit: Callable[[], None]) -> None:
+        extra: dict[str, Any] = {"ema_model": run.ema.ema} if run.ema is not None else {}
+        self._on_commit = on_commit
+        super().__init__(model=run.model, optimizer=run.optimizer, epoch=0,
+                         sampler=run.sampler.state_dict(0), best_map=-1.0,
+                         ema_updates=run.ema.updates if run.ema is not None else 0, **extra)
+
+    def commit(self) -> None:
+        self.save()
+        self._on_commit()  # the committed state: logged before the host check may interrupt
+        self.check_host_updates()  # Horovod: a broadcast of rank 0's host-change notices
+
+    def sync(self) -> None:
+        super().sync()  # Horovod: rank 0's weights, optimizer state and small state everywhere
+        # Horovod: the weights once more: a worker without optimizer state gets it from a
+        # zero-gradient step (weight decay moves its weights) inside the optimizer broadcast.
+        dist.broadcast_state(self.model)
+
+
+def check_supported(cfg: Config, resume: str | None) -> None:
+    if resume:
+        raise ConfigError(f"--resume {resume}: not supported in elastic runs (horovodrun "
+                          "--min-np/--max-np); resume with a fixed number of ranks")
+    if cfg.dist.sync == "local" or cfg.dist.compression == "powersgd":
+        raise ConfigError(f"dist.sync={cfg.dist.sync}, dist.compression={cfg.dist.compression}: "
+                          "elastic runs support dist.sync=allreduce with compression none/fp16 only")
+
+
+def adapt(run: Run, state: ElasticState) -> None:
+    """Fit the loop to the current world and the committed state (every rank, after a sync)."""
+    cfg, acc, bs = run.cfg, run.cfg.optim.accumulate, run.cfg.optim.batch_size
+    ctx = dist.DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), run.ctx.device)
+    run.ctx = ctx
+    sampler = ShardSampler(run.train_ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
+                           shuffle=True, tail=cfg.data.tail)
+    sampler.load_state_dict(state.sampler)  # another world: the epoch's unread samples re-dealt
+    run.sampler = run.loader.sampler.sampler = sampler
+    run.batches_per_epoch = sampler.epoch_length(state.epoch + 1) // bs // acc * acc
+    if run.batches_per_epoch == 0:
+        raise ValueError(f"{cfg.data.train}: too few images for {ctx.size} ranks of batch_size "
+                         f"{bs} x accumulate {acc}")
+    run.steps_per_epoch = run.batches_per_epoch // acc
+    run.total_steps = run.steps_per_epoch * cfg.optim.epochs
+    run.stop_at = min(run.total_steps, cfg.run.max_steps or run.total_steps)
+    left = min(run.batches_per_epoch, len(sampler) // bs // acc * acc)
+    run.first = run.batches_per_epoch - left
+    run.step = state.epoch * run.steps_per_epoch + run.first // acc
+    run.done = run.step >= run.stop_at
+    run.base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, ctx.device) * acc
+    run.best_map = state.best_map
+    if run.ema is not None:
+        run.ema.updates = state.ema_updates
+    sync.start_at(run.optimizer, run.step)
+    run.watch.close()
+    run.rank_log = run.out_dir / "ranks" / f"rank{ctx.rank}.jsonl"
+    run.watch = StallWatch(run.rank_log.parent, ctx.rank, ctx.size, cfg.dist.stall_warning_s,
+                           cfg.dist.stall_shutdown_s)
+    if run.val_ds is not None:
+        run.eval_loader = make_eval_loader(run.val_ds, cfg, ctx)
+
+
+def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
+    """``train.train()`` for an elastic launch; returns the final summary (same on every rank)."""
+    check_supported(cfg, resume)
+    # Horovod's response cache off: with it, a worker that joins a grown job fails in its first
+    # collectives (Gloo: "op.preamble.length <= op.nbytes"), measured with tests/test_elastic.py.
+    os.environ["HOROVOD_CACHE_CAPACITY"] = "0"
+    run = setup(cfg, timeline)  # no collective here: a late worker starts while others train
+    make_loaders(run)
+    log_path = run.out_dir / "ranks" / "elastic.jsonl"
+    since: dict[str, Any] = {}  # the sampler state of the previous commit (rank 0's log)
+
+    def log(record: dict[str, Any]) -> None:
+        if run.ctx.is_root:
+            with log_path.open("a") as f:
+                f.write(json.dumps({**record, "world": run.ctx.size, "t": time.time()}) + "\n")
+
+    def on_commit() -> None:
+        prev, to = since.get("s") or {}, state.sampler
+        same_deal = all(prev.get(k) == to[k] for k in ("epoch", "world_size", "legs"))
+        log({"event": "commit", "step": run.step, "epoch": state.epoch, "sampler": to,
+             "from_offset": prev["offset"] if same_deal else 0})
+        since["s"] = state.sampler
+
+    state = ElasticState(run, on_commit)
+    state.register_reset_callbacks([lambda: since.clear()])
+    figures: dict[str, Any] | None = None
+
+    def on_step(epoch: int, batches_done: int) -> None:
+        if run.step % cfg.run.commit_every == 0 or batches_done == run.batches_per_epoch:
+            state.epoch, state.best_map = epoch, run.best_map
+            state.sampler = run.sampler.state_dict((batches_done - run.first) * cfg.optim.batch_size)
+            state.ema_updates = run.ema.updates if run.ema is not None else 0
+            state.commit()
+
+    run.on_step = on_step
+
+    @hvd.elastic.run
+    def loop(state: ElasticState) -> None:
+        nonlocal figures
+        adapt(run, state)
+        since["s"] = state.sampler
+        log({"event": "start", "step": run.step, "epoch": state.epoch, "sampler": state.sampler})
+        start_epoch = state.epoch
+        if run.ctx.is_root:
+            print(f"elastic: {run.ctx.size} rank(s) from epoch {state.epoch}, step {run.step} "
+                  f"({run.steps_per_epoch} steps/epoch, lr {run.base_lr:g})", flush=True)
+        for epoch in range(state.epoch, cfg.optim.epochs):
+            if run.done or run.stopped:
+                break
+            if epoch != start_epoch:
+                run.first = 0
+            batches_done = train_one_epoch(run, epoch)
+            if run.stopped:
+                break
+            epoch_done = batches_done >= run.batches_per_epoch
+            last_epoch = epoch + 1 == cfg.optim.epochs or run.done
+            if run.eval_loader is not None and epoch_done and (
+                    (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
+                figures = evaluate_epoch(run, epoch)
+            else:
+                save_checkpoint(run, epoch + 1 if epoch_done else epoch,
+                                0 if epoch_done else batches_done)
+            if epoch_done:  # the next epoch starts afresh (over the world of that time)
+                state.epoch, state.best_map = epoch + 1, run.best_map
+                state.sampler = {**run.sampler.state_dict(0), "epoch": epoch + 1, "offset": 0,
+                                 "legs": [], "legs_epoch": epoch + 1}
+                state.ema_updates = run.ema.updates if run.ema is not None else 0
+                state.commit()
+
+    loop(state)
+    summary = {"steps": run.step, "stopped": run.stopped, "world": run.ctx.size,
+               "mAP": figures["mAP"] if figures else None,
+               "mAP50": figures["mAP50"] if figures else None, "best_mAP": run.best_map,
+               "out_dir": str(run.out_dir), "checkpoint": str(run.ckpt_dir / "last.pt")}
+    run.log.write({"type": "summary", "step": run.step, **summary})
+    run.watch.close()
+    if run.lock is not None:
+        run.lock.release()
+    return summary
