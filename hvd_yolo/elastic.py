@@ -18,7 +18,8 @@ the process elastic (``dist.elastic_launch()``).
 
 Horovod is imported here as well as in ``dist.py``: ``hvd.elastic``'s state class and its ``run``
 decorator are the API (a subclass and a decorator, not collectives ``dist`` could wrap).
-Not supported in elastic runs (refused at start): ``--resume``, ``dist.sync=local`` and
+``--resume``: rank 0 loads the checkpoint before the first sync (a restarted launcher
+continues from it). Not supported in elastic runs (refused at start): ``dist.sync=local`` and
 ``dist.compression=powersgd`` (their extra state is not part of the commit).
 """
 
@@ -27,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import horovod.torch as hvd
 
-from hvd_yolo import dist, sync
+from hvd_yolo import checkpoint, dist, sync
 from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.sampler import ShardSampler
 from hvd_yolo.evaluate import make_eval_loader
@@ -62,10 +64,39 @@ class ElasticState(hvd.elastic.TorchState):
         dist.broadcast_state(self.model)
 
 
-def check_supported(cfg: Config, resume: str | None) -> None:
-    if resume:
-        raise ConfigError(f"--resume {resume}: not supported in elastic runs (horovodrun "
-                          "--min-np/--max-np); resume with a fixed number of ranks")
+def load_checkpoint(run: Run, state: ElasticState, resume: str) -> None:
+    """Rank 0, before the first sync: ``--resume``'s checkpoint into the model, optimizer, EMA
+    and the state (the sync then gives it to every rank; a late worker never reads it)."""
+    found = checkpoint.load_resume(resume, run.cfg.run.out_dir)
+    if found is None:
+        return
+    path, saved = found
+    refusals, notes = checkpoint.compare_run(saved, run.cfg.to_dict(), run.ctx.size,
+                                             run.train_ds.class_names, run.sampler.num_total,
+                                             len(run.sampler.shard_sizes))
+    if refusals:
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: " + "; ".join(refusals))
+    for note in notes:
+        warnings.warn(f"resuming from {path}: {note}", stacklevel=1)
+    sampler = dict(saved["sampler"])
+    if sampler["epoch"] != saved["epoch"]:  # a checkpoint taken at an epoch's end
+        sampler.update(epoch=saved["epoch"], offset=0, legs=[])
+    run.sampler.load_state_dict(sampler)  # raises if it cannot work
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.ema is not None and saved.get("ema"):
+        run.ema.load_state_dict(saved["ema"])
+    elif run.ema is not None:
+        run.ema.ema.load_state_dict(run.model.state_dict())
+        run.ema.updates = 0
+    state.epoch, state.sampler = saved["epoch"], sampler
+    state.best_map = max(saved.get("best_map", -1.0), checkpoint.recorded_best(run.ckpt_dir))
+    state.ema_updates = run.ema.updates if run.ema is not None else 0
+    state.save()  # the sync sends the saved state
+    print(f"resumed from {path}: epoch {saved['epoch']}", flush=True)
+
+
+def check_supported(cfg: Config) -> None:
     if cfg.dist.sync == "local" or cfg.dist.compression == "powersgd":
         raise ConfigError(f"dist.sync={cfg.dist.sync}, dist.compression={cfg.dist.compression}: "
                           "elastic runs support dist.sync=allreduce with compression none/fp16 only")
@@ -106,7 +137,7 @@ def adapt(run: Run, state: ElasticState) -> None:
 
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """``train.train()`` for an elastic launch; returns the final summary (same on every rank)."""
-    check_supported(cfg, resume)
+    check_supported(cfg)
     # Horovod's response cache off: with it, a worker that joins a grown job fails in its first
     # collectives (Gloo: "op.preamble.length <= op.nbytes"), measured with tests/test_elastic.py.
     os.environ["HOROVOD_CACHE_CAPACITY"] = "0"
@@ -129,6 +160,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
 
     state = ElasticState(run, on_commit)
     state.register_reset_callbacks([lambda: since.clear()])
+    if resume and run.ctx.is_root:
+        load_checkpoint(run, state, resume)
     figures: dict[str, Any] | None = None
 
     def on_step(epoch: int, batches_done: int) -> None:

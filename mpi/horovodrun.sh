@@ -16,6 +16,10 @@
 #   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
 #                         lists a GPU here; HVD_YOLO_GPU=0|1 does the same)
 #   --start-timeout S     seconds for all ranks to start (default horovodrun's, 30)
+#   --elastic MIN:MAX     elastic run (Gloo): between MIN and MAX ranks on the hosts that
+#                         --hostfile lists at each moment (edit it while the job runs:
+#                         mpi/discover_hosts.sh reads it); -np defaults to MIN. One node
+#                         only: give --iface lo (else horovodrun waits for a second host)
 #   --horovodrun-arg ARG  pass ARG to horovodrun as is (repeat as needed)
 #   --exec                the arguments are a whole command, not hvd-yolo arguments
 #   --dry-run             print the horovodrun command line instead of running it
@@ -35,7 +39,7 @@ die() { printf 'mpi/horovodrun.sh: error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 np="" hostfile="" hosts="" iface="" network="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
-exec_mode=0 dry=0 start_timeout=""
+exec_mode=0 dry=0 start_timeout="" elastic=""
 extra=()
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
     --cpu) gpu=0; shift ;;
     --gpu) gpu=1; shift ;;
     --start-timeout) need "$@"; start_timeout=$2; shift 2 ;;
+    --elastic) need "$@"; elastic=$2; shift 2 ;;
     --horovodrun-arg) need "$@"; extra+=("$2"); shift 2 ;;
     --exec) exec_mode=1; shift ;;
     --dry-run) dry=1; shift ;;
@@ -60,6 +65,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if [ -n "$elastic" ]; then
+  [[ "$elastic" =~ ^([1-9][0-9]*):([1-9][0-9]*)$ ]] && [ "${BASH_REMATCH[1]}" -le "${BASH_REMATCH[2]}" ] \
+    || die "--elastic must be MIN:MAX with 1 <= MIN <= MAX, got '$elastic'"
+  [ -n "$hostfile" ] || die "--elastic needs --hostfile FILE (the hosts to use; edit it while the job runs)"
+  controller=gloo min_np=${BASH_REMATCH[1]} max_np=${BASH_REMATCH[2]}
+  [ -n "$np" ] || np=$min_np
+fi
 [ -n "$np" ] || np=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 [[ "$np" =~ ^[1-9][0-9]*$ ]] || die "-np must be a positive integer, got '$np'"
 [ -z "$hostfile" ] || [ -r "$hostfile" ] || die "hostfile '$hostfile' not found or not readable"
@@ -89,7 +101,11 @@ fi
 
 argv=("$HOROVODRUN" -np "$np")
 [ -n "$hosts" ] && argv+=(-H "$hosts")
-[ -n "$hostfile" ] && argv+=(--hostfile "$hostfile")
+if [ -n "$elastic" ]; then  # the hostfile is read anew by the discovery script
+  HVD_YOLO_HOSTFILE=$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")
+  export HVD_YOLO_HOSTFILE
+  argv+=(--min-np "$min_np" --max-np "$max_np" --host-discovery-script "$here/discover_hosts.sh")
+elif [ -n "$hostfile" ]; then argv+=(--hostfile "$hostfile"); fi
 argv+=("--$controller")
 [ -n "$iface" ] && argv+=(--network-interfaces "$iface")
 [ -n "$ssh_port" ] && argv+=(--ssh-port "$ssh_port")

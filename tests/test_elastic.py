@@ -141,9 +141,7 @@ def test_a_lost_worker_shrinks_the_job_and_a_new_one_grows_it(tmp_path: Path) ->
         assert sum(n - 1 for n in twice.values()) <= 3, (epoch, twice)
         assert len(count) >= 48 - 2 * 2, (epoch, sorted(set(range(48)) - set(count)))
 
-    # The final weights are the same on every rank (the last save's checksum of each rank).
-    last = {}
-    for line in output.splitlines():
-        if "<stdout>:weights=" in line:
-            last[line.split("]")[0]] = line.split("weights=")[1]
-    assert len(last) >= 3 and len(set(last.values())) == 1, last
+    # The final weights are the same on every rank: the last save's checksum of each of the 3
+    # (horovodrun tags lines by slot, which a new worker may share with a lost one).
+    sums = [line.split("weights=")[1] for line in output.splitlines() if "<stdout>:weights=" in line]
+    assert len(sums) >= 3 and len(set(sums[-3:])) == 1, sums

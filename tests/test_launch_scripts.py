@@ -112,6 +112,28 @@ def test_horovodrun_line_defaults_and_options() -> None:
     assert argv[-3:] == ["train", "--config", "c.yaml"] and argv[-4].endswith("hvd-yolo")
 
 
+
+def test_horovodrun_elastic_line_and_the_discovery_script(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# nodes\nnode1 slots=4\nnode2:2\nnode3  # one slot\n\n")
+    argv = dry_run(HOROVODRUN_SH, "--elastic", "2:3", "--hostfile", str(hostfile), "--iface", "lo",
+                   "train", "--config", "c.yaml")
+    line = " ".join(argv)
+    for part in ("-np 2", "--min-np 2 --max-np 3", "--gloo", "--network-interfaces lo"):
+        assert part in line, f"{part!r} missing from {line}"
+    script = argv[argv.index("--host-discovery-script") + 1]
+    assert "--hostfile" not in argv and script == str(REPO / "mpi" / "discover_hosts.sh")
+    out = subprocess.run([script], env={**os.environ, "HVD_YOLO_HOSTFILE": str(hostfile)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["node1:4", "node2:2", "node3:1"]
+    bad = subprocess.run([str(HOROVODRUN_SH), "--elastic", "3:2", "--hostfile", str(hostfile),
+                          "--dry-run", "train"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--elastic must be MIN:MAX" in bad.stderr
+    bad = subprocess.run([str(HOROVODRUN_SH), "--elastic", "2:3", "--dry-run", "train"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--elastic needs --hostfile" in bad.stderr
+
+
 # ------------------------------------------------------------------ real 2-rank jobs
 @pytest.mark.mpi
 def test_mpirun_script_runs_a_two_rank_horovod_job(tmp_path: Path) -> None:
