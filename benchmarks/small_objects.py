@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -65,9 +66,10 @@ def train(label: str, size: int | None, eval_size: int, train: Path, val: Path, 
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["type"] == "eval"][-1]
     steps = max(r["step"] for r in records if r["type"] == "step")
+    figures = {k: final.get(k) for k in ("mAP", "mAP50", "AP_small", "AP_medium", "AP_large")}
     return {"setting": label, "train_size": size or "320-608", "eval_size": eval_size,
-            "steps": steps, "wall_s": round(wall, 1),
-            **{k: final.get(k) for k in ("mAP", "mAP50", "AP_small", "AP_medium", "AP_large")}}
+            "steps": steps, "wall_s": round(wall, 1),  # NaN (no object of that size): null
+            **{k: None if v is None or math.isnan(v) else v for k, v in figures.items()}}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
