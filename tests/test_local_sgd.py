@@ -4,10 +4,7 @@ each, and a run killed with -9 resumes on the uninterrupted run's trajectory."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +13,8 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import train_args
+from tests.fixtures.train_runs import kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_cli, run_job
-from tests.test_resume import kill_ranks, losses, resumed_line
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +136,7 @@ def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_p
     common = ("--set", "run.checkpoint_every=2", "--set", "dist.sync=local",
               "--set", "dist.local_steps=3")
     run_cli(args(shards, ref, *common, "--set", "run.max_steps=8"), np=2, timeout=300)
-    proc = subprocess.Popen(mpirun_argv(2) + hvd_yolo_argv(*args(shards, cut, *common)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ckpt = cut / "checkpoints" / "step-00000004.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    kill_ranks(proc, cut)
-    output = proc.communicate()[0].decode(errors="replace")
-    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + output
+    kill_after_checkpoint(mpirun_argv(2) + hvd_yolo_argv(*args(shards, cut, *common)), cut)
     res = run_cli(args(shards, cut, *common, "--set", "run.max_steps=8", "--resume", "auto"),
                   np=2, timeout=300)
     resumed_at = int(resumed_line(res).split("step ")[1].split()[0])

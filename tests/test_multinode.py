@@ -25,6 +25,7 @@ from hvd_yolo import cluster
 from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv
 from tests.fixtures import datagen
 from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import losses
 from tests.mpi_harness import JobResult, run_argv, run_cli
 
 pytestmark = pytest.mark.mpi
@@ -65,11 +66,6 @@ def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
             "--set", "input.size=96", "--set", "optim.batch_size=2", "--set", "optim.epochs=4",
             "--set", "optim.warmup_steps=2", "--set", "run.progress=false",
             "--set", "dist.threads=1", "--set", f"run.out_dir={out}", *extra]
-
-
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["type"] == "step"}
 
 
 # ------------------------------------------------------------------ collectives over the links

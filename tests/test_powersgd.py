@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +15,8 @@ from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from hvd_yolo.powersgd import matrix_shape, wire_elements
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import train_args
+from tests.fixtures.train_runs import kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_job, run_python
-from tests.test_resume import kill_ranks, losses, resumed_line
 
 pytestmark = pytest.mark.mpi
 
@@ -161,16 +157,7 @@ def test_powersgd_training_keeps_the_ranks_together_and_resumes_after_a_kill(
                   np=2, timeout=300)
     saved = [[line for line in res.rank_lines(r) if line.startswith("weights=")] for r in (0, 1)]
     assert len(saved[0]) >= 4 and saved[0] == saved[1], saved  # steps 2, 4, 6, 8 (8 twice)
-    proc = subprocess.Popen(mpirun_argv(2) + hvd_yolo_argv(*argv(cut)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ckpt = cut / "checkpoints" / "step-00000004.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    kill_ranks(proc, cut)
-    output = proc.communicate()[0].decode(errors="replace")
-    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + output
+    kill_after_checkpoint(mpirun_argv(2) + hvd_yolo_argv(*argv(cut)), cut)
     res = run_job([sys.executable, "-c", WEIGHTS_AT_SAVE, *argv(
         cut, "--set", "run.max_steps=8", "--resume", "auto")], np=2, timeout=300)
     resumed_at = int(resumed_line(res).split("step ")[1].split()[0])

@@ -3,7 +3,6 @@ checkpoints, a changed config, killed checkpoint writes and one run per out_dir.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,9 +17,9 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import flip
+from tests.fixtures.train_runs import flip, kill_after_checkpoint, losses, resumed_line
 from tests.fixtures.train_runs import train_args as run_args
-from tests.mpi_harness import JobResult, mpirun_argv, run_argv, run_cli
+from tests.mpi_harness import mpirun_argv, run_argv, run_cli
 
 pytestmark = pytest.mark.mpi
 
@@ -34,19 +33,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return run_args(shards, out, *extra, size=96, epochs=5)
-
-
-def losses(out: Path) -> dict[int, float]:
-    """Rank 0's logged loss per step; a step logged twice (before a kill and after) keeps the
-    later."""
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
-                                               .splitlines()) if r["type"] == "step"}
-
-
-def resumed_line(res: JobResult) -> str:
-    """Rank 0's "resumed from PATH: epoch E, step S (P% of the epoch read)", after the path."""
-    return next(line.split("resumed from ", 1)[1] for line in res.rank_lines(0)
-                if line.startswith("resumed from "))
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +50,6 @@ def copy_run(base: Path, dst: Path) -> Path:
     return dst
 
 
-# ------------------------------------------------------------------ kill -9 mid-epoch
-def kill_ranks(proc: subprocess.Popen, out: Path) -> None:
-    """SIGKILL mpirun and every rank of the run writing ``out`` (ranks killed only through
-    mpirun live on for a moment, still holding the out_dir lock); wait until they are gone."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        found = subprocess.run(["pgrep", "-f", f"run.out_dir={out}( |$)"], capture_output=True,
-                               text=True).stdout.split()
-        pids = [int(p) for p in found if int(p) != os.getpid()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    pytest.fail(f"ranks of {out} still alive 60 s after SIGKILL")
-
-
 def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_path: Path) -> None:
     """Kill -9 a 2-rank run right after its step-4 checkpoint (4 of the epoch's 10 steps: the
     sampler, EMA and optimizer are mid-epoch, last.pt may be mid-update); resume with
@@ -93,16 +60,7 @@ def test_killed_mid_epoch_resumes_on_the_same_loss_trajectory(shards: Path, tmp_
     steps_per_epoch = int(res.output.split(" steps/epoch")[0].rsplit(" ", 1)[1])
     assert steps_per_epoch > 5, res.output
 
-    argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, cut, *common))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ckpt = cut / "checkpoints" / "step-00000004.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    kill_ranks(proc, cut)
-    out = proc.communicate()[0].decode(errors="replace")
-    assert ckpt.exists(), "no step-4 checkpoint before the deadline:\n" + out
+    kill_after_checkpoint(mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, cut, *common)), cut)
 
     res = run_cli(train_args(shards, cut, *common, "--set", "run.max_steps=8", "--resume", "auto"),
                   np=2, timeout=400)
