@@ -39,7 +39,7 @@ from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.sampler import ShardSampler
 from hvd_yolo.evaluate import make_eval_loader
 from hvd_yolo.stall import StallWatch
-from hvd_yolo.train import Run, evaluate_epoch, make_loaders, save_checkpoint, setup, train_one_epoch
+from hvd_yolo.train import Run, end_epoch, finish, make_loaders, setup, train_one_epoch
 
 
 class ElasticState(hvd.elastic.TorchState):
@@ -191,15 +191,8 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
             batches_done = train_one_epoch(run, epoch)
             if run.stopped:
                 break
-            epoch_done = batches_done >= run.batches_per_epoch
-            last_epoch = epoch + 1 == cfg.optim.epochs or run.done
-            if run.eval_loader is not None and epoch_done and (
-                    (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
-                figures = evaluate_epoch(run, epoch)
-            else:
-                save_checkpoint(run, epoch + 1 if epoch_done else epoch,
-                                0 if epoch_done else batches_done)
-            if epoch_done:  # the next epoch starts afresh (over the world of that time)
+            figures = end_epoch(run, epoch, batches_done) or figures
+            if batches_done >= run.batches_per_epoch:  # next epoch: afresh, over that time's world
                 state.epoch, state.best_map = epoch + 1, run.best_map
                 state.sampler = {**run.sampler.state_dict(0), "epoch": epoch + 1, "offset": 0,
                                  "legs": [], "legs_epoch": epoch + 1}
@@ -207,12 +200,4 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                 state.commit()
 
     loop(state)
-    summary = {"steps": run.step, "stopped": run.stopped, "world": run.ctx.size,
-               "mAP": figures["mAP"] if figures else None,
-               "mAP50": figures["mAP50"] if figures else None, "best_mAP": run.best_map,
-               "out_dir": str(run.out_dir), "checkpoint": str(run.ckpt_dir / "last.pt")}
-    run.log.write({"type": "summary", "step": run.step, **summary})
-    run.watch.close()
-    if run.lock is not None:
-        run.lock.release()
-    return summary
+    return finish(run, figures, world=run.ctx.size)

@@ -575,16 +575,28 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                 print(f"stop requested ({run.stop.signal_name or 'another rank'}): checkpoint "
                       f"written at step {run.step}; resume with --resume auto", flush=True)
             break
-        epoch_done = batches_done >= run.batches_per_epoch
-        last_epoch = epoch + 1 == cfg.optim.epochs or run.done
-        if run.eval_loader is not None and epoch_done and (
-                (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
-            figures = evaluate_epoch(run, epoch)
-        else:
-            save_checkpoint(run, epoch + 1 if epoch_done else epoch, 0 if epoch_done else batches_done)
+        figures = end_epoch(run, epoch, batches_done) or figures
 
     # ---------------------------------------------------------------- summary
-    summary = {"steps": run.step, "stopped": run.stopped,
+    return finish(run, figures)
+
+
+def end_epoch(run: Run, epoch: int, batches_done: int) -> dict[str, Any] | None:
+    """After an epoch's loop (whole, or cut by run.max_steps): evaluate when due (which saves
+    first), else save; returns the evaluation's figures, or None."""
+    cfg = run.cfg
+    epoch_done = batches_done >= run.batches_per_epoch
+    last_epoch = epoch + 1 == cfg.optim.epochs or run.done
+    if run.eval_loader is not None and epoch_done and (
+            (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
+        return evaluate_epoch(run, epoch)
+    save_checkpoint(run, epoch + 1 if epoch_done else epoch, 0 if epoch_done else batches_done)
+    return None
+
+
+def finish(run: Run, figures: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """The run's summary (logged, returned), the stall watch stopped, the out_dir released."""
+    summary = {"steps": run.step, "stopped": run.stopped, **extra,
                "mAP": figures["mAP"] if figures else None,
                "mAP50": figures["mAP50"] if figures else None, "best_mAP": run.best_map,
                "out_dir": str(run.out_dir), "checkpoint": str(run.ckpt_dir / "last.pt")}
