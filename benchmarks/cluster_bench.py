@@ -163,24 +163,33 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
               "--threads", "1", "--iterations", "3" if args.quick else "6", "--warmup", "2",
               "--quiet"]
-    names = ["single", *TRAIN_CONFIGS]
+    result = alternate_rounds("train", TRAIN_CONFIGS, common, args.rounds, work)
+    cluster.down(NAME)
+    return result
+
+
+def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[str],
+                     rounds: int, work: Path) -> dict[str, Any]:
+    """``bench train`` (``common``) once alone on one node ("single": the efficiency baseline)
+    and once per config on 2 nodes, in alternating order for ``rounds`` rounds; the medians of
+    ``KEEP`` per config, with each round's img/s."""
+    names = ["single", *configs]
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
-    for r in range(args.rounds):
+    for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            out = work / f"train_{name}_r{r}.json"
-            if name == "single":  # one rank on one node (no link): the efficiency baseline
+            out = work / f"{section}_{name}_r{r}.json"
+            if name == "single":  # one rank on one node (no link)
                 argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
             else:
                 argv = job_argv("gloo", 2, hosts_of(2),
-                                [*common, *TRAIN_CONFIGS[name], "--json", str(out)])
-            rc = run(argv, 900, work / f"train_{name}_r{r}.log")
+                                [*common, *configs[name], "--json", str(out)])
+            rc = run(argv, 900, work / f"{section}_{name}_r{r}.log")
             if rc == 0 and out.exists():
                 rec = json.loads(out.read_text())
                 per[name].append({k: rec.get(k) for k in KEEP})
-            print(f"  train {name} round {r}: rc {rc} "
+            print(f"  {section} {name} round {r}: rc {rc} "
                   f"{per[name][-1]['img_per_sec_total'] if per[name] else ''}", flush=True)
-    cluster.down(NAME)
-    result = {}
+    result: dict[str, Any] = {}
     for name, recs in per.items():
         if recs:
             result[name] = {k: statistics.median(rec[k] for rec in recs) for k in KEEP
@@ -203,30 +212,8 @@ def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
               "--threads", "1", "--iterations", "4" if args.quick else "8", "--warmup", "2",
               "--quiet"]
-    names = ["single", *COMM_CONFIGS]
-    per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
-    for r in range(args.rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            out = work / f"comm_{name}_r{r}.json"
-            if name == "single":
-                argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
-            else:
-                argv = job_argv("gloo", 2, hosts_of(2),
-                                [*common, *COMM_CONFIGS[name], "--json", str(out)])
-            rc = run(argv, 900, work / f"comm_{name}_r{r}.log")
-            if rc == 0 and out.exists():
-                rec = json.loads(out.read_text())
-                per[name].append({k: rec.get(k) for k in KEEP})
-            print(f"  comm {name} round {r}: rc {rc} "
-                  f"{per[name][-1]['img_per_sec_total'] if per[name] else ''}", flush=True)
+    result = alternate_rounds("comm", COMM_CONFIGS, common, args.rounds, work)
     cluster.down(NAME)
-    result: dict[str, Any] = {}
-    for name, recs in per.items():
-        if recs:
-            result[name] = {k: statistics.median(rec[k] for rec in recs) for k in KEEP
-                            if recs[0].get(k) is not None}
-            result[name]["rounds"] = len(recs)
-            result[name]["img_per_sec_rounds"] = [rec["img_per_sec_total"] for rec in recs]
     result["link"] = args.comm_link
     if "single" in result:
         for name in COMM_CONFIGS:
