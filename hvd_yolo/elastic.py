@@ -6,15 +6,20 @@ the state by broadcast at the next commit). ``train.train()`` comes here when ho
 the process elastic (``dist.elastic_launch()``).
 
 - :class:`ElasticState` (Horovod's ``TorchState``): weights, optimizer state, EMA weights, and
-  where the loop is: the epoch, the sampler's state (``ShardSampler.state_dict``), the best mAP.
-  It is committed in memory every ``run.commit_every`` optimizer steps and at each epoch's end.
+  where the loop is: the epoch, the step, the sampler's state (``ShardSampler.state_dict``), the
+  best mAP. It is committed in memory every ``run.commit_every`` optimizer steps and at each
+  epoch's end.
 - After every change of the world (:func:`adapt`): a sampler for the new rank and world size
   loads the committed sampler state, which re-deals the epoch's unread samples over the new
-  world; batches per epoch, the step (re-derived from the batches left, as a resume does), the
-  LR schedule and its base LR (world-size scaled) are recomputed.
-- Rank 0 appends one line per commit and per reset to ``out_dir/ranks/elastic.jsonl``: the
-  committed sampler range (the samples every rank read since the previous commit can be
-  re-derived from it with ``ShardSampler``) and the time.
+  world. Every deal is padded to whole optimizer steps (``pad_to``), so no partial step is cut
+  after a re-deal: each epoch reads every sample, and the few read twice are counted. The step
+  goes on from the committed one; the LR schedule is re-fitted to end at the run's last step on
+  the new world, with the base LR scaled to it.
+- Each world gets an id (rank 0's, broadcast); every rank's log line of a step names it, so the
+  steps a reset rolled back (those after its world's last commit) can be told from the rest.
+  Rank 0 appends one line per commit and per world to ``out_dir/ranks/elastic.jsonl``: the
+  step, the committed sampler state, the samples read twice so far in its deal (``padded``),
+  the world size and id, the time.
 
 Horovod is imported here as well as in ``dist.py``: ``hvd.elastic``'s state class and its ``run``
 decorator are the API (a subclass and a decorator, not collectives ``dist`` could wrap).
@@ -28,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +54,7 @@ class ElasticState(hvd.elastic.TorchState):
     def __init__(self, run: Run, on_commit: Callable[[], None]) -> None:
         extra: dict[str, Any] = {"ema_model": run.ema.ema} if run.ema is not None else {}
         self._on_commit = on_commit
-        super().__init__(model=run.model, optimizer=run.optimizer, epoch=0,
+        super().__init__(model=run.model, optimizer=run.optimizer, epoch=0, step=0,
                          sampler=run.sampler.state_dict(0), best_map=-1.0,
                          ema_updates=run.ema.updates if run.ema is not None else 0, **extra)
 
@@ -89,7 +95,7 @@ def load_checkpoint(run: Run, state: ElasticState, resume: str) -> None:
     elif run.ema is not None:
         run.ema.ema.load_state_dict(run.model.state_dict())
         run.ema.updates = 0
-    state.epoch, state.sampler = saved["epoch"], sampler
+    state.epoch, state.step, state.sampler = saved["epoch"], saved["step"], sampler
     state.best_map = max(saved.get("best_map", -1.0), checkpoint.recorded_best(run.ckpt_dir))
     state.ema_updates = run.ema.updates if run.ema is not None else 0
     state.save()  # the sync sends the saved state
@@ -102,13 +108,21 @@ def check_supported(cfg: Config) -> None:
                           "elastic runs support dist.sync=allreduce with compression none/fp16 only")
 
 
+def elastic_sampler(run: Run, rank: int, size: int) -> ShardSampler:
+    """The training sampler of an elastic run: every deal padded to whole optimizer steps (with
+    ``data.tail=pad``), so a re-dealt epoch leaves no partial step to cut."""
+    cfg = run.cfg
+    step_samples = cfg.optim.batch_size * cfg.optim.accumulate if cfg.data.tail == "pad" else 1
+    return ShardSampler(run.train_ds.shard_sizes, rank, size, seed=cfg.run.seed, shuffle=True,
+                        tail=cfg.data.tail, pad_to=step_samples)
+
+
 def adapt(run: Run, state: ElasticState) -> None:
     """Fit the loop to the current world and the committed state (every rank, after a sync)."""
     cfg, acc, bs = run.cfg, run.cfg.optim.accumulate, run.cfg.optim.batch_size
     ctx = dist.DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), run.ctx.device)
     run.ctx = ctx
-    sampler = ShardSampler(run.train_ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
-                           shuffle=True, tail=cfg.data.tail)
+    sampler = elastic_sampler(run, ctx.rank, ctx.size)
     sampler.load_state_dict(state.sampler)  # another world: the epoch's unread samples re-dealt
     run.sampler = run.loader.sampler.sampler = sampler
     run.batches_per_epoch = sampler.epoch_length(state.epoch + 1) // bs // acc * acc
@@ -116,11 +130,13 @@ def adapt(run: Run, state: ElasticState) -> None:
         raise ValueError(f"{cfg.data.train}: too few images for {ctx.size} ranks of batch_size "
                          f"{bs} x accumulate {acc}")
     run.steps_per_epoch = run.batches_per_epoch // acc
-    run.total_steps = run.steps_per_epoch * cfg.optim.epochs
-    run.stop_at = min(run.total_steps, cfg.run.max_steps or run.total_steps)
-    left = min(run.batches_per_epoch, len(sampler) // bs // acc * acc)
+    left = min(run.batches_per_epoch, len(sampler) // bs // acc * acc)  # this epoch, this world
     run.first = run.batches_per_epoch - left
-    run.step = state.epoch * run.steps_per_epoch + run.first // acc
+    run.step = state.step  # goes on from the commit (never re-derived: it cannot go back)
+    # The LR schedule ends at the run's last step on this world (a world change moves the end).
+    run.total_steps = (run.step + left // acc
+                       + run.steps_per_epoch * max(0, cfg.optim.epochs - state.epoch - 1))
+    run.stop_at = min(run.total_steps, cfg.run.max_steps or run.total_steps)
     run.done = run.step >= run.stop_at
     run.base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, ctx.device) * acc
     run.best_map = state.best_map
@@ -143,30 +159,30 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     os.environ["HOROVOD_CACHE_CAPACITY"] = "0"
     run = setup(cfg, timeline)  # no collective here: a late worker starts while others train
     make_loaders(run)
+    run.sampler = run.loader.sampler.sampler = elastic_sampler(run, run.ctx.rank, run.ctx.size)
     log_path = run.out_dir / "ranks" / "elastic.jsonl"
-    since: dict[str, Any] = {}  # the sampler state of the previous commit (rank 0's log)
 
     def log(record: dict[str, Any]) -> None:
         if run.ctx.is_root:
             with log_path.open("a") as f:
-                f.write(json.dumps({**record, "world": run.ctx.size, "t": time.time()}) + "\n")
+                f.write(json.dumps({**record, "world": run.ctx.size, "world_id": run.world_id,
+                                    "t": time.time()}) + "\n")
 
     def on_commit() -> None:
-        prev, to = since.get("s") or {}, state.sampler
-        same_deal = all(prev.get(k) == to[k] for k in ("epoch", "world_size", "legs"))
+        # the samples read twice so far in this deal (rank 0 alone: it deals every rank's share)
+        to = state.sampler
+        padded = run.sampler.padded(to["offset"]) if run.ctx.is_root and to["offset"] else 0
         log({"event": "commit", "step": run.step, "epoch": state.epoch, "sampler": to,
-             "from_offset": prev["offset"] if same_deal else 0})
-        since["s"] = state.sampler
+             "padded": padded})
 
     state = ElasticState(run, on_commit)
-    state.register_reset_callbacks([lambda: since.clear()])
     if resume and run.ctx.is_root:
         load_checkpoint(run, state, resume)
     figures: dict[str, Any] | None = None
 
     def on_step(epoch: int, batches_done: int) -> None:
         if run.step % cfg.run.commit_every == 0 or batches_done == run.batches_per_epoch:
-            state.epoch, state.best_map = epoch, run.best_map
+            state.epoch, state.step, state.best_map = epoch, run.step, run.best_map
             state.sampler = run.sampler.state_dict((batches_done - run.first) * cfg.optim.batch_size)
             state.ema_updates = run.ema.updates if run.ema is not None else 0
             state.commit()
@@ -177,7 +193,9 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     def loop(state: ElasticState) -> None:
         nonlocal figures
         adapt(run, state)
-        since["s"] = state.sampler
+        # Horovod: rank 0 names this world; every rank's step lines carry the name.
+        run.world_id = dist.broadcast_object(uuid.uuid4().hex[:12] if run.ctx.is_root else None,
+                                             name="hvd_yolo.elastic.world_id")
         log({"event": "start", "step": run.step, "epoch": state.epoch, "sampler": state.sampler})
         start_epoch = state.epoch
         if run.ctx.is_root:
@@ -193,7 +211,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
                 break
             figures = end_epoch(run, epoch, batches_done) or figures
             if batches_done >= run.batches_per_epoch:  # next epoch: afresh, over that time's world
-                state.epoch, state.best_map = epoch + 1, run.best_map
+                state.epoch, state.step, state.best_map = epoch + 1, run.step, run.best_map
                 state.sampler = {**run.sampler.state_dict(0), "epoch": epoch + 1, "offset": 0,
                                  "legs": [], "legs_epoch": epoch + 1}
                 state.ema_updates = run.ema.updates if run.ema is not None else 0

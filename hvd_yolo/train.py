@@ -287,8 +287,10 @@ class Run:
     done: bool = False
     t_last: float = 0.0
     images_since: int = 0
-    # elastic runs (hvd_yolo.elastic): called with (epoch, batches done) after every step
+    # elastic runs (hvd_yolo.elastic): called with (epoch, batches done) after every step, and
+    # the id of the world the steps are taken in (a reset starts another), in the rank log
     on_step: Any = None
+    world_id: str | None = None
 
     @property
     def local(self) -> LocalSGDOptimizer | None:
@@ -453,6 +455,7 @@ def train_one_epoch(run: Run, epoch: int) -> int:
     train_mode(model, cfg.model.freeze_bn)
     batches = iter(run.loader)
     window = torch.zeros(4, device=device)  # this step's (loss, box, obj, cls) summed over micro-batches
+    samples: list[int] = []  # this step's sample indices on this rank (the rank log lists them)
     bad_batch: int | None = None
     corrupt = 0  # samples of this rank's batches that failed their CRC32/decode and were replaced
     b = run.first - 1  # a checkpoint taken at the epoch's last batch resumes into an empty range
@@ -465,6 +468,7 @@ def train_one_epoch(run: Run, epoch: int) -> int:
         run.watch.progress(f"reading batch {b} of epoch {epoch}", run.step)
         batch = next(batches)
         corrupt += sum(m.get("corrupt", 0) for m in batch["metas"])
+        samples += [m["index"] for m in batch["metas"]]
         size = (size_for_step(run.step, cfg.run.seed, cfg.input.every, cfg.input.min_size,
                               cfg.input.max_size) if cfg.input.multiscale else cfg.input.size)
         images = batch["images"].to(device, non_blocking=True).float().div_(255)
@@ -506,8 +510,11 @@ def train_one_epoch(run: Run, epoch: int) -> int:
         run.step += 1
         # The step's loss is its window's mean (the loss its gradient belongs to).
         values, window = (window / acc).cpu(), torch.zeros_like(window)
+        record = {"step": run.step, "epoch": epoch, "size": size, "loss": values[0].item(),
+                  "samples": samples}
         with run.rank_log.open("a") as f:
-            f.write(json.dumps({"step": run.step, "size": size, "loss": values[0].item()}) + "\n")
+            f.write(json.dumps(record | ({"world_id": run.world_id} if run.world_id else {})) + "\n")
+        samples = []
         if (cfg.run.log_every and run.step % cfg.run.log_every == 0) or run.step == run.stop_at:
             log_step(run, values, epoch, size, bar)
         if bar is not None:

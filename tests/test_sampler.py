@@ -212,6 +212,39 @@ def test_resume_on_other_world_sizes_reads_the_rest_of_the_epoch() -> None:
             assert len(read) == len(set(read))
 
 
+def test_pad_to_whole_steps_reads_every_sample_and_counts_its_repeats() -> None:
+    """``pad_to=m`` (elastic runs: m = one step's samples): over a chain of world sizes within
+    one epoch, each read to a whole number of steps, every sample is read, and the reads beyond
+    once are exactly the repeats ``padded(offset)`` counts in each deal. The chain starts from
+    a ``pad_to=1`` state (a checkpoint of an ordinary run)."""
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        cfg = {**_random_setup(rng), "tail": "pad"}
+        n, epoch, m = sum(cfg["shard_sizes"]), int(rng.integers(0, 50)), int(rng.integers(1, 9))
+        plain = ShardSampler(rank=0, **{**cfg, "world_size": 3})
+        plain.set_epoch(epoch)
+        first = int(rng.integers(0, len(plain) + 1))
+        read = Counter(i for r in range(3) for i in _loaded(cfg, None, 3, epoch, r).epoch_indices()[:first])
+        state, padded = plain.state_dict(first), plain.padded(first)
+        worlds = [int(rng.integers(1, 65)) for _ in range(3)]
+        for leg, world in enumerate(worlds):
+            ranks = [ShardSampler(rank=r, **{**cfg, "world_size": world}, pad_to=m) for r in range(world)]
+            for s in ranks:
+                s.load_state_dict(state)
+            lists = [list(s) for s in ranks]
+            assert all(len(x) == len(lists[0]) for x in lists) and len(lists[0]) % m == 0, cfg
+            last = leg == len(worlds) - 1
+            offset = len(lists[0]) if last else m * int(rng.integers(0, len(lists[0]) // m + 1))
+            read.update(i for x in lists for i in x[:offset])
+            done = ranks[0].state_dict()["offset"]  # of this deal, before this leg's reads
+            padded += ranks[0].padded(done + offset) - ranks[0].padded(done)
+            assert ranks[0].padded() < world * m + world, cfg  # < one step and a sample per rank
+            if last:
+                assert set(read) == set(range(n)), cfg  # none lost
+                assert sum(read.values()) - n == padded, cfg  # read twice: the counted padding
+            state = ranks[0].state_dict(offset)
+
+
 def test_unread_is_what_the_old_world_has_not_read() -> None:
     cfg = {"shard_sizes": [40, 7, 0, 33], "world_size": 3, "seed": 9, "shuffle": True,
            "tail": "pad", "block_size": 8}

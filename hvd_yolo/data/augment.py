@@ -98,7 +98,7 @@ class AugmentedDataset(Dataset):
             image, boxes = hflip(image, boxes)
         image = hsv_jitter(image, self.hsv, rng)
         return {"image": image, "boxes": boxes, "classes": classes,
-                "meta": {"image_id": sample["image_id"], "corrupt": corrupt}}
+                "meta": {"image_id": sample["image_id"], "index": index, "corrupt": corrupt}}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,9 @@ Epoch ``e`` (``shuffle=True``):
 5. equalise lengths: ``tail="pad"`` repeats a rank's own samples (at most one per rank; a rank
    with no sample of its own, when there are fewer samples than ranks, borrows one),
    ``tail="drop"`` cuts every rank to the shortest (at most one sample per rank is left out).
+   ``pad_to=m`` (with ``tail="pad"``) pads every rank's share on to a multiple of ``m``
+   samples: with ``m`` = one optimizer step's samples no deal leaves a partial step to be
+   cut, so the loop reads every sample (elastic runs; ``padded()`` counts the repeats read).
 
 ``shuffle=False`` (evaluation) gives rank ``r`` the ``r``-th contiguous part in index order.
 ``len()`` is the same on every rank, at any world size and shard sizes. ``EpochIndices`` turns
@@ -23,14 +26,16 @@ and the world size; ``load_state_dict(state)`` continues it:
 - on another world size, the samples of that epoch the old world had not read (and would have
   read) are re-dealt the same way over the new world (blocks of the remaining samples, permuted,
   cut into equal parts); ``len()`` is then what is left of the epoch. Later epochs are dealt
-  afresh. A chain of such resumes within one epoch is recorded in the state (``legs``).
+  afresh. A chain of such resumes within one epoch is recorded in the state (``legs``: the
+  world size, offset and ``pad_to`` of each earlier deal). A state of another ``pad_to`` is
+  continued the same way (its deal becomes a leg).
 
 For a caller that resumes on another world size::
 
     sampler.load_state_dict(saved)      # saved: state_dict() of any world size
     len(sampler)                        # samples left on this rank in the resumed epoch
     sampler.fraction_done()             # fraction of the epoch's samples already read
-    sampler.unread(epoch, [(w_old, offset)])  # sorted global indices not yet read (all ranks)
+    sampler.unread(epoch, [(w_old, offset, pad_to)])  # sorted global indices not yet read
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class ShardSampler(Sampler[int]):
         shuffle: bool = True,
         tail: str = "pad",
         block_size: int = BLOCK_SIZE,
+        pad_to: int = 1,
     ) -> None:
         sizes = [int(s) for s in shard_sizes]
         if any(s < 0 for s in sizes):
@@ -71,6 +77,8 @@ class ShardSampler(Sampler[int]):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if pad_to < 1 or (pad_to > 1 and tail != "pad"):
+            raise ValueError(f"pad_to must be >= 1 (and 1 unless tail='pad'), got {pad_to}")
         self.shard_sizes = sizes
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -78,17 +86,20 @@ class ShardSampler(Sampler[int]):
         self.shuffle = bool(shuffle)
         self.tail = tail
         self.block_size = int(block_size)
+        self.pad_to = int(pad_to)
         self.epoch = 0
         self._offset = 0  # samples of the current deal already read (after a resume)
-        self._legs: list[tuple[int, int]] = []  # earlier deals of this epoch: (world, offset)
+        self._legs: list[tuple[int, int, int]] = []  # earlier deals: (world, offset, pad_to)
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_total = int(self._starts[-1])
         self._cache: tuple[tuple[Any, ...], np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ the deal
-    def _length(self, n: int, world: int) -> int:
+    def _length(self, n: int, world: int, pad_to: int) -> int:
         """Samples per rank when ``n`` samples are dealt to ``world`` ranks."""
-        return -(-n // world) if self.tail == "pad" else n // world
+        if self.tail == "drop":
+            return n // world
+        return -(-n // world) if pad_to == 1 else -(-n // (world * pad_to)) * pad_to
 
     def _order(self, pool: np.ndarray, world: int, epoch: int, leg: int) -> np.ndarray:
         """``pool`` (sorted global indices) as one sequence of permuted blocks."""
@@ -108,32 +119,34 @@ class ShardSampler(Sampler[int]):
         slot[perm] = np.arange(len(perm))
         return pool[np.argsort(slot[block_id], kind="stable")]
 
-    def _share(self, order: np.ndarray, world: int, rank: int, epoch: int, leg: int) -> np.ndarray:
+    def _share(self, order: np.ndarray, world: int, rank: int, epoch: int, leg: int,
+               pad_to: int) -> np.ndarray:
         """Rank ``rank``'s part of ``order``: contiguous, shuffled inside, padded or cut."""
         n = len(order)
         lo, hi = rank * n // world, (rank + 1) * n // world
         own = order[lo:hi]
         if self.shuffle:
             own = own[np.random.default_rng([self.seed, epoch, leg, 1, rank]).permutation(len(own))]
-        length = self._length(n, world)
+        length = self._length(n, world, pad_to)
         if len(own) < length:  # pad: repeat own samples; borrow one if there are none
             own = np.resize(own if len(own) else order[[rank % n]], length)
         return own[:length].astype(np.int64)
 
-    def _all_shares(self, pool: np.ndarray, world: int, epoch: int, leg: int) -> list[np.ndarray]:
+    def _all_shares(self, pool: np.ndarray, world: int, epoch: int, leg: int,
+                    pad_to: int) -> list[np.ndarray]:
         order = self._order(pool, world, epoch, leg)
-        return [self._share(order, world, r, epoch, leg) for r in range(world)]
+        return [self._share(order, world, r, epoch, leg, pad_to) for r in range(world)]
 
-    def unread(self, epoch: int, legs: Sequence[tuple[int, int]]) -> np.ndarray:
+    def unread(self, epoch: int, legs: Sequence[Sequence[int]]) -> np.ndarray:
         """Sorted global indices of ``epoch`` not read after the deals ``legs`` =
-        ``[(world_size, offset), ...]`` (each re-deals what the previous left, ``offset``
-        samples read per rank), that those deals would still have read (with ``tail="drop"``
-        the samples a deal cut are not included)."""
+        ``[(world_size, offset, pad_to), ...]`` (each re-deals what the previous left,
+        ``offset`` samples read per rank; ``pad_to`` 1 when left out), that those deals would
+        still have read (with ``tail="drop"`` the samples a deal cut are not included)."""
         pool = np.arange(self.num_total, dtype=np.int64)
-        for leg, (world, offset) in enumerate(legs):
+        for leg, (world, offset, *pad) in enumerate(legs):
             if world < 1:
                 raise ValueError(f"sampler state has a deal on {world} ranks")
-            shares = self._all_shares(pool, int(world), epoch, leg)
+            shares = self._all_shares(pool, int(world), epoch, leg, int(pad[0]) if pad else 1)
             if not 0 <= offset <= len(shares[0]):
                 raise ValueError(f"sampler offset {offset} is outside the {len(shares[0])} "
                                  f"samples per rank of epoch {epoch} on {world} ranks")
@@ -148,15 +161,25 @@ class ShardSampler(Sampler[int]):
             pool = self.unread(self.epoch, self._legs)
             leg = len(self._legs)
             order = self._order(pool, self.world_size, self.epoch, leg)
-            mine = self._share(order, self.world_size, self.rank, self.epoch, leg)
+            mine = self._share(order, self.world_size, self.rank, self.epoch, leg, self.pad_to)
             self._cache = (key, pool, mine)
         return self._cache[1], self._cache[2]
+
+    def padded(self, offset: int | None = None) -> int:
+        """Repeated samples (``tail="pad"``) among the first ``offset`` samples of every rank's
+        share of the current deal (``state_dict()["offset"]`` counts the same way; all of the
+        deal when None), all ranks together: a rank's share is its own samples, then repeats."""
+        pool, mine = self._current()
+        n, world = len(pool), self.world_size
+        read = len(mine) if offset is None else min(int(offset), len(mine))
+        own = np.diff(np.arange(world + 1, dtype=np.int64) * n // world)
+        return int(np.maximum(0, read - own).sum()) if self.tail == "pad" else 0
 
     def epoch_length(self, epoch: int | None = None) -> int:
         """Samples per rank in the current deal (the whole epoch unless resumed on another
         world size); the same on every rank. Another ``epoch`` gives a fresh epoch's length."""
         if epoch is not None and epoch != self.epoch:
-            return self._length(self.num_total, self.world_size)
+            return self._length(self.num_total, self.world_size, self.pad_to)
         return len(self._current()[1])
 
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
@@ -165,7 +188,7 @@ class ShardSampler(Sampler[int]):
         if epoch is not None and epoch != self.epoch:
             pool = np.arange(self.num_total, dtype=np.int64)
             order = self._order(pool, self.world_size, epoch, 0)
-            return self._share(order, self.world_size, self.rank, epoch, 0)
+            return self._share(order, self.world_size, self.rank, epoch, 0, self.pad_to)
         return self._current()[1]
 
     def fraction_done(self, consumed: int = 0) -> float:
@@ -202,7 +225,8 @@ class ShardSampler(Sampler[int]):
                 "world_size": self.world_size, "rank": self.rank, "shuffle": self.shuffle,
                 "tail": self.tail, "num_total": self.num_total,
                 "num_shards": len(self.shard_sizes), "block_size": self.block_size,
-                "legs": [list(leg) for leg in self._legs], "legs_epoch": self.epoch}
+                "pad_to": self.pad_to, "legs": [list(leg) for leg in self._legs],
+                "legs_epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved epoch after its read samples (same data, seed and tail; on
@@ -216,16 +240,17 @@ class ShardSampler(Sampler[int]):
                                  "size (or start the epoch afresh)")
         epoch, offset = int(state["epoch"]), int(state["offset"])
         world = int(state.get("world_size", self.world_size))
-        legs = [(int(w), int(o)) for w, o in state.get("legs", [])]
+        pad_to = int(state.get("pad_to", 1))
+        legs = [(int(w), int(o), int(p[0]) if p else 1) for w, o, *p in state.get("legs", [])]
         if state.get("legs_epoch", epoch) != epoch:
             legs = []  # legs of an earlier epoch (a state rewritten for the next epoch)
         if offset and "block_size" not in state:
             warnings.warn(f"sampler state from whole-shard dealing: epoch {epoch} goes on after "
                           f"{offset} samples per rank of the block deal, so some of its samples "
                           "may be read twice or not at all", RuntimeWarning, stacklevel=2)
-        if world != self.world_size:
+        if world != self.world_size or pad_to != self.pad_to:  # another deal: it becomes a leg
             if offset:
-                legs.append((world, offset))
+                legs.append((world, offset, pad_to))
             offset = 0
         before = (self.epoch, self._legs, self._offset)
         self.epoch, self._legs, self._offset = epoch, legs, 0
@@ -241,9 +266,10 @@ class ShardSampler(Sampler[int]):
 
     def __repr__(self) -> str:
         resumed = f", re-dealt after {self._legs}" if self._legs else ""
+        pad = f", pad_to={self.pad_to}" if self.pad_to > 1 else ""
         return (f"ShardSampler(rank={self.rank}/{self.world_size}, {self.num_total} samples in "
                 f"{len(self.shard_sizes)} shards, blocks of <= {self.block_size}, "
-                f"tail={self.tail}, epoch={self.epoch}{resumed}, len={len(self)})")
+                f"tail={self.tail}{pad}, epoch={self.epoch}{resumed}, len={len(self)})")
 
 
 class EpochIndices(Sampler):
