@@ -17,7 +17,8 @@ started from its login node like a real job. Sections:
              fp32 vs fp16, overlap on/off, accumulate 1 vs 4; and 1 rank alone (efficiency).
   comm       the same 2 nodes at --comm-link (1 Gbit/s): synchronous fp16 vs PowerSGD rank 4 vs
              local SGD k=4 (8 timed steps: two averages), and 1 rank alone; bytes per step as
-             counted.
+             counted. --comm-model/--comm-size/--comm-batch pick the network (default
+             yolov3-tiny 320, batch 8; `yolov3 416 2` for the full model).
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
@@ -209,12 +210,13 @@ COMM_CONFIGS = {  # name -> bench train options (section comm)
 def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Synchronisation modes at ``--comm-link``: img/s, 2-node efficiency, bytes per step."""
     bring_up(2, args.comm_link)
-    common = ["bench", "train", "--model", "yolov3-tiny", "--size", "320", "--batch-size", "8",
-              "--threads", "1", "--iterations", "4" if args.quick else "8", "--warmup", "2",
-              "--quiet"]
+    common = ["bench", "train", "--model", args.comm_model, "--size", str(args.comm_size),
+              "--batch-size", str(args.comm_batch), "--threads", "1",
+              "--iterations", "4" if args.quick else "8", "--warmup", "2", "--quiet"]
     result = alternate_rounds("comm", COMM_CONFIGS, common, args.rounds, work)
     cluster.down(NAME)
-    result["link"] = args.comm_link
+    result.update(link=args.comm_link, model=args.comm_model, size=args.comm_size,
+                  batch=args.comm_batch)
     if "single" in result:
         for name in COMM_CONFIGS:
             if name in result:
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="allreduce,nodes,train")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--comm-link", default="1gbit", help="the comm section's link rate (tc)")
+    p.add_argument("--comm-model", default="yolov3-tiny", help="the comm section's network")
+    p.add_argument("--comm-size", type=int, default=320, help="the comm section's input size")
+    p.add_argument("--comm-batch", type=int, default=8, help="the comm section's batch per rank")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.mpi
 
 REPO = Path(__file__).resolve().parents[1]
 NAME, SUBNET = f"e{os.getpid() % 100000}", "198.18.4.0/24"
-SAMPLES, EPOCHS = 45, 3  # 45: 15 per rank on 3, padded to whole steps of 2: repeats to count
+SAMPLES, EPOCHS = 45, 4  # 45: 15 per rank on 3, padded to whole steps of 2: repeats to count
 # Every rank prints a checksum of its weights whenever the loop saves (the product's code runs).
 WEIGHTS_AT_SAVE = """
 import sys
