@@ -18,7 +18,8 @@ started from its login node like a real job. Sections:
   comm       the same 2 nodes at --comm-link (1 Gbit/s): synchronous fp16 vs PowerSGD rank 4 vs
              local SGD k=4 (8 timed steps: two averages), and 1 rank alone; bytes per step as
              counted. --comm-model/--comm-size/--comm-batch pick the network (default
-             yolov3-tiny 320, batch 8; `yolov3 416 2` for the full model).
+             yolov3-tiny 320, batch 8; `yolov3 416 2` for the full model); --comm-shm adds
+             each mode on 2 ranks of this machine over Open MPI's shared memory (shm_*).
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
@@ -181,6 +182,8 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
             out = work / f"{section}_{name}_r{r}.json"
             if name == "single":  # one rank on one node (no link)
                 argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
+            elif name.startswith("shm_"):  # 2 ranks of this machine: shared memory, no link
+                argv = mpirun_argv(2) + hvd_yolo_argv(*common, *configs[name], "--json", str(out))
             else:
                 argv = job_argv("gloo", 2, hosts_of(2),
                                 [*common, *configs[name], "--json", str(out)])
@@ -212,13 +215,16 @@ def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bring_up(2, args.comm_link)
     common = ["bench", "train", "--model", args.comm_model, "--size", str(args.comm_size),
               "--batch-size", str(args.comm_batch), "--threads", "1",
-              "--iterations", "4" if args.quick else "8", "--warmup", "2", "--quiet"]
-    result = alternate_rounds("comm", COMM_CONFIGS, common, args.rounds, work)
+              "--iterations", str(args.comm_iterations or (4 if args.quick else 8)),
+              "--warmup", "2", "--quiet"]
+    configs = {**COMM_CONFIGS, **({f"shm_{k}": v for k, v in COMM_CONFIGS.items()}
+                                  if args.comm_shm else {})}
+    result = alternate_rounds("comm", configs, common, args.rounds, work)
     cluster.down(NAME)
     result.update(link=args.comm_link, model=args.comm_model, size=args.comm_size,
                   batch=args.comm_batch)
     if "single" in result:
-        for name in COMM_CONFIGS:
+        for name in configs:
             if name in result:
                 result[name]["efficiency"] = (result[name]["img_per_sec_total"]
                                               / (2 * result["single"]["img_per_sec_total"]))
@@ -240,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comm-model", default="yolov3-tiny", help="the comm section's network")
     p.add_argument("--comm-size", type=int, default=320, help="the comm section's input size")
     p.add_argument("--comm-batch", type=int, default=8, help="the comm section's batch per rank")
+    p.add_argument("--comm-iterations", type=int, default=0,
+                   help="the comm section's timed steps (default 8, 4 with --quick)")
+    p.add_argument("--comm-shm", action="store_true",
+                   help="the comm section also on 2 ranks of this machine (shared memory)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
