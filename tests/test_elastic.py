@@ -162,9 +162,10 @@ def epoch_losses(kept: dict[int, list[dict]]) -> dict[int, float]:
     return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items())}
 
 
-def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(nodes: dict, shards: Path,
-                                                                tmp_path: Path) -> None:
+def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(
+        nodes: dict, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     names = nodes["names"]
+    report: list[str] = []  # printed at the end, also when pytest captures output
     # The reference: the same job, no failure.
     ref = tmp_path / "ref" / "out"
     ref.parent.mkdir()
@@ -204,7 +205,8 @@ def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(nodes: dict, shar
     worlds = [e["world"] for e in events(out) if e["event"] == "start"]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds
     assert "elastic: 2 rank(s)" in output and "elastic: 3 rank(s)" in output  # rank 0 says so
-    print(f"kill -> first step on 2 ranks: {t_shrunk - t_kill:.1f} s")
+    where = "simulated cluster" if nodes["cluster"] else "local names"
+    report.append(f"elastic ({where}): kill -> first step on 2 ranks: {t_shrunk - t_kill:.1f} s")
 
     # Every sample of each epoch read; the reads beyond once are the padding the job logged
     # (per deal: the last commit's count).
@@ -220,7 +222,7 @@ def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(nodes: dict, shar
         pad = sum(n for deal, n in padded.items() if deal[0] == epoch)
         assert set(reads) == set(range(SAMPLES)), (epoch, sorted(set(range(SAMPLES)) - set(reads)))
         assert sum(reads.values()) == SAMPLES + pad, (epoch, reads, pad)
-        print(f"epoch {epoch}: {SAMPLES} samples read, {pad} padding repeat(s)")
+        report.append(f"epoch {epoch}: {SAMPLES} samples read, {pad} padding repeat(s)")
 
     # The loss: the reference's until the failure (step 1 exactly; later ones up to the order of
     # the sums inside Horovod's fused buffers, which follows timing, then rounded to fp16), then
@@ -233,13 +235,15 @@ def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(nodes: dict, shar
         b = sum(x["loss"] for x in ref_kept[s]) / 3
         assert abs(a - b) <= (1e-6 if s == 1 else 1e-2) * abs(b), (s, a, b)
     mine, theirs = epoch_losses(kept), epoch_losses(ref_kept)
-    print(f"steps: {len(kept)} with the failure, {len(ref_kept)} without; the same loss for "
-          f"the first {len(before)}")
+    report.append(f"steps: {len(kept)} with the failure, {len(ref_kept)} without; the same "
+                  f"loss for the first {len(before)}")
     for e in mine:
-        print(f"epoch {e} mean loss: {mine[e]:.4f} vs {theirs[e]:.4f} uninterrupted "
-              f"({mine[e] - theirs[e]:+.4f})")
+        report.append(f"epoch {e} mean loss: {mine[e]:.4f} vs {theirs[e]:.4f} uninterrupted "
+                      f"({mine[e] - theirs[e]:+.4f})")
 
     # The final weights are the same on every rank: the last save's checksum of each of the 3
     # (horovodrun tags lines by slot, which a new worker may share with a lost one).
     sums = [line.split("weights=")[1] for line in output.splitlines() if "<stdout>:weights=" in line]
     assert len(sums) >= 3 and len(set(sums[-3:])) == 1, sums
+    with capsys.disabled():
+        print("\n" + "\n".join(report))
