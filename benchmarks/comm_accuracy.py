@@ -2,12 +2,16 @@
 shapes, AdamW) once per mode, the final validation mAP of each against synchronous fp16.
 
     .venv/bin/python benchmarks/comm_accuracy.py [--epochs 8] [--size 128] [--train-images 256]
-        [--modes fp16,powersgd_r4,...]
+        [--seed N] [--modes fp16,powersgd_r4,...] [--json PATH]
+    # the demo's own setting (benchmarks/results/comm_accuracy_demo.json, seeds 0-2):
+    .venv/bin/python benchmarks/comm_accuracy.py --epochs 12 --size 256 --train-images 384 \
+        --json benchmarks/results/comm_accuracy_demo.json
 
 Modes: fp16 (the demo's default), none, powersgd_r1, powersgd_r4 (PowerSGD from the end of the
 demo's 30-step LR warm-up), local_k4, local_k16 (local SGD, weights averaged every k steps).
-The same data, seed and schedule in every run; one run per mode (seed noise is not measured).
-Writes benchmarks/results/comm_accuracy.json after every run.
+The same data, seed and schedule in every run of a seed; one run per mode and seed. Writes the
+JSON (default benchmarks/results/comm_accuracy.json) after every run; results of other seeds
+are named MODE_seedN and kept.
 """
 
 from __future__ import annotations
