@@ -26,25 +26,13 @@ import pytest
 
 from hvd_yolo import cluster
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import read_jsonl
+from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, read_jsonl
 
 pytestmark = pytest.mark.mpi
 
 REPO = Path(__file__).resolve().parents[1]
 NAME, SUBNET = f"e{os.getpid() % 100000}", "198.18.4.0/24"
 SAMPLES, EPOCHS = 45, 4  # 45: 15 per rank on 3, padded to whole steps of 2: repeats to count
-# Every rank prints a checksum of its weights whenever the loop saves (the product's code runs).
-WEIGHTS_AT_SAVE = """
-import sys
-from hvd_yolo import dist
-average_buffers = dist.average_buffers
-def spy(modules, name):
-    average_buffers(modules, name)
-    print(f"weights={sum(float(p.detach().double().sum()) for p in modules[0].parameters())!r}", flush=True)
-dist.average_buffers = spy
-from hvd_yolo.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from hvd_yolo.powersgd import matrix_shape, wire_elements
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import kill_after_checkpoint, losses, resumed_line, train_args
+from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_job, run_python
 
 pytestmark = pytest.mark.mpi
@@ -112,23 +112,6 @@ def test_error_feedback_carries_what_compression_left_out() -> None:
 
 
 # ------------------------------------------------------------------ through `hvd-yolo train`
-WEIGHTS_AT_SAVE = """
-import sys
-from hvd_yolo import dist
-
-# Every rank prints a checksum of its weights whenever the loop saves (the product's code runs).
-average_buffers = dist.average_buffers
-
-
-def spy(modules, name):
-    average_buffers(modules, name)
-    print(f"weights={sum(float(p.double().sum()) for p in modules[0].parameters())!r}", flush=True)
-
-
-dist.average_buffers = spy
-from hvd_yolo.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from hvd_yolo import config
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.datagen import synthetic_shards
-from tests.fixtures.train_runs import read_jsonl, train_args
+from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, read_jsonl, train_args
 from tests.mpi_harness import describe_failure, mpirun_argv, run_cli, run_job
 
 pytestmark = pytest.mark.mpi
@@ -38,24 +38,6 @@ def rank_steps(out: Path, rank: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------ Adasum
-WEIGHTS_AT_SAVE = """
-import sys
-from hvd_yolo import dist
-
-# Every rank prints a checksum of its weights whenever the loop saves (the product's code runs).
-average_buffers = dist.average_buffers
-
-
-def spy(modules, name):
-    average_buffers(modules, name)
-    total = sum(float(p.double().sum()) for p in modules[0].parameters())
-    print(f"weights={total!r}", flush=True)
-
-
-dist.average_buffers = spy
-from hvd_yolo.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_adasum_trains_on_two_ranks_with_an_unscaled_lr(shards: Path, tmp_path: Path) -> None:
