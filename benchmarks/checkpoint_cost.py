@@ -58,7 +58,7 @@ def main() -> None:
         cases = {
             "save torch.save+fsync": save_plain,
             "save sealed (atomic_save)": lambda: checkpoint.atomic_save(state, sealed),
-            "load torch.load": lambda: torch.load(plain, map_location="cpu", weights_only=False),
+            "load torch.load": lambda: torch.load(plain, map_location="cpu", weights_only=True),
             "load verified (checkpoint.load)": lambda: checkpoint.load(sealed),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}

@@ -8,22 +8,31 @@ truncated checkpoint behind (only a hidden ``.*.tmp``, removed by :func:`clean_t
 A checkpoint is ``torch.save``'s zip archive plus one record, ``<archive>/hvd_yolo.sha256``: the
 sha256 of every other record (name and bytes). ``torch.load`` ignores that record; :func:`load`
 checks it first, so a corrupted file is named instead of resumed.
+
+Loading never runs code: ``torch.load(weights_only=True)`` accepts tensors and plain values
+only (dict, list, tuple, str, int, float, bool, None), and :func:`save` converts what a run
+hands it (numpy scalars and arrays, paths) into those types. A file without the checksum
+record is refused unless the user trusts it (``--trust-checkpoint``, :func:`trust_unsealed`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
 import tempfile
 import warnings
 import zipfile
-from pathlib import Path
+from collections import OrderedDict
+from pathlib import Path, PurePath
 from typing import Any
 
+import numpy as np
 import torch
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -34,6 +43,55 @@ _CHUNK = 1 << 20
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupted, not ours, or not matching this run."""
+
+
+# Entries a training checkpoint must hold for a resume (nested: the keys of that entry).
+RESUME_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": (), "optimizer": (), "epoch": (), "step": (), "config": (), "class_names": (),
+    "sampler": ("epoch", "offset"),
+}
+_TRUST_UNSEALED = False  # --trust-checkpoint: load files without the checksum record
+
+
+def trust_unsealed(trust: bool) -> None:
+    """``--trust-checkpoint``: let :func:`load` read files that have no checksum record (they are
+    still read as data only: tensors and plain values, never code)."""
+    global _TRUST_UNSEALED
+    _TRUST_UNSEALED = bool(trust)
+
+
+# ------------------------------------------------------------------ plain types
+_SCALARS = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def plain(obj: Any, where: str = "state") -> Any:
+    """``obj`` in types ``torch.load(weights_only=True)`` reads: numpy scalars become Python
+    numbers, numpy arrays tensors, paths strings; containers are rebuilt only when a member
+    changed (a module's ``state_dict`` keeps its ``_metadata``). Anything else is a TypeError
+    naming its place (``where``), found when the checkpoint is written, not when it is read."""
+    if isinstance(obj, np.generic):  # first: np.float64 is also a float
+        return obj.item()
+    if isinstance(obj, _SCALARS):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj, copy=True))
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, dict):
+        out = {k: plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        bad = [k for k in out if not isinstance(k, (str, int))]
+        if bad:
+            raise TypeError(f"{where}: key {bad[0]!r} is not a str or int")
+        if type(obj) in (dict, OrderedDict) and all(out[k] is obj[k] for k in obj):
+            return obj  # unchanged: a state_dict keeps its _metadata
+        return OrderedDict(out) if isinstance(obj, OrderedDict) else out
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if all(a is b for a, b in zip(items, obj)) and type(obj) in (list, tuple):
+            return obj
+        return tuple(items) if isinstance(obj, tuple) else items
+    raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be "
+                    "stored in a checkpoint (tensors and plain values only)")
 
 
 # ------------------------------------------------------------------ checksum
@@ -87,7 +145,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, seal, fsync, then rename over ``path``."""
+    """``torch.save`` to a temp file beside ``path``, seal, fsync, then rename over ``path``.
+    ``obj`` is first converted to plain types (:func:`plain`). A full disk (or any failed
+    write) removes the temp file and raises :class:`CheckpointError` naming the folder and the
+    space needed; the files already there are untouched."""
+    obj = plain(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,10 +159,41 @@ def atomic_save(obj: Any, path: Path) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(_write_failure(exc, path, obj)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (about what ``torch.save`` writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _write_failure(exc: BaseException, path: Path, obj: Any) -> str:
+    """One line for a failed checkpoint write: the folder, the space needed and free."""
+    need = _nbytes(obj) + (1 << 20)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < need \
+        or "No space left" in str(exc)
+    what = "no space left on the device" if full else text
+    return (f"{path.parent}: writing {path.name} failed ({what}): it needs about "
+            f"{need / 1e6:.1f} MB and {free / 1e6:.1f} MB are free; the checkpoints already there "
+            "(last.pt) are unchanged. Free some space (or lower run.keep_last), then resume with "
+            "--resume auto")
 
 
 def atomic_link(src: Path, dst: Path) -> None:
@@ -190,18 +283,31 @@ def clean_temp(ckpt_dir: Path) -> list[tuple[Path, int]]:
 
 
 # ------------------------------------------------------------------ reading
-def load(path: Path | str, check: bool = True) -> dict[str, Any]:
-    """Verify ``path``'s checksum, then load it onto the CPU (tensors are moved to the device by
-    their owners). Raises :class:`CheckpointError` naming the file when it is unusable."""
+def load(path: Path | str, trust: bool | None = None) -> dict[str, Any]:
+    """Verify ``path``'s checksum, then load it onto the CPU as data only (tensors and plain
+    values: ``weights_only=True``, no code runs). A file without the checksum record is refused
+    unless ``trust`` (default: :func:`trust_unsealed`'s setting). Raises
+    :class:`CheckpointError` naming the file when it is unusable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if check and not verify(path):
-        warnings.warn(f"{path}: written without a checksum (an older hvd-yolo): loaded unverified",
+    if not verify(path):
+        if not (_TRUST_UNSEALED if trust is None else trust):
+            raise CheckpointError(
+                f"{path}: no hvd_yolo.sha256 record (not sealed by hvd-yolo train, or written "
+                "by a version before checkpoints were sealed): refused. If you trust where the "
+                "file came from, pass --trust-checkpoint (it is still read as tensors and plain "
+                "values only)")
+        warnings.warn(f"{path}: no checksum record: loaded unverified (--trust-checkpoint)",
                       stacklevel=2)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # unpickling errors come in many types
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain values{what}: "
+                              "refused, hvd-yolo never runs code from a checkpoint") from exc
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({exc})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not an hvd-yolo checkpoint (holds a {type(state).__name__})")
@@ -218,7 +324,7 @@ def load_resume(resume: str, out_dir: str | Path) -> tuple[Path, dict[str, Any]]
     checkpoint; :class:`CheckpointError` when it holds only corrupted ones.
     """
     if resume != "auto":
-        return Path(resume), load(resume)
+        return Path(resume), require_fields(load(resume), resume)
     ckpt_dir = Path(out_dir) / "checkpoints"
     last = ckpt_dir / "last.pt"
     candidates = step_files(ckpt_dir)[::-1]
@@ -235,7 +341,7 @@ def load_resume(resume: str, out_dir: str | Path) -> tuple[Path, dict[str, Any]]
             continue
         seen.add((st.st_dev, st.st_ino))
         try:
-            state = load(path)
+            state = require_fields(load(path), path)
         except CheckpointError as exc:
             failures.append(str(exc))
             continue
@@ -249,14 +355,29 @@ def load_resume(resume: str, out_dir: str | Path) -> tuple[Path, dict[str, Any]]
     return None
 
 
-def restore_model(path: str | Path, use_ema: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the trained model from a checkpoint (EMA weights when present and asked for).
+def require_fields(state: dict[str, Any], path: Path | str,
+                   fields: dict[str, tuple[str, ...]] = RESUME_FIELDS) -> dict[str, Any]:
+    """``state`` when it holds every entry a resume reads, else :class:`CheckpointError`
+    naming the first missing one."""
+    for key, inner in fields.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: not a complete hvd-yolo training checkpoint: it has "
+                                  f"no {key!r} entry (it holds {sorted(map(str, state))})")
+        for sub in inner:
+            if not isinstance(state[key], dict) or sub not in state[key]:
+                raise CheckpointError(f"{path}: not a complete hvd-yolo training checkpoint: its "
+                                      f"{key!r} entry has no {sub!r}")
+    return state
 
-    Returns ``(model in eval mode on the CPU, checkpoint dict)``.
+
+def restore_model(path: str | Path, use_ema: bool = True, trust: bool | None = None
+                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the trained model from a checkpoint (EMA weights when present and asked for;
+    ``trust``: see :func:`load`). Returns ``(model in eval mode on the CPU, checkpoint dict)``.
     """
     from hvd_yolo.model.yolov3 import build_model
 
-    state = load(Path(path))
+    state = load(Path(path), trust=trust)
     for key in ("model", "class_names", "model_name"):
         if key not in state:
             raise CheckpointError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")

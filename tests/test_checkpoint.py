@@ -20,7 +20,8 @@ from tests.fixtures.train_runs import flip
 
 def state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
-    return {"step": step, "model": {"w": torch.randn(64, 64, generator=g)}, "epoch": 0}
+    return {"step": step, "model": {"w": torch.randn(64, 64, generator=g)}, "epoch": 0,
+            "optimizer": {}, "config": {}, "class_names": ["a"], "sampler": {"epoch": 0, "offset": 0}}
 
 
 def test_checkpoint_round_trip_is_verified(tmp_path: Path) -> None:
@@ -28,8 +29,8 @@ def test_checkpoint_round_trip_is_verified(tmp_path: Path) -> None:
     assert checkpoint.verify(path) is True
     loaded = checkpoint.load(path)
     assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], state(3)["model"]["w"])
-    # still a plain torch.save archive: torch.load reads it without hvd-yolo
-    assert torch.load(path, weights_only=False)["step"] == 3
+    # still a plain torch.save archive of plain types: torch.load reads it as data only
+    assert torch.load(path, weights_only=True)["step"] == 3
 
 
 def test_flipped_bytes_are_named_not_loaded(tmp_path: Path) -> None:
@@ -39,11 +40,49 @@ def test_flipped_bytes_are_named_not_loaded(tmp_path: Path) -> None:
         checkpoint.load(path)
 
 
-def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path: Path) -> None:
+def test_checkpoint_without_checksum_is_refused_unless_trusted(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     torch.save(state(1), path)
-    with pytest.warns(UserWarning, match="without a checksum"):
-        assert checkpoint.load(path)["step"] == 1
+    with pytest.raises(CheckpointError, match=r"old\.pt: no hvd_yolo\.sha256 record .* refused. "
+                       "If you trust where the file came from, pass --trust-checkpoint"):
+        checkpoint.load(path)
+    with pytest.warns(UserWarning, match="no checksum record: loaded unverified"):
+        assert checkpoint.load(path, trust=True)["step"] == 1
+
+
+def test_save_stores_numpy_and_paths_as_plain_types(tmp_path: Path) -> None:
+    """What a run hands to save (numpy scalars and arrays, RNG state tuples, paths) is stored in
+    types weights_only=True reads back; an object that is not data is refused at save time."""
+    import random
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    extra = {"best": np.float64(0.25), "count": np.int64(7), "table": np.arange(6).reshape(2, 3),
+             "numpy_rng": rng.bit_generator.state, "python_rng": random.getstate(),
+             "torch_rng": torch.get_rng_state(), "where": tmp_path, "pair": (np.int32(1), 2)}
+    path = checkpoint.save({**state(2), "extra": extra}, tmp_path, 2, keep_last=1)
+    got = torch.load(path, weights_only=True)["extra"]
+    assert got["best"] == 0.25 and type(got["best"]) is float and got["count"] == 7
+    assert torch.equal(got["table"], torch.arange(6).reshape(2, 3))
+    assert got["numpy_rng"] == rng.bit_generator.state and got["where"] == str(tmp_path)
+    assert tuple(got["python_rng"][1]) == random.getstate()[1] and got["pair"] == (1, 2)
+    assert torch.equal(got["torch_rng"], torch.get_rng_state())
+    with pytest.raises(TypeError, match=r"state\['extra'\]: a builtins.set cannot be stored"):
+        checkpoint.save({**state(3), "extra": {1, 2}}, tmp_path, 3, keep_last=1)
+
+
+def test_a_checkpoint_missing_an_entry_names_it(tmp_path: Path) -> None:
+    full = state(4)
+    for key, pattern in (("sampler", "it has no 'sampler' entry"),
+                         ("optimizer", "it has no 'optimizer' entry")):
+        path = checkpoint.save({k: v for k, v in full.items() if k != key}, tmp_path / key, 4, 1)
+        with pytest.raises(CheckpointError, match=f"{path}: not a complete hvd-yolo training "
+                           f"checkpoint: {pattern}"):
+            checkpoint.load_resume(str(path), tmp_path)
+    path = checkpoint.save({**full, "sampler": {"epoch": 0}}, tmp_path / "inner", 4, 1)
+    with pytest.raises(CheckpointError, match="its 'sampler' entry has no 'offset'"):
+        checkpoint.load_resume(str(path), tmp_path)
 
 
 def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> None:

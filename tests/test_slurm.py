@@ -158,7 +158,7 @@ def test_sbatch_trains_on_two_tasks(slurm: SlurmCluster, shards: Path, tmp_path:
     job_id = submit(slurm, work, ["--config", str(cfg)])
     info = wait_completed(slurm, job_id, work, timeout=300)
     report = job_report(slurm, info, work)
-    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3, report
     metrics = read_jsonl(out / "metrics.jsonl")
     summary = [m for m in metrics if m["type"] == "summary"][-1]

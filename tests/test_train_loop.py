@@ -77,7 +77,7 @@ def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(
     scale, far tighter than how far the steps moved them."""
     from hvd_yolo.model.yolov3 import build_model
 
-    two, one = (torch.load(p / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    two, one = (torch.load(p / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
                 for p in accumulation_runs)
     assert two["step"] == one["step"] == STEPS
     torch.manual_seed(0)  # the loop's initial weights (run.seed 0)

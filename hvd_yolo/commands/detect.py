@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, default=0.25, help="confidence threshold")
     parser.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=100)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that has no hvd-yolo checksum record (still read "
+                        "as tensors and plain values only, never code)")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -119,7 +122,10 @@ def iter_images(plan: list[tuple[Path, Any]], names: dict[Path, str], skipped: l
         if files == "shards":
             from hvd_yolo.data.dataset import ShardDataset
 
-            ds = ShardDataset(root)
+            try:
+                ds = ShardDataset(root)
+            except ShardError as e:  # an unusable shard folder: named, nothing detected
+                raise DetectError(str(e)) from None
             for i in range(len(ds)):
                 try:
                     s = ds[i]
@@ -188,7 +194,7 @@ def detect(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes
 
-    from hvd_yolo.checkpoint import restore_model
+    from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.transforms import letterbox
     from hvd_yolo.evaluate import detect_batch
 
@@ -196,7 +202,10 @@ def detect(args: argparse.Namespace) -> int:
     plan = plan_inputs(args.inputs)
     names = relative_names(plan)
     check_outputs(out, draw_dir, plan, Path(args.checkpoint))
-    model, state = restore_model(args.checkpoint)
+    try:
+        model, state = restore_model(args.checkpoint, trust=args.trust_checkpoint)
+    except CheckpointError as e:
+        raise DetectError(str(e)) from None
     size = args.size or state["config"]["input"]["size"]
     labels, category_ids = state["class_names"], state.get("category_ids")
     to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None

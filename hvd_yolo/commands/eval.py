@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON ('-': stdout only)")
     parser.add_argument("--results", help="write the COCO results json (detections) here")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that has no hvd-yolo checksum record (still read "
+                        "as tensors and plain values only, never code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = dist.init()
     # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.
     try:
-        model, state = restore_model(args.checkpoint, use_ema=not args.no_ema)
+        model, state = restore_model(args.checkpoint, use_ema=not args.no_ema,
+                                     trust=args.trust_checkpoint)
         cfg = config.from_dict(state["config"])
         cfg.input.size = args.size or cfg.input.size
         cfg.eval.batch_size = args.batch_size

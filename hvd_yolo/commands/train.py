@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the full configuration (defaults, then --config and --set) "
                         "as YAML with each setting's meaning, and exit")
     parser.add_argument("--timeline", metavar="PATH", help="write a Horovod timeline (profiling)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that has no hvd-yolo checksum record (still read "
+                        "as tensors and plain values only, never code)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
         print(config.to_commented_yaml(cfg), end="")
         return 0
     from hvd_yolo import dist
-    from hvd_yolo.checkpoint import CheckpointError
+    from hvd_yolo.checkpoint import CheckpointError, trust_unsealed
     from hvd_yolo.runlock import OutDirError
     from hvd_yolo.shards.format import ShardError, error_text
     from hvd_yolo.train import NonFiniteLoss, train
 
+    trust_unsealed(args.trust_checkpoint)
     try:
         summary = train(cfg, resume=args.resume, timeline=args.timeline)
     except ShardError as e:  # corrupt or missing data: named, no traceback; mpirun ends the others
