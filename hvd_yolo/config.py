@@ -406,6 +406,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping of the YAML file gives the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (the last one would
+    win silently); keys brought in by a ``<<`` merge may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader names it
+                break
+            if first is not None:
+                raise DuplicateKey(f"key {key!r} is given twice, at line {first} and line "
+                                   f"{line}: keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None,
          check: bool = True) -> Config:
     """Load a YAML file (optional), apply overrides and validate (unless ``check`` is False)."""
@@ -415,7 +441,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None,
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - safe
+        except DuplicateKey as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:  # one line: what the parser expected and where
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store images that are not JPEG/PNG (TIFF, BMP, WEBP...) re-encoded "
                         "losslessly as PNG, listed in the report (default: skipped, with the "
                         "reason)")
+    parser.add_argument("--allow-absolute-paths", action="store_true",
+                        help="coco: read images whose file_name is an absolute path (default: "
+                        "skipped and reported, like any file_name outside --images)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards and manifest in a non-empty OUT")
     parser.add_argument("--strict", action="store_true",
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, strict=args.strict, names=args.names,
             annotations=args.annotations, images=args.images, split=args.split,
             allow_missing_labels=args.allow_missing_labels, label_frame=args.label_frame,
-            reencode=args.reencode, comm=comm, progress=not args.quiet and sys.stderr.isatty(),
+            reencode=args.reencode, allow_absolute_paths=args.allow_absolute_paths, comm=comm,
+            progress=not args.quiet and sys.stderr.isatty(),
             command=["hvd-yolo", *sys.argv[1:]],
         )
     except ConversionError as e:  # raised on every rank; rank 0 says it

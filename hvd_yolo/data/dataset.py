@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from hvd_yolo.shards.format import (
     CorruptSample,
     ShardError,
+    check_dataset,
     check_tables,
     crc32,
     decode_rgb,
@@ -75,6 +76,7 @@ class ShardDataset(Dataset):
                                  " the shard was replaced or the manifest belongs to another "
                                  "conversion; convert the dataset again")
             self._index.append(idx)
+        check_dataset(self.root, self.manifest, self._index)  # a shard listed twice, counts, ids
         if self._index and any(idx.crc32 is None for idx in self._index):
             warnings.warn(old_format_message(self.root, self.manifest), stacklevel=2)
         self.shard_sizes: list[int] = [idx.count for idx in self._index]

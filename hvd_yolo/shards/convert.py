@@ -55,7 +55,8 @@ def _read_plan(fmt: str, source: str | Path, opts: dict[str, Any]) -> SourcePlan
         return read_yolo(source, names=opts.get("names"),
                          allow_missing_labels=opts.get("allow_missing_labels", False))
     if fmt == "coco":
-        return read_coco(source, annotations=opts.get("annotations"), images=opts.get("images"))
+        return read_coco(source, annotations=opts.get("annotations"), images=opts.get("images"),
+                         allow_absolute_paths=opts.get("allow_absolute_paths", False))
     return read_voc(source, names=opts.get("names"), split=opts.get("split"),
                     images=opts.get("images"))
 
@@ -112,6 +113,7 @@ def convert_dataset(
     allow_missing_labels: bool = False,
     label_frame: str = "auto",
     reencode: str | None = None,
+    allow_absolute_paths: bool = False,
     comm: Any = None,
     progress: bool = False,
     command: list[str] | None = None,
@@ -126,16 +128,20 @@ def convert_dataset(
     image (``display``); ``auto``: YOLO labels are display-frame, VOC/COCO raw-frame unless their
     declared image size is the rotated one. ``reencode="png"`` stores images that are not JPEG
     or PNG (TIFF, BMP, WEBP...) re-encoded losslessly as PNG, each listed in the report; by
-    default they are skipped with the reason. Raises ``ConversionError`` on unusable input.
+    default they are skipped with the reason. A COCO ``file_name`` outside the image folder is
+    skipped and reported (absolute paths are read with ``allow_absolute_paths``). Raises
+    ``ConversionError`` on unusable input.
     """
     _check_options(fmt, shards, shard_size_mb, label_frame, reencode)
     comm = comm if comm is not None else world_comm()
     out = Path(out).resolve()
     opts = {"names": names, "annotations": annotations, "images": images, "split": split,
-            "allow_missing_labels": allow_missing_labels}
+            "allow_missing_labels": allow_missing_labels,
+            "allow_absolute_paths": allow_absolute_paths}
     options = {"shards": shards, "shard_size_mb": shard_size_mb, "strict": strict,
                "label_frame": label_frame, "split": split, "reencode": reencode,
-               "allow_missing_labels": allow_missing_labels}
+               "allow_missing_labels": allow_missing_labels,
+               "allow_absolute_paths": allow_absolute_paths}
 
     # 1. rank 0 reads the annotations and makes the temporary output folder
     plan, tmp, tmp_lock = _plan_on_root(comm, fmt, source, opts, out, overwrite)
@@ -163,7 +169,7 @@ def convert_dataset(
                 shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)  # every shard is written
                 write_manifest(tmp, _manifest(fmt, meta, valid, num_shards, entries, options,
                                               report, created_by(command, comm.Get_size())))
-                swap_in(tmp, out)
+                swap_in(tmp, out, overwrite)
                 result = {**report, "out": str(out), "manifest": str(out / MANIFEST)}
             except Exception as e:  # noqa: BLE001 - every rank must learn about the failure
                 err = str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}"

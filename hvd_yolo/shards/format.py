@@ -21,12 +21,19 @@ and ``sha256`` (JSON: dataset path -> hex digest of its canonical bytes, see ``d
 Integrity on read: ``read_index`` checks every index table (all but ``images/bytes``) against
 its recorded sha256 when a shard is opened; readers check a sample's CRC32 on every read.
 Version 1 shards (no ``images/crc32``) stay readable, unchecked per sample, with a warning.
+
+``manifest.json`` carries its own checksum, ``manifest_sha256`` (``manifest_digest``: the
+sha256 of its canonical JSON without that key), so edited class names or counts are named.
+Its shard entries must be plain file names inside the dataset folder, each listed once; every
+reader applies ``check_dataset`` (the structural checks, from the index tables) when it opens a
+dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,8 +202,27 @@ def _attr(v: Any) -> Any:
     return v
 
 
+MANIFEST_DIGEST = "manifest_sha256"
+SHARD_NAME = re.compile(r"^shard-\d{5,}\.h5$")  # what the converter writes
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of ``manifest``'s canonical JSON (sorted keys, no spaces), its own digest left out."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def plain_file_name(name: Any) -> bool:
+    """A name that stays inside its folder: no separator, not absolute, not ``.``/``..``."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and not Path(name).is_absolute())
+
+
 def load_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``root/manifest.json``."""
+    """Read and sanity-check ``root/manifest.json``: format and version, its checksum (a
+    warning when it has none: written before manifests were sealed), and its shard entries
+    (plain file names in ``root``, each listed once; counts that add up)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -217,7 +243,95 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
             f"{path}: shard format version {manifest.get('version')} but this hvd_yolo reads "
             f"versions {', '.join(map(str, READABLE))}: convert the dataset again"
         )
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if recorded is None:
+        warnings.warn(f"{path}: no {MANIFEST_DIGEST} (written before manifests were sealed, or "
+                      "edited): class names and counts are not checked; convert the dataset "
+                      "again", stacklevel=2)
+    elif recorded != manifest_digest(manifest):
+        raise ShardError(f"{path}: its contents do not match its {MANIFEST_DIGEST} (the class "
+                         "names, counts or shard list were edited): convert the dataset again")
+    _check_entries(path, manifest)
     return manifest
+
+
+def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's shard list: dicts naming plain files in its folder, each once; the
+    totals it states add up over its entries."""
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ShardError(f"{path}: 'shards' is not a list of shard entries")
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        name = entry.get("file")
+        if not plain_file_name(name):
+            raise ShardError(f"{path}: shard entry {i} names {name!r}: shard files must be plain "
+                             f"file names inside {path.parent} (no path, no '..'); the manifest "
+                             "was edited or is not from hvd-yolo convert")
+        if name in seen:
+            raise ShardError(f"{path}: lists {name} twice (shard entries {seen[name]} and {i}): "
+                             "every sample would be read twice; convert the dataset again")
+        seen[name] = i
+    for key, field in (("num_samples", "count"), ("num_boxes", "boxes")):
+        total = sum(e.get(field) for e in entries if isinstance(e.get(field), int))
+        if key in manifest and manifest[key] != total:
+            raise ShardError(f"{path}: {key} is {manifest[key]} but its shard entries add up to "
+                             f"{total}: convert the dataset again")
+    if "num_shards" in manifest and manifest["num_shards"] != len(entries):
+        raise ShardError(f"{path}: num_shards is {manifest['num_shards']} but it lists "
+                         f"{len(entries)} shards")
+
+
+def check_dataset(root: Path, manifest: dict[str, Any], indexes: Sequence[ShardIndex]) -> None:
+    """The structural checks every reader applies when it opens a dataset (cheap: index tables
+    only): each shard is the one its manifest entry lists (position, version, tables, digests),
+    image ids and names are unique over the dataset, and the counts and classes agree with
+    the manifest. Raises ShardError naming the shard (and sample)."""
+    entries = manifest.get("shards", [])
+    num_classes = len(manifest.get("class_names", []))
+    ids: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for si, (entry, idx) in enumerate(zip(entries, indexes)):  # each where it was written
+        if idx.attrs.get("shard_index") != si:
+            raise ShardError(f"{entry.get('file')}: shard {idx.attrs.get('shard_index')} by its "
+                             f"attributes but entry {si} in manifest.json: a shard listed twice "
+                             "or from another conversion")
+    for entry, idx in zip(entries, indexes):
+        where = entry.get("file", "?")
+        a = idx.attrs
+        if a.get("version") != manifest.get("version"):
+            raise ShardError(f"{where}: format version {a.get('version')} but manifest.json "
+                             f"says {manifest.get('version')}")
+        if a.get("num_shards", len(entries)) != len(entries):
+            raise ShardError(f"{where}: one of {a.get('num_shards')} shards by its attributes "
+                             f"but manifest.json lists {len(entries)}: a shard listed twice or "
+                             "from another conversion")
+        check_tables(idx, where, entry)
+        if entry.get("sha256") != _json_dict(a.get("sha256")):
+            raise ShardError(f"{where}: its sha256 digests differ from manifest.json: the shard "
+                             "was replaced or the manifest belongs to another conversion")
+        for i, (image_id, name) in enumerate(zip(idx.ids.tolist(), idx.names)):
+            for key, table in ((image_id, ids), (name, names)):
+                if key in table:
+                    raise ShardError(f"{where} sample {i} ({name!r}, id {image_id}): duplicate "
+                                     f"image {'id' if key is image_id else 'name'} (also in "
+                                     f"{table[key]})")
+                table[key] = where
+        if len(idx.cls) and not (0 <= int(idx.cls.min()) and int(idx.cls.max()) < max(num_classes, 1)):
+            raise ShardError(f"{where}: box classes {int(idx.cls.min())}..{int(idx.cls.max())} "
+                             f"but the manifest lists {num_classes} classes")
+    images = sum(idx.count for idx in indexes)
+    if images != manifest.get("num_samples", images):
+        raise ShardError(f"manifest.json: num_samples {manifest.get('num_samples')} but the "
+                         f"shards hold {images}")
+
+
+def _json_dict(text: Any) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def decode_rgb(data: np.ndarray | bytes) -> Any:

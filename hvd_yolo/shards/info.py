@@ -10,15 +10,23 @@ from typing import Any
 
 import numpy as np
 
-from hvd_yolo.shards.format import load_manifest, read_index
+from hvd_yolo.shards.format import ShardError, check_dataset, load_manifest, read_index
 
 _SIZE_BINS = (0, 128, 256, 384, 512, 640, 800, 1024, 1333, 2048, 4096)
 
 
 def shard_info(root: str | Path) -> dict[str, Any]:
-    """Counts, classes, boxes per class, image and box size statistics (no image decoded)."""
+    """Counts, classes, boxes per class, image and box size statistics (no image decoded).
+    Every count is taken from the shards' index tables, after the structural checks every
+    reader applies (the manifest's checksum, its shard list, ``check_dataset``)."""
     root = Path(root)
     manifest = load_manifest(root)
+    indexes = []
+    for entry in manifest["shards"]:
+        if not (root / entry["file"]).is_file():
+            raise ShardError(f"{entry['file']}: listed in the manifest but missing from {root}")
+        indexes.append(read_index(root / entry["file"]))
+    check_dataset(root, manifest, indexes)
     names = list(manifest.get("class_names", []))
     per_class = np.zeros(len(names), np.int64)
     crowd = difficult = 0
@@ -27,8 +35,7 @@ def shard_info(root: str | Path) -> dict[str, Any]:
     boxes_per_image: list[np.ndarray] = []
     areas: list[np.ndarray] = []
     shards = []
-    for entry in manifest.get("shards", []):
-        idx = read_index(root / entry["file"])
+    for entry, idx in zip(manifest["shards"], indexes):
         per_class += np.bincount(idx.cls, minlength=len(names))[: len(names)]
         crowd += int(idx.iscrowd.sum())
         difficult += int(idx.difficult.sum())
@@ -44,8 +51,8 @@ def shard_info(root: str | Path) -> dict[str, Any]:
     area = np.concatenate(areas) if areas else np.zeros(0)
     return {
         "root": str(root),
-        "num_samples": int(manifest.get("num_samples", 0)),
-        "num_boxes": int(manifest.get("num_boxes", 0)),
+        "num_samples": sum(s["count"] for s in shards),
+        "num_boxes": sum(s["boxes"] for s in shards),
         "num_shards": len(shards),
         "bytes": int(sum(s["bytes"] for s in shards)),
         "shards": shards,

@@ -5,6 +5,8 @@ boxes; every problem becomes an ``Issue`` (skip the item, clip or drop a box).
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,15 @@ def reencode_png(data: bytes) -> tuple[bytes, str]:
     return out.getvalue(), done
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
 def process_item(
     item: SourceItem, root: str, label_frame: str = "auto", reencode: str | None = None,
     spill: Path | None = None,
@@ -111,6 +122,22 @@ def process_item(
     def skip(reason: str, file: str = img_rel) -> tuple[None, list[Issue], int]:
         return None, [Issue(item.name, file, None, reason)], seen
 
+    try:
+        item.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return skip("the file name is not valid UTF-8 (shards store names as UTF-8): rename "
+                    "the file")
+    try:
+        mode = os.stat(item.image).st_mode
+    except FileNotFoundError:
+        what = "a broken symbolic link" if os.path.islink(item.image) else "no such file"
+        return skip(f"cannot read image ({what})")
+    except OSError as e:
+        return skip(f"cannot read image ({e.strerror or e})")
+    if not stat.S_ISREG(mode):
+        return skip(f"not a regular file ({_file_kind(mode)}"
+                    + (f", linked to {os.path.realpath(item.image)}" if os.path.islink(item.image)
+                       else "") + ")")
     try:
         data = Path(item.image).read_bytes()
     except OSError as e:

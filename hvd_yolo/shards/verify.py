@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ import numpy as np
 
 from hvd_yolo.shards.format import (
     DATASETS,
+    MANIFEST_DIGEST,
+    SHARD_NAME,
     WRITE_BUFFER,
     ShardError,
     ShardIndex,
-    check_tables,
+    check_dataset,
     crc32,
     datasets_of,
     decode_rgb,
@@ -42,32 +45,40 @@ def verify_shards(
 ) -> VerifyResult:
     """Check a shard directory; raise ``ShardError`` naming the first bad shard/sample.
 
-    Checks: manifest and shard attributes agree, index tables are consistent, every dataset's
-    sha256 matches the shard's and the manifest's, every box lies inside its image with a
-    positive area and a known class, ids and names are unique, counts add up, and (``decode``)
-    every image matches its CRC32 and decodes to its recorded size.
+    Checks: the manifest's own checksum and shard list (plain names, each once, no unlisted
+    shard file beside them), manifest and shard attributes agree, index tables are consistent,
+    every dataset's sha256 matches the shard's and the manifest's, every box lies inside its
+    image with a positive area and a known class, ids and names are unique, counts add up, and
+    (``decode``) every image matches its CRC32 and decodes to its recorded size.
     """
     root = Path(root)
-    manifest = load_manifest(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = load_manifest(root)
+    unsealed = [w for w in caught if MANIFEST_DIGEST in str(w.message)]
+    if unsealed:  # an unsealed manifest fails verification (readers only warn)
+        raise ShardError(str(unsealed[0].message))
     num_classes = len(manifest.get("class_names", []))
     entries = manifest.get("shards", [])
-    ids: set[int] = set()
-    names: set[str] = set()
-    images = boxes = decoded = 0
-    for si, entry in enumerate(entries):
-        fname = entry.get("file", "?")
-        path = root / fname
+    listed = {e["file"] for e in entries}
+    unlisted = sorted(p.name for p in root.iterdir() if SHARD_NAME.match(p.name)
+                      and p.name not in listed)
+    if unlisted:
+        raise ShardError(f"{unlisted[0]}: in {root} but not listed in manifest.json (left by "
+                         "another conversion, or the manifest lost an entry): remove it, or "
+                         "convert the dataset again")
+    indexes = []
+    for entry in entries:
+        path = root / entry["file"]
         if not path.is_file():
-            raise ShardError(f"{fname}: listed in the manifest but missing from {root}")
-        idx = read_index(path)
-        where = fname
+            raise ShardError(f"{entry['file']}: listed in the manifest but missing from {root}")
+        indexes.append(read_index(path))
+    check_dataset(root, manifest, indexes)
+    images = boxes = decoded = 0
+    for entry, idx in zip(entries, indexes):
+        path = root / entry["file"]
+        where = entry["file"]
         a = idx.attrs
-        if a.get("version") != manifest.get("version"):
-            raise ShardError(f"{where}: format version {a.get('version')} but manifest.json "
-                             f"says {manifest.get('version')}")
-        if a.get("shard_index") != si:
-            raise ShardError(f"{where}: shard_index attribute {a.get('shard_index')}, expected {si}")
-        check_tables(idx, where, entry)
         sums = json.loads(a.get("sha256", "{}"))
         actual = _dataset_digests(path, datasets_of(idx.version))
         for d in datasets_of(idx.version):
@@ -79,12 +90,6 @@ def verify_shards(
                                  "was replaced or the manifest belongs to another conversion")
         for i in range(idx.count):
             label = f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])})"
-            if int(idx.ids[i]) in ids:
-                raise ShardError(f"{label}: duplicate image id")
-            if idx.names[i] in names:
-                raise ShardError(f"{label}: duplicate image name")
-            ids.add(int(idx.ids[i]))
-            names.add(idx.names[i])
             _check_boxes(idx, i, label, num_classes)
         if decode:
             with h5py.File(path, "r") as f:

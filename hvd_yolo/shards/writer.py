@@ -20,11 +20,13 @@ from hvd_yolo.shards.format import (
     DTYPES,
     FORMAT,
     MANIFEST,
+    MANIFEST_DIGEST,
     VERSION,
     WRITE_BUFFER,
     ShardError,
     crc32,
     digest,
+    manifest_digest,
 )
 
 
@@ -185,7 +187,9 @@ def _write_bytes(ds: h5py.Dataset, records: Sequence[SampleRecord], offsets: np.
 
 
 def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically."""
+    """Write ``manifest.json`` atomically, sealed with its own checksum (``manifest_sha256``)."""
+    manifest = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     path = Path(root) / MANIFEST
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,11 @@ def read_coco(
     source: str | Path,
     annotations: str | Path | None = None,
     images: str | Path | None = None,
+    allow_absolute_paths: bool = False,
 ) -> SourcePlan:
-    """A COCO ``instances`` json + image folder; keeps category ids and ``iscrowd``."""
+    """A COCO ``instances`` json + image folder; keeps category ids and ``iscrowd``. A
+    ``file_name`` that leads outside the image folder (``..``; an absolute path unless
+    ``allow_absolute_paths``) is skipped with the reason."""
     ann_path, image_root = find_coco_files(source, annotations, images)
     root = Path(source).resolve()
     root = root if root.is_dir() else ann_path.parent
@@ -113,6 +117,11 @@ def read_coco(
         name = im["file_name"]
         item = SourceItem(name=name, image=str(image_root / name), label=rel_ann)
         items.append(item)
+        outside = _outside(name, allow_absolute_paths)
+        if outside:
+            item.image = None
+            item.error = Issue(name, rel_ann, None, f"file_name {name!r} {outside}")
+            continue
         iid = im.get("id")
         if not isinstance(iid, int) or isinstance(iid, bool):
             item.error = Issue(name, rel_ann, None, f"image {name!r} has a non-integer id {iid!r}")
@@ -146,6 +155,19 @@ def read_coco(
     items = finish_items(items, keep_ids=True)
     return SourcePlan("coco", str(root), str(image_root), str(ann_path),
                       [cats[c] for c in category_ids], category_ids, items, notes)
+
+
+def _outside(name: str, allow_absolute: bool) -> str | None:
+    """Why ``file_name`` leads outside the image folder, or None when it stays inside."""
+    if "\0" in name or not name:
+        return "is not a file name"
+    if posixpath.isabs(name) or Path(name).is_absolute():
+        return None if allow_absolute else ("is an absolute path, outside --images: refused "
+                                            "(--allow-absolute-paths accepts it)")
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../"):
+        return "leads outside --images ('..'): refused"
+    return None
 
 
 def _coco_boxes(

@@ -39,6 +39,10 @@ class Issue:
     reason: str
     kind: str = "skipped"
 
+    def __post_init__(self) -> None:  # printable and JSON-safe: no undecodable bytes
+        self.item, self.file = display_name(self.item), display_name(self.file)
+        self.reason = display_name(self.reason)
+
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}" if self.line else self.file
@@ -95,15 +99,31 @@ def rel_name(path: Path, root: Path) -> str:
 
 
 def list_files(root: Path, exts: tuple[str, ...]) -> list[Path]:
-    """Files under ``root`` (recursive, hidden ones excluded) whose suffix is in ``exts``."""
+    """Entries under ``root`` (recursive, hidden ones excluded) whose suffix is in ``exts``:
+    files, and anything else that is not a folder (a device, a broken link: the item reports
+    what it is). A folder that cannot be listed is a ConversionError naming it."""
+    import os
+
+    def refuse(err: OSError) -> None:
+        raise ConversionError(f"{err.filename}: cannot list it ({err.strerror or err}): fix its "
+                              "permissions, or convert as a user who can read it")
+
     out = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root).parts
-        if any(part.startswith(".") for part in rel):
-            continue
-        if p.suffix.lower() in exts and p.is_file():
-            out.append(p)
+    for folder, dirs, files in os.walk(root, onerror=refuse):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in exts:
+                out.append(Path(folder) / name)
     return sorted(out)
+
+
+def display_name(name: str) -> str:
+    """``name`` printable: bytes that are not UTF-8 (a file name from another encoding, which
+    Python keeps as surrogates) shown as ``\\xNN``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from undecodable bytes
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def finish_items(items: list[SourceItem], keep_ids: bool = False) -> list[SourceItem]:
