@@ -69,6 +69,10 @@ def test_verify_detects_count_and_file_problems(good: Path, tmp_path: Path, caps
     manifest["shards"][1]["count"] += 1
     (root / "manifest.json").write_text(json.dumps(manifest))
     rc, out = _verify(root, capsys)
+    assert rc == 1 and "manifest.json: its contents do not match its manifest_sha256" in out
+    manifest["num_samples"] += 1
+    write_manifest(root, manifest)  # resealed: the shard itself disagrees
+    rc, out = _verify(root, capsys)
     assert rc == 1 and "shard-00001.h5: holds 2 images (count attr 2) but the manifest says 3" in out
 
     root = _copy(good, tmp_path / "b")
@@ -88,9 +92,9 @@ def test_verify_detects_count_and_file_problems(good: Path, tmp_path: Path, caps
     root = _copy(good, tmp_path / "d")
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["shards"][2]["sha256"]["images/id"] = "0" * 64
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, manifest)
     rc, out = _verify(root, capsys)
-    assert rc == 1 and "shard-00002.h5: images/id sha256 differs from manifest.json" in out
+    assert rc == 1 and "shard-00002.h5: its sha256 digests differ from manifest.json" in out
 
     rc, out = _verify(tmp_path / "nowhere", capsys)
     assert rc == 2 and "no such directory" in out  # a usage mistake

@@ -207,8 +207,9 @@ SHARD_NAME = re.compile(r"^shard-\d{5,}\.h5$")  # what the converter writes
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of ``manifest``'s canonical JSON (sorted keys, no spaces), its own digest left out."""
-    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    """sha256 of ``manifest``'s canonical JSON (sorted keys, no spaces) without its own digest
+    and ``created_by`` (who ran it, when): equal contents, equal digests, whatever the ranks."""
+    body = {k: v for k, v in manifest.items() if k not in (MANIFEST_DIGEST, "created_by")}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
@@ -317,9 +318,13 @@ def check_dataset(root: Path, manifest: dict[str, Any], indexes: Sequence[ShardI
                                      f"image {'id' if key is image_id else 'name'} (also in "
                                      f"{table[key]})")
                 table[key] = where
-        if len(idx.cls) and not (0 <= int(idx.cls.min()) and int(idx.cls.max()) < max(num_classes, 1)):
-            raise ShardError(f"{where}: box classes {int(idx.cls.min())}..{int(idx.cls.max())} "
-                             f"but the manifest lists {num_classes} classes")
+        bad = np.flatnonzero((idx.cls < 0) | (idx.cls >= max(num_classes, 1)))
+        if len(bad):
+            k = int(bad[0])
+            i = int(np.searchsorted(idx.box_offsets, k, side="right")) - 1
+            raise ShardError(f"{where} sample {i} ({idx.names[i]!r}, id {int(idx.ids[i])}): box "
+                             f"{k - int(idx.box_offsets[i])} has class {int(idx.cls[k])} but the "
+                             f"manifest lists {num_classes} classes")
     images = sum(idx.count for idx in indexes)
     if images != manifest.get("num_samples", images):
         raise ShardError(f"manifest.json: num_samples {manifest.get('num_samples')} but the "
