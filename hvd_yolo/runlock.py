@@ -137,4 +137,4 @@ def _last_step(steps: list[Path]) -> str:
     if not steps:
         return "?"
     m = _STEP_FILE.match(steps[-1].name)
-    return m.group(1) if m else "?"
+    return str(int(m.group(1))) if m else "?"
