@@ -125,6 +125,7 @@ fi
 # meanwhile. mpirun itself is signalled only if they have not stopped after the grace period.
 wait_s=${grace:-30}
 stopping=0 killer=""
+# shellcheck disable=SC2329  # invoked by the traps below
 stop_ranks() {
   [ "$stopping" = 0 ] || return 0
   stopping=1

@@ -202,8 +202,8 @@ def test_detect_on_a_truncated_shard_is_one_line(data: dict[str, Path], tmp_path
 
 
 # ------------------------------------------------------------------ 20a: closed stdout
-@pytest.mark.parametrize("argv", [["shards", "info", "{shards}"], ["train", "--print-config"],
-                                  ["--help"]], ids=["shards-info", "print-config", "help"])
+@pytest.mark.parametrize("argv", [["shards", "info", "{shards}"], ["train", "--print-config"]],
+                         ids=["shards-info", "print-config"])
 def test_a_closed_stdout_ends_quietly(argv: list[str], data: dict[str, Path]) -> None:
     argv = [a.replace("{shards}", str(data["shards"])) for a in argv]
     proc = subprocess.Popen([HVD_YOLO, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -211,7 +211,7 @@ def test_a_closed_stdout_ends_quietly(argv: list[str], data: dict[str, Path]) ->
     assert proc.stdout is not None
     proc.stdout.close()  # the reader is gone before the first line: `| head -0`
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 141) and err == "", err  # argparse itself ignores it: 0
+    assert proc.returncode == 141 and err == "", err  # as a process ended by SIGPIPE
 
 
 # ------------------------------------------------------------------ 14: caps; empty out_dir
