@@ -265,3 +265,52 @@ def test_a_used_out_dir_needs_resume_or_fresh(data: dict[str, Path], tmp_path: P
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "step"]
     assert steps == [1, 2]  # the old run's log went with it
+
+
+# ------------------------------------------------------------------ 24: a stopped rank 0 resumes
+STALL_RANK0 = """
+import sys, time
+from pathlib import Path
+from hvd_yolo.stall import StallWatch
+
+folder = Path(sys.argv[1])
+watch = StallWatch(folder, 0, 2, warning_s=4.0, shutdown_s=6.0)
+print("ready", flush=True)
+step = 0
+while not (folder / "end").exists():  # a step: 0.3 s of CPU time (none while stopped)
+    step += 1
+    watch.progress("computing a step", step)
+    start = time.process_time()
+    while time.process_time() - start < 0.3:
+        pass
+watch.close()
+print("done", flush=True)
+"""
+
+
+def test_a_rank_stopped_and_resumed_does_not_call_its_own_pause_a_stall(tmp_path: Path) -> None:
+    """Rank 0's watchdog, SIGSTOPped for 10 s mid-step while rank 1 has reported (its note):
+    it used to wake past dist.stall_shutdown_s and end the job saying "every rank responded
+    (none is frozen)"; it now names its own pause and goes on."""
+    import signal
+    import time
+
+    (tmp_path / "stall-rank1.json").write_text(json.dumps(
+        {"rank": 1, "step": 3, "where": "waiting for the other ranks' gradients", "idle_s": 4}))
+    proc = subprocess.Popen([sys.executable, "-c", STALL_RANK0, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(10.0)
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(3.0)  # the watchdog wakes within a second
+    (tmp_path / "end").write_text("")
+    try:
+        output = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the watched process did not end")
+    assert "every rank responded" not in output, output
+    assert proc.returncode == 0 and output.rstrip().endswith("done"), output
+    assert "rank 0: this process was stopped for " in output, output
