@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -85,11 +86,58 @@ class RunError(CommandError):
     code = 1
 
 
+# command -> {argument dest: (option, recogniser of an earlier output, what it is)}: the
+# paths a command writes besides ``--json`` (guarded by ``guard_outputs`` before it runs).
+OUTPUT_OPTIONS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "eval": {"results": ("--results", "is_detections", "a detections file (COCO results json)")},
+    "detect": {"out": ("--out", "is_detections", "a detections file written by hvd-yolo detect")},
+    "train": {"timeline": ("--timeline", "is_timeline", "a Horovod timeline")},
+}
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def launch_rank() -> str:
+    """This process's rank as the launcher set it ("0" when started alone)."""
+    return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK",
+                          os.environ.get("PMI_RANK", "0")))
+
+
+def guard_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before the command runs, any output path that would replace an input or a file
+    of another kind (:func:`hvd_yolo.outputs.guard_output`); every rank checks, rank 0 says it."""
+    from hvd_yolo import outputs
+
+    options = dict(OUTPUT_OPTIONS.get(args.command, {}))
+    options["json"] = ("--json", "is_json", "an earlier --json output (a JSON object)")
+    given = {dest: getattr(args, dest, None) for dest in options}
+    given = {dest: v for dest, v in given.items() if v is not None and v != "-"}
+    if not given:
+        return
+    inputs = outputs.input_paths(v for k, v in vars(args).items() if k not in options)
+    for dest, path in given.items():
+        option, recogniser, what = options[dest]
+        try:
+            outputs.guard_output(path, option, getattr(outputs, recogniser), inputs, what)
+        except outputs.OutputError as e:
+            raise UsageError(str(e), show=launch_rank() == "0") from None
+
+
 def write_json(path: str | None, obj: Any) -> None:
-    """``--json PATH`` for every command: write ``obj`` to PATH, or to stdout for ``-``."""
+    """``--json PATH`` for every command: write ``obj`` to PATH, or to stdout for ``-``
+    (strict JSON: NaN and inf are written as null)."""
     if not path:
         return
-    text = json.dumps(obj, indent=1, default=str) + "\n"
+    text = json.dumps(strict_json(obj), indent=1, default=str, allow_nan=False) + "\n"
     if path == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -122,6 +170,17 @@ def prog_name(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a closed stdout (``| head``) ends it quietly, as SIGPIPE would."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        return closed_stdout()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -136,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        guard_outputs(args)
         return int(module.run(args) or 0)
     except CommandError as e:  # the one place a command's mistake is printed
         if e.show:
             print(f"{prog_name(args)}: error: {e}", file=sys.stderr, flush=True)
+        end_workers()
         return e.code
     except Exception as e:
         if type(e).__name__ != "HorovodInternalError":
@@ -148,7 +209,39 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "?"))
         print(f"{prog_name(args)}: error: rank {rank}: stopped, another rank failed (its error "
               "is printed above)", file=sys.stderr, flush=True)
+        end_workers()
         return 1
+
+
+def end_workers() -> None:
+    """End the worker processes a failed command left (DataLoader workers ignore SIGTERM, so
+    the interpreter's exit handler would wait for them forever), quietly: PyTorch's SIGCHLD
+    handler would report each as "killed by signal" from an exit handler."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
+
+
+def closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so that the
+    interpreter's final flush does not print a traceback, and exit as a process killed by
+    SIGPIPE would (141)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 128 + 13
 
 
 if __name__ == "__main__":

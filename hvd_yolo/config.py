@@ -174,6 +174,7 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
         check_ranges(self)
+        check_caps(self)
         if self.dist.op == "adasum" and self.optim.clip_grad > 0:
             raise ConfigError(
                 f"dist.op=adasum with optim.clip_grad={self.optim.clip_grad}: Adasum updates each "
@@ -188,6 +189,9 @@ class Config:
         if self.dist.stall_shutdown_s and self.dist.stall_shutdown_s <= self.dist.stall_warning_s:
             raise ConfigError(f"dist.stall_shutdown_s={self.dist.stall_shutdown_s} must exceed "
                               f"dist.stall_warning_s={self.dist.stall_warning_s} (or be 0: never)")
+        if not self.run.out_dir.strip():
+            raise ConfigError("run.out_dir is empty: give the run's folder (checkpoints, logs), "
+                              "e.g. --set run.out_dir=runs/mine")
         if not self.data.train:
             raise ConfigError("data.train is not set: give the training shard directory "
                               "(--set data.train=DIR or in the YAML file)")
@@ -231,6 +235,42 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "run.keep_last": (1, None, True, True),
     "run.max_steps": (0, None, True, True),
 }
+
+
+# Caps on counts and sizes: far above any real run, low enough that a typo (1e30, an extra run
+# of zeros) is named here instead of forking workers until the OOM killer comes or allocating
+# an image that crashes the interpolation. Checked after RANGES.
+MAX_INPUT_SIZE = 4096  # pixels per side
+MAX_STEPS = 10**9  # any count of steps or epochs
+MAX_SECONDS = 10**7  # any duration (~4 months)
+CAPS: dict[str, float] = {
+    "input.size": MAX_INPUT_SIZE, "input.min_size": MAX_INPUT_SIZE,
+    "input.max_size": MAX_INPUT_SIZE, "input.every": MAX_STEPS,
+    "data.workers": 256, "augment.hsv": 10,
+    "optim.batch_size": 4096, "optim.accumulate": 4096, "optim.epochs": MAX_STEPS,
+    "optim.warmup_steps": MAX_STEPS,
+    "dist.threads": 4096, "dist.fusion_threshold_mb": 65536, "dist.cycle_time_ms": 60000,
+    "dist.local_steps": MAX_STEPS, "dist.sync_warmup_steps": MAX_STEPS,
+    "dist.powersgd_rank": 4096, "dist.powersgd_start_step": MAX_STEPS,
+    "dist.stall_warning_s": MAX_SECONDS, "dist.stall_shutdown_s": MAX_SECONDS,
+    "eval.every": MAX_STEPS, "eval.batch_size": 4096, "eval.max_det": 100000,
+    "run.seed": 2**63 - 1, "run.log_every": MAX_STEPS, "run.checkpoint_every": MAX_STEPS,
+    "run.commit_every": MAX_STEPS, "run.keep_last": 100000, "run.max_steps": MAX_STEPS,
+}
+
+
+def check_caps(cfg: Config) -> None:
+    """Raise ConfigError for a count or size above its cap in ``CAPS`` (None is allowed), or a
+    negative seed."""
+    if cfg.run.seed < 0:
+        raise ConfigError(f"run.seed={cfg.run.seed}: must be >= 0")
+    for key, cap in CAPS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and v > cap:
+                raise ConfigError(f"{key}={value!r}: at most {int(cap)} (a cap on this key: a "
+                                  "larger value is taken for a typo)")
 
 
 def check_sync(d: DistConfig) -> None:

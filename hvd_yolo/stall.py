@@ -50,7 +50,17 @@ class StallWatch:
         self.note.unlink(missing_ok=True)
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.warning_s / 4)):
+        period = min(1.0, self.warning_s / 4)
+        tick = time.monotonic()
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            gap, tick = now - tick - period, now
+            if gap > max(5 * period, 5.0):  # this thread did not run: the process was stopped
+                # (SIGSTOP, a suspended VM): its own pause is no other rank's stall
+                self._last = min(self._last + gap, now)
+                print(f"rank {self.rank}: this process was stopped for {gap:.0f} s (SIGSTOP, or "
+                      "a suspended machine) and runs again; that time is not counted as a stall",
+                      file=sys.stderr, flush=True)
             idle = time.monotonic() - self._last
             if idle >= self.warning_s and not self._warned:
                 self._warned = True

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo import checkpoint, dist, sync
-from hvd_yolo.config import Config
+from hvd_yolo import checkpoint, dist, sigterm, sync
+from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
@@ -342,7 +342,7 @@ def setup(cfg: Config, timeline: str | None) -> Run:
                            shuffle=True, tail=cfg.data.tail)
     batches_per_epoch = (len(sampler) // bs) // acc * acc  # whole optimizer steps only
     if batches_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.data.train}: {len(train_ds)} images give each of {world} ranks {len(sampler)} "
             f"samples, fewer than one step of batch_size {bs} x accumulate {acc}: lower them")
     steps_per_epoch = batches_per_epoch // acc
@@ -557,6 +557,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     run.step, run.best_map = start.step, start.best_map
     sync.start_at(run.optimizer, run.step)  # PowerSGD's start step, local SGD's warm-up
     make_loaders(run)
+    sigterm.announce_stops(run.out_dir, run.rank_log, ctx.rank)  # what a stop signal saves
     if ctx.is_root:
         print(f"training {cfg.model.name} ({len(run.train_ds.class_names)} classes) on {ctx.size} "
               f"rank(s), {len(run.train_ds)} images, {run.steps_per_epoch} steps/epoch x "

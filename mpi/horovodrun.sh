@@ -21,6 +21,8 @@
 #                         mpi/discover_hosts.sh reads it); -np defaults to MIN. One node
 #                         only: give --iface lo (else horovodrun waits for a second host)
 #   --horovodrun-arg ARG  pass ARG to horovodrun as is (repeat as needed)
+#   --no-host-check       skip the check that every host of --hostfile/-H resolves and
+#                         answers ssh (it runs first, naming the hostfile line of a bad host)
 #   --exec                the arguments are a whole command, not hvd-yolo arguments
 #   --dry-run             print the horovodrun command line instead of running it
 #   -h, --help            this help
@@ -39,7 +41,7 @@ die() { printf 'mpi/horovodrun.sh: error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 np="" hostfile="" hosts="" iface="" network="" ssh_port="" gpu=${HVD_YOLO_GPU:-} controller=mpi
-exec_mode=0 dry=0 start_timeout="" elastic=""
+exec_mode=0 dry=0 start_timeout="" elastic="" host_check=1
 extra=()
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
     --start-timeout) need "$@"; start_timeout=$2; shift 2 ;;
     --elastic) need "$@"; elastic=$2; shift 2 ;;
     --horovodrun-arg) need "$@"; extra+=("$2"); shift 2 ;;
+    --no-host-check) host_check=0; shift ;;
     --exec) exec_mode=1; shift ;;
     --dry-run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -77,6 +80,18 @@ fi
 [ -z "$hostfile" ] || [ -r "$hostfile" ] || die "hostfile '$hostfile' not found or not readable"
 [ -z "$hostfile" ] || [ -z "$hosts" ] || die "give --hostfile or -H, not both"
 [ -n "$hostfile" ] || [ -n "$hosts" ] || hosts="localhost:$np"
+# The hosts: a malformed line or a host that does not resolve or answer ssh, one line each,
+# instead of horovodrun's tracebacks (resolution and ssh are skipped by --dry-run).
+if [ -n "$hostfile" ]; then
+  host_lines=$(hostfile_hosts "$hostfile" "$([ -n "$elastic" ] && echo 1 || echo 0)")
+  where="hostfile '$hostfile' line"
+else
+  host_lines=$(hostlist_hosts "$hosts")
+  where="-H '$hosts' entry"
+fi
+if [ "$dry" = 0 ] && [ "$host_check" = 1 ]; then
+  check_hosts "$where" 1 "$ssh_port" <<< "$host_lines"
+fi
 
 HOROVODRUN=${HOROVODRUN:-}
 if [ -z "$HOROVODRUN" ]; then

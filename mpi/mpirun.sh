@@ -15,9 +15,13 @@
 #   --ssh-port PORT       ssh port of the other nodes (e.g. 2222 for the Docker images)
 #   --cpu | --gpu         force the CPU-only or GPU settings (default: GPU when nvidia-smi
 #                         lists a GPU here; HVD_YOLO_GPU=0|1 does the same)
-#   --term-grace SECONDS  on SIGTERM/SIGINT, give the ranks this long to checkpoint before
-#                         SIGKILL (default 1 s, Open MPI's; HVD_YOLO_TERM_GRACE)
+#   --term-grace SECONDS  on SIGTERM/SIGINT, the ranks get SIGUSR1 at once (each checkpoints
+#                         at its next step boundary and exits 0) and this long to stop
+#                         before mpirun signals them itself (default 30; also mpirun's own
+#                         SIGTERM-to-SIGKILL delay when given; HVD_YOLO_TERM_GRACE)
 #   --mpirun-arg ARG      pass ARG to mpirun as is (repeat as needed)
+#   --no-host-check       skip the check that every host of --hostfile/-H resolves (it
+#                         runs before mpirun, naming the hostfile line of a bad host)
 #   --exec                the arguments are a whole command, not hvd-yolo arguments
 #   --dry-run             print the mpirun command line instead of running it
 #   -h, --help            this help
@@ -36,7 +40,7 @@ die() { printf 'mpi/mpirun.sh: error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 np="" pe="" hostfile="" hosts="" network="" iface="" ssh_port="" gpu=${HVD_YOLO_GPU:-} exec_mode=0 dry=0
-grace=${HVD_YOLO_TERM_GRACE:-}
+grace=${HVD_YOLO_TERM_GRACE:-} host_check=1
 extra=()
 need() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
@@ -52,6 +56,7 @@ while [ $# -gt 0 ]; do
     --gpu) gpu=1; shift ;;
     --term-grace) need "$@"; grace=$2; shift 2 ;;
     --mpirun-arg) need "$@"; extra+=("$2"); shift 2 ;;
+    --no-host-check) host_check=0; shift ;;
     --exec) exec_mode=1; shift ;;
     --dry-run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -65,6 +70,18 @@ done
 [ -z "$grace" ] || [[ "$grace" =~ ^[0-9]+$ ]] || die "--term-grace must be whole seconds, got '$grace'"
 [ -z "$hostfile" ] || [ -r "$hostfile" ] || die "hostfile '$hostfile' not found or not readable"
 [ -z "$hostfile" ] || [ -z "$hosts" ] || die "give --hostfile or -H, not both"
+# The hosts: a malformed hostfile line or an unknown host named here, one line each, instead of
+# Open MPI's "internal error" or its daemon banner (resolution is skipped by --dry-run).
+if [ -n "$hostfile" ]; then
+  host_lines=$(hostfile_hosts "$hostfile" 0)
+  where="hostfile '$hostfile' line"
+elif [ -n "$hosts" ]; then
+  host_lines=$(hostlist_hosts "$hosts")
+  where="-H '$hosts' entry"
+fi
+if [ "$dry" = 0 ] && [ "$host_check" = 1 ] && [ -n "${host_lines:-}" ]; then
+  check_hosts "$where" 0 "$ssh_port" <<< "$host_lines"
+fi
 MPIRUN=${MPIRUN:-mpirun}
 command -v "$MPIRUN" >/dev/null 2>&1 \
   || die "'$MPIRUN' not found: install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev; on a cluster: module load openmpi) or run scripts/install.sh"
@@ -89,6 +106,8 @@ gloo_if=$iface
 [ -z "$gloo_if" ] && [ -n "$network" ] && [[ "$network" != */* ]] && gloo_if=$network
 [ -n "$gloo_if" ] && export NCCL_SOCKET_IFNAME=$gloo_if HOROVOD_GLOO_IFACE=$gloo_if
 export HDF5_USE_FILE_LOCKING=${HDF5_USE_FILE_LOCKING:-FALSE}  # NFS/Lustre: no HDF5 flock
+# The ranks know a stop signal reaches them in time (hvd_yolo.sigterm); exported with -x.
+export HVD_YOLO_LAUNCH=mpirun.sh
 py=$(package_python "$root")
 argv=()
 # launch.py imports only the standard library: run as a file, it needs no installed package.
@@ -100,4 +119,33 @@ if [ "$dry" = 1 ]; then
   printf '%q ' "${argv[@]}"; printf '\n'
   exit 0
 fi
-exec "${argv[@]}"
+# A stop signal (SIGTERM from a scheduler or kill, SIGINT) reaches the ranks as SIGUSR1, which
+# mpirun passes on at once; mpirun's own SIGTERM handling would send them only SIGCONT and
+# their SIGTERM --term-grace seconds later (measured: Open MPI 4.1), so they would train on
+# meanwhile. mpirun itself is signalled only if they have not stopped after the grace period.
+wait_s=${grace:-30}
+stopping=0 killer=""
+# shellcheck disable=SC2329  # invoked by the traps below
+stop_ranks() {
+  [ "$stopping" = 0 ] || return 0
+  stopping=1
+  if [ "$exec_mode" = 1 ]; then  # --exec: any command; mpirun's own SIGTERM handling
+    kill -TERM "$child" 2>/dev/null || true
+    return 0
+  fi
+  printf 'mpi/mpirun.sh: %s: every rank checkpoints at its next step and stops (SIGUSR1; mpirun is signalled after %s s)\n' "$1" "$wait_s" >&2
+  kill -USR1 "$child" 2>/dev/null || true
+  ( sleep "$wait_s"; kill -TERM "$child" 2>/dev/null ) &
+  killer=$!
+}
+"${argv[@]}" &
+child=$!
+trap 'stop_ranks SIGTERM' TERM
+trap 'stop_ranks SIGINT' INT
+rc=0
+while :; do
+  if wait "$child"; then rc=0; else rc=$?; fi
+  kill -0 "$child" 2>/dev/null || break  # wait returned for a trapped signal: wait again
+done
+[ -z "$killer" ] || kill "$killer" 2>/dev/null || true
+exit "$rc"

@@ -54,7 +54,7 @@ def test_detect_refuses_to_write_over_what_it_did_not_write(ckpt: Path, images: 
                                                             tmp_path: Path, capsys: Any) -> None:
     original = ckpt.read_bytes()
     rc, out = detect(ckpt, capsys, str(images), "--out", str(ckpt))
-    assert rc == 2 and f"hvd-yolo detect: error: --out {ckpt} is an input or the checkpoint" in out
+    assert rc == 2 and f"hvd-yolo detect: error: --out {ckpt} would write over the input {ckpt}" in out
     assert ckpt.read_bytes() == original
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,55 @@ def test_mpirun_script_rejects_bad_usage_clearly(args: list[str], message: str) 
         assert res.returncode == 2 and message in res.output, (script, res.output)
 
 
+# ------------------------------------------------------------------ hostfiles and hosts
+def isolated(argv: list[str]) -> list[str]:
+    """``argv`` in a new network namespace with only loopback up (as root in a user namespace):
+    a host name lookup or ssh attempt the scripts make cannot leave this machine."""
+    if subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rn (a private network namespace) is not available here")
+    return ["unshare", "-rn", "sh", "-c", 'ip link set lo up 2>/dev/null; exec "$@"', "sh", *argv]
+
+
+@pytest.mark.parametrize("script", [MPIRUN_SH, HOROVODRUN_SH], ids=["mpirun.sh", "horovodrun.sh"])
+def test_hostfile_and_hosts_are_checked_first_one_line_each(script: Path, tmp_path: Path) -> None:
+    def error(*args: str) -> str:
+        res = run_script(isolated([str(script), "-np", "2", *args, "--exec", "true"]),
+                         timeout=60, check=False)
+        lines = res.output.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.output
+        assert "Traceback" not in res.output and "internal error" not in res.output
+        return lines[0]
+
+    bad = tmp_path / "bad"
+    bad.write_text("# nodes\nlocalhost slots=2\nnode2 slot=2\n")
+    assert error("--hostfile", str(bad)) == (
+        f"{script.relative_to(REPO)}: error: hostfile '{bad}' line 3: \"slot=2\" is not slots=N "
+        "or max_slots=N (N a positive whole number): \"node2 slot=2\"; each line is HOST "
+        "slots=N (see mpi/hostfile.example)")
+    (tmp_path / "empty").write_text("# nothing\n\n")
+    assert "lists no host" in error("--hostfile", str(tmp_path / "empty"))
+    unknown = tmp_path / "unknown"
+    unknown.write_text("localhost slots=1\nno-such-host.invalid slots=1\n")
+    assert error("--hostfile", str(unknown)).endswith(
+        f"error: hostfile '{unknown}' line 2: host 'no-such-host.invalid' does not resolve (no "
+        "/etc/hosts or DNS entry): check the name")
+    assert "-H 'localhost:1,no-such-host.invalid:1' entry 2: host 'no-such-host.invalid' does " \
+           "not resolve" in error("-H", "localhost:1,no-such-host.invalid:1")
+    assert "entry 2 'b:x' is not host or host:N" in error("-H", "localhost:1,b:x")
+
+
+def test_horovodrun_script_names_a_host_ssh_cannot_reach(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.2 slots=1\n")  # loopback, but not this node's name: ssh
+    res = run_script(isolated([str(HOROVODRUN_SH), "-np", "1", "--hostfile", str(hostfile),
+                               "--ssh-port", "1", "--exec", "true"]), timeout=60, check=False)
+    assert res.returncode == 2 and res.output.strip() == (
+        f"mpi/horovodrun.sh: error: hostfile '{hostfile}' line 1: host '127.0.0.2' cannot be "
+        "reached by ssh without a password (ssh: connect to host 127.0.0.2 port 1: Connection "
+        "refused): check that it is up and that 'ssh -p 1 127.0.0.2 true' works from here"), \
+        res.output
+
+
 # ------------------------------------------------------------------ horovodrun.sh: the line
 def test_horovodrun_line_defaults_and_options() -> None:
     argv = dry_run(HOROVODRUN_SH, "-np", "2", "--cpu", "--exec", "python", "x.py")
@@ -153,6 +204,76 @@ def test_horovodrun_script_runs_a_two_rank_horovod_job(tmp_path: Path, controlle
                       sys.executable, str(ALLREDUCE_JOB), str(tmp_path)], timeout=150)
     check_ranks(tmp_path, res)
     assert "rank=0 size=2 allreduce=3.0" in res.output, res.output
+
+
+# ------------------------------------------------------------------ a stop signal
+def start_training(argv: list[str], out: Path, steps: int) -> subprocess.Popen:
+    """Start ``argv`` (a 2-rank `hvd-yolo train` into ``out``) and return once rank 0 logged
+    ``steps`` steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HVD_YOLO_GPU": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    log = out / "ranks" / "rank0.jsonl"
+    for _ in range(3000):
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before the signal:\n{proc.communicate()[0]}")
+        if log.is_file() and len(log.read_text().splitlines()) >= steps:
+            return proc
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no {steps} steps in 300 s:\n{proc.communicate()[0]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 150) -> str:
+    """SIGTERM to the launcher alone, as a scheduler or `kill` sends it; its output."""
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"not ended {timeout} s after SIGTERM:\n{proc.communicate()[0]}")
+
+
+def long_run(tmp_path: Path, *extra: str) -> tuple[Path, list[str]]:
+    from tests.fixtures.train_runs import train_args
+
+    shards = synthetic_shards(tmp_path, 16, seed=3, shards=2, size=(64, 64))
+    out = tmp_path / "run"
+    return out, train_args(shards, out, "--set", "data.workers=0", *extra, size=64, epochs=1000)
+
+
+@pytest.mark.mpi
+def test_sigterm_to_the_mpirun_script_checkpoints_at_the_next_step(tmp_path: Path) -> None:
+    out, args = long_run(tmp_path)
+    proc = start_training([str(MPIRUN_SH), "-np", "2", "--term-grace", "60", *args], out, 3)
+    before = len((out / "ranks" / "rank0.jsonl").read_text().splitlines())
+    output = stop(proc)
+    steps = [json.loads(line)["step"] for line in
+             (out / "ranks" / "rank0.jsonl").read_text().splitlines()]
+    assert proc.returncode == 0, output
+    assert "stop requested (SIGUSR1)" in output and "started by a plain mpirun" not in output
+    # at the next step boundary, not --term-grace seconds later (mpirun's own SIGTERM path)
+    assert steps[-1] - before <= 3, (before, steps[-1], output)
+    assert (out / "checkpoints" / f"step-{steps[-1]:08d}.pt").is_file(), output
+
+
+@pytest.mark.mpi
+def test_a_plain_mpirun_launch_is_warned_and_a_sigterm_names_what_is_on_disk(
+        tmp_path: Path) -> None:
+    from hvd_yolo.launch import mpirun_argv
+
+    out, args = long_run(tmp_path, "--set", "run.checkpoint_every=2")
+    proc = start_training([*mpirun_argv(2), str(Path(sys.executable).parent / "hvd-yolo"), *args],
+                          out, 3)
+    output = stop(proc)
+    assert "hvd-yolo train: warning: started by a plain mpirun: on SIGTERM" in output, output
+    assert "mpi/mpirun.sh" in output and "odls_base_sigkill_timeout" in output
+    note = next((line for line in output.splitlines() if "hvd-yolo train: SIGTERM after step"
+                 in line), None)
+    assert note is not None, output
+    assert "the last checkpoint on disk is step " in note
+    assert "Plain mpirun kills the ranks 1 s after this signal: if that comes first" in note
 
 
 # ------------------------------------------------------------------ shellcheck
@@ -226,9 +347,10 @@ def test_mpirun_script_runs_the_packages_line(args: list[str], kwargs: dict) -> 
     """mpi/mpirun.sh and hvd_yolo.launch.mpirun_argv (demo, tests) build the same line."""
     from hvd_yolo.launch import mpirun_argv, network_env
 
+    # (the script also tells the ranks who launched them: HVD_YOLO_LAUNCH, exported with -x)
     env = {"HVD_YOLO_GPU": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "HDF5_USE_FILE_LOCKING": "FALSE", **network_env(kwargs.get("network"),
-                                                          kwargs.get("iface"))}
+           "HDF5_USE_FILE_LOCKING": "FALSE", "HVD_YOLO_LAUNCH": "mpirun.sh",
+           **network_env(kwargs.get("network"), kwargs.get("iface"))}
     script = dry_run(MPIRUN_SH, *args, "--exec", "--", "python", "x.py", env=env)
     saved = dict(os.environ)
     try:

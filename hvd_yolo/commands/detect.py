@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hvd_yolo import config
 from hvd_yolo.cli import RunError, UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -93,13 +94,14 @@ def relative_names(plan: list[tuple[Path, Any]]) -> dict[Path, str]:
 
 
 def decode_file(path: Path) -> torch.Tensor:
-    """uint8 [3,H,W] RGB: torchvision's decoders, then PIL for what they do not read (BMP...)."""
-    from torchvision.io import ImageReadMode, decode_image
+    """uint8 [3,H,W] RGB: the shard reader's decoder (:func:`hvd_yolo.shards.format.decode_rgb`:
+    EXIF orientation applied, 16-bit images scaled to 8 bits), then PIL for what torchvision
+    does not read (BMP, GIF...)."""
+    from hvd_yolo.shards.format import decode_rgb
 
     data = path.read_bytes()
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                            mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return decode_rgb(data)
     except RuntimeError:
         import io
 
@@ -115,7 +117,7 @@ def iter_images(plan: list[tuple[Path, Any]], names: dict[Path, str], skipped: l
                 ) -> Iterator[tuple[int, str, torch.Tensor]]:
     """Yield ``(image_id, output name, uint8 image [3,H,W])``; unreadable files are appended to
     ``skipped`` (with the reason) and printed, not fatal."""
-    from hvd_yolo.shards.format import ShardError
+    from hvd_yolo.shards.format import ShardError, error_text
 
     next_id = 0
     for root, files in plan:
@@ -124,13 +126,14 @@ def iter_images(plan: list[tuple[Path, Any]], names: dict[Path, str], skipped: l
 
             try:
                 ds = ShardDataset(root)
-            except ShardError as e:  # an unusable shard folder: named, nothing detected
-                raise DetectError(str(e)) from None
+            except (ShardError, OSError) as e:  # a truncated or unreadable shard: one line
+                raise RunError(f"{root}: {error_text(e)} (`hvd-yolo shards verify {root}` "
+                               "lists the damage)") from None
             for i in range(len(ds)):
                 try:
                     s = ds[i]
-                except ShardError as e:
-                    _skip(skipped, str(e))
+                except (ShardError, OSError) as e:
+                    _skip(skipped, error_text(e))
                     continue
                 yield s["image_id"], s["name"], s["image"]
             continue
@@ -157,13 +160,15 @@ def check_outputs(out: Path, draw: Path | None, plan: list[tuple[Path, Any]],
                   checkpoint: Path) -> None:
     """Refuse any output that would replace an input, the checkpoint or a file detect did not
     write (DetectError naming it)."""
+    from hvd_yolo.outputs import OutputError, guard_output, is_detections
+
     inputs = [root.resolve() for root, _ in plan]
-    files = {f.resolve() for _, fs in plan if fs != "shards" for f in fs}
-    if out.resolve() in files or out.resolve() == checkpoint.resolve():
-        raise DetectError(f"--out {out} is an input or the checkpoint: choose a new file")
-    if out.exists() and not _is_detections(out):
-        raise DetectError(f"--out {out} exists and is not a detections file written by "
-                          "hvd-yolo detect: choose a new file (nothing was written)")
+    files = [f for _, fs in plan if fs != "shards" for f in fs]
+    try:
+        guard_output(out, "--out", is_detections, [*inputs, *files, checkpoint],
+                     "a detections file written by hvd-yolo detect")
+    except OutputError as e:
+        raise DetectError(str(e)) from None
     if draw is not None:
         d = draw.resolve()
         for root in inputs:
@@ -176,17 +181,39 @@ def check_outputs(out: Path, draw: Path | None, plan: list[tuple[Path, Any]],
                               "--draw folder of hvd-yolo detect: choose a new folder")
 
 
-def _is_detections(path: Path) -> bool:
-    """An earlier output of detect: a JSON list of detections (possibly empty)."""
+# The largest --size and --max-det accepted: the training config's caps.
+MAX_SIZE = config.MAX_INPUT_SIZE
+MAX_DETECTIONS = int(config.CAPS["eval.max_det"])
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse thresholds and sizes that cannot work, naming the option (DetectError)."""
+    for option, value in (("--conf", args.conf), ("--iou", args.iou)):
+        if not 0 <= value <= 1:
+            raise DetectError(f"{option} {value:g}: must be in [0, 1]")
+    if not 1 <= args.max_det <= MAX_DETECTIONS:
+        raise DetectError(f"--max-det {args.max_det}: must be in [1, {MAX_DETECTIONS}]")
+    if args.size is not None and (args.size <= 0 or args.size % 32 or args.size > MAX_SIZE):
+        raise DetectError(f"--size {args.size}: must be a positive multiple of 32, at most "
+                          f"{MAX_SIZE}")
+
+
+def load_checkpoint(path: str, trust: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The checkpoint's model and state, or DetectError naming the file in one line (missing,
+    a folder, truncated, not a checkpoint, unsealed without ``trust``, weights that do not fit)."""
+    from hvd_yolo.checkpoint import CheckpointError, restore_model
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(data, list) and all(
-        isinstance(d, dict) and {"image_id", "bbox", "score"} <= set(d) for d in data)
+        return restore_model(path, trust=trust)
+    except CheckpointError as e:
+        raise DetectError(str(e)) from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DetectError(f"{path}: not a usable hvd-yolo checkpoint ({why})") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    check_options(args)
     return detect(args)
 
 
@@ -194,7 +221,6 @@ def detect(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes
 
-    from hvd_yolo.checkpoint import CheckpointError, restore_model
     from hvd_yolo.data.transforms import letterbox
     from hvd_yolo.evaluate import detect_batch
 
@@ -202,10 +228,7 @@ def detect(args: argparse.Namespace) -> int:
     plan = plan_inputs(args.inputs)
     names = relative_names(plan)
     check_outputs(out, draw_dir, plan, Path(args.checkpoint))
-    try:
-        model, state = restore_model(args.checkpoint, trust=args.trust_checkpoint)
-    except CheckpointError as e:
-        raise DetectError(str(e)) from None
+    model, state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     size = args.size or state["config"]["input"]["size"]
     labels, category_ids = state["class_names"], state.get("category_ids")
     to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None

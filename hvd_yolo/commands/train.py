@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from a checkpoint; auto: <out_dir>/checkpoints/last.pt "
                         "(the newest step file that verifies when last.pt is corrupted), or "
                         "start fresh when there is none")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over in a run.out_dir that holds an earlier run's "
+                        "checkpoints (they and its logs are deleted); without it such a "
+                        "folder is refused")
     parser.add_argument("--print-config", action="store_true",
                         help="print the full configuration (defaults, then --config and --set) "
                         "as YAML with each setting's meaning, and exit")
@@ -39,11 +43,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError, trust_unsealed
-    from hvd_yolo.runlock import OutDirError
+    from hvd_yolo.runlock import OutDirError, expect_start
     from hvd_yolo.shards.format import ShardError, error_text
     from hvd_yolo.train import NonFiniteLoss, train
 
     trust_unsealed(args.trust_checkpoint)
+    if args.fresh and args.resume:
+        raise UsageError("--fresh starts over, --resume continues: give one of them")
+    expect_start(args.resume, args.fresh)  # checked by rank 0 under the out_dir lock
     try:
         summary = train(cfg, resume=args.resume, timeline=args.timeline)
     except ShardError as e:  # corrupt or missing data: named, no traceback; mpirun ends the others
