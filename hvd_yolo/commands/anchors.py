@@ -50,8 +50,8 @@ def fragment(args: argparse.Namespace, figures: dict[str, Any]) -> str:
     """The ``--out`` YAML: how it was made and what it scores, then ``model.name/anchors``."""
     cur, new = figures["current"], figures["new"]
     anchors = [[[_num(w), _num(h)] for w, h in scale] for scale in new["anchors"]]
-    body = yaml.safe_dump({"model": {"name": args.model, "anchors": anchors}},
-                          default_flow_style=None, sort_keys=False)
+    flow = yaml.safe_dump(anchors, default_flow_style=True, width=1000).strip()
+    body = f"model:\n  name: {args.model}\n  anchors: {flow}\n"
     return (f"{MARKER} {args.shards} --model {args.model} --size {args.size} --seed {args.seed}\n"
             f"# best-possible recall {new['bpr']:.4f} (current anchors {cur['bpr']:.4f}), "
             f"anchors above threshold {new['aat']:.2f} ({cur['aat']:.2f}), on "
