@@ -375,14 +375,15 @@ def restore_model(path: str | Path, use_ema: bool = True, trust: bool | None = N
     """Rebuild the trained model from a checkpoint (EMA weights when present and asked for;
     ``trust``: see :func:`load`). Returns ``(model in eval mode on the CPU, checkpoint dict)``.
     """
-    from hvd_yolo.model.yolov3 import build_model
+    from hvd_yolo.model.yolov3 import anchors_in_weights, build_model
 
     state = load(Path(path), trust=trust)
     for key in ("model", "class_names", "model_name"):
         if key not in state:
             raise CheckpointError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")
-    model = build_model(state["model_name"], len(state["class_names"]))
     weights = state["ema"]["model"] if use_ema and state.get("ema") else state["model"]
+    model = build_model(state["model_name"], len(state["class_names"]),
+                        anchors=anchors_in_weights(weights))  # the anchors trained with
     # Checkpoints of SyncBatchNorm runs load into plain BatchNorm: same parameter names.
     model.load_state_dict(weights)
     return model.eval(), state
@@ -390,7 +391,7 @@ def restore_model(path: str | Path, use_ema: bool = True, trust: bool | None = N
 
 # ------------------------------------------------------------------ resume compatibility
 # Keys whose change makes a checkpoint's sampler state and data order meaningless.
-REFUSED = ("run.seed", "data.tail", "model.name", "optim.name")
+REFUSED = ("run.seed", "data.tail", "model.name", "optim.name", "model.anchors")
 # Keys that set the global batch: the epoch's unread samples are re-dealt, the step re-derived.
 REDERIVED = ("optim.batch_size", "optim.accumulate")
 # Keys that only change how this run executes, not what it computes.
@@ -404,6 +405,18 @@ def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in cfg.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
+def _anchor_refusal(state: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The refusal when the anchors held with a checkpoint's weights differ from this run's."""
+    from hvd_yolo.model.yolov3 import anchors_in_weights, resolve_anchors
+
+    saved = anchors_in_weights(state.get("model") or {})
+    now = resolve_anchors(new["model.name"], new.get("model.anchors"))
+    if saved is None or saved == now:
+        return []
+    as_lists = [[list(p) for p in s] for s in saved]
+    return [f"model.anchors is {as_lists!r} in the checkpoint but {new.get('model.anchors')!r} now"]
+
+
 def compare_run(state: dict[str, Any], config: dict[str, Any], world_size: int,
                 class_names: list[str], num_images: int, num_shards: int
                 ) -> tuple[list[str], list[str]]:
@@ -415,6 +428,8 @@ def compare_run(state: dict[str, Any], config: dict[str, Any], world_size: int,
     for key in REFUSED:
         if key in old and old[key] != new.get(key):
             refusals.append(f"{key} is {old[key]!r} in the checkpoint but {new.get(key)!r} now")
+    if "model.anchors" not in old and old.get("model.name") == new.get("model.name"):
+        refusals += _anchor_refusal(state, new)  # a checkpoint from before model.anchors
     if state.get("class_names") is not None and list(state["class_names"]) != list(class_names):
         refusals.append(f"the classes are {list(state['class_names'])} in the checkpoint but "
                         f"{list(class_names)} in data.train")

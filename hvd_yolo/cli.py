@@ -45,6 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert a YOLO txt / COCO json / Pascal VOC xml dataset to HDF5 shards"),
     "shards": ("hvd_yolo.commands.shards", "verify a shard directory, or count what it holds"),
     "model": ("hvd_yolo.commands.model", "a model's parameters, output shapes and GFLOPs"),
+    "anchors": ("hvd_yolo.commands.anchors",
+                "anchors for a dataset (k-means + refinement) and their best-possible recall"),
     "train": ("hvd_yolo.commands.train",
               "train on shards under mpirun/horovodrun (or in one process); resumable"),
     "eval": ("hvd_yolo.commands.eval", "COCO mAP of a checkpoint on a shard directory"),

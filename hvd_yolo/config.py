@@ -53,6 +53,10 @@ class ModelConfig:
     # conv+maxpool stages) or "all" (also the neck and heads): less activation memory per rank
     # for a recomputed forward (hvd-yolo bench memory measures both). Same gradients.
     checkpoint: str = "none"
+    # Per output scale (large stride first), [w, h] anchor pairs in input pixels, e.g. tiny:
+    # [[[81,82],[135,169],[344,319]], [[10,14],[23,27],[37,58]]]; empty: the official cfg's.
+    # `hvd-yolo anchors SHARDS` computes a set for a dataset.
+    anchors: list[list[list[float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,7 +155,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Raise ConfigError naming the key and value that cannot work."""
+        """Raise ConfigError naming the key and value that cannot work; an empty
+        ``model.anchors`` becomes the model's default (so checkpoints record the anchors)."""
         sizes = [("input.size", self.input.size)]
         if self.input.multiscale:
             sizes += [("input.min_size", self.input.min_size), ("input.max_size", self.input.max_size)]
@@ -175,6 +180,7 @@ class Config:
                 raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
         check_ranges(self)
         check_caps(self)
+        self.model.anchors = checked_anchors(self.model)
         if self.dist.op == "adasum" and self.optim.clip_grad > 0:
             raise ConfigError(
                 f"dist.op=adasum with optim.clip_grad={self.optim.clip_grad}: Adasum updates each "
@@ -271,6 +277,17 @@ def check_caps(cfg: Config) -> None:
             if v is not None and v > cap:
                 raise ConfigError(f"{key}={value!r}: at most {int(cap)} (a cap on this key: a "
                                   "larger value is taken for a typo)")
+
+
+def checked_anchors(m: ModelConfig) -> list[list[list[float]]]:
+    """``model.anchors`` checked against ``model.name``, the official default when empty."""
+    from hvd_yolo.model.yolov3 import resolve_anchors
+
+    try:
+        anchors = resolve_anchors(m.name, m.anchors)
+    except ValueError as e:
+        raise ConfigError(f"model.anchors={m.anchors!r}: {str(e).removeprefix('anchors: ')}") from None
+    return [[list(pair) for pair in scale] for scale in anchors]
 
 
 def check_sync(d: DistConfig) -> None:

@@ -41,6 +41,7 @@ from hvd_yolo.data.multiscale import resize_batch, size_for_step
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
 from hvd_yolo.local_sgd import LocalSGDOptimizer
+from hvd_yolo.model import anchors as anchor_check
 from hvd_yolo.model.darknet_io import load_darknet_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
@@ -323,7 +324,10 @@ def setup(cfg: Config, timeline: str | None) -> Run:
     num_classes = len(train_ds.class_names)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank (broadcast anyway)
-    model = build_model(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint)
+    model = build_model(cfg.model.name, num_classes, anchors=cfg.model.anchors,
+                        checkpoint=cfg.model.checkpoint)
+    if ctx.is_root:  # anchors that cannot reach the data's boxes: warn, naming hvd-yolo anchors
+        anchor_check.warn_training(cfg, model.anchors)
     if cfg.model.weights:
         load_darknet_weights(model, cfg.model.weights)
     if cfg.dist.sync_bn:

@@ -69,11 +69,14 @@ have_pkg() { "$PY" - "$@" <<'PYEOF'
 import importlib.metadata as m, sys
 for spec in sys.argv[1:]:
     name, _, ver = spec.partition("==")
+    name, _, below = name.partition("<")  # "name<N": a major version below N
     try:
         got = m.version(name)
     except m.PackageNotFoundError:
         sys.exit(1)
     if ver and got.split("+")[0] != ver:
+        sys.exit(1)
+    if below and int(got.split(".")[0]) >= int(below):
         sys.exit(1)
 PYEOF
 }
@@ -82,8 +85,10 @@ if ! have_pkg "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"; then
   log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (large; one time per venv)"
   "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
+# opencv-python-headless: tests only (tests/test_official_weights.py: OpenCV's Darknet reader,
+# which OpenCV 5 no longer has).
 deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging
-      setuptools wheel pytest pytest-timeout hypothesis ruff)
+      setuptools wheel pytest pytest-timeout hypothesis ruff "opencv-python-headless<5")
 if ! have_pkg "${deps[@]}"; then
   log "installing python dependencies"
   "${PIP[@]}" install "${deps[@]}"

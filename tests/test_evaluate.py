@@ -39,7 +39,7 @@ class OracleModel(nn.Module):
         super().__init__()
         ref = build_model(name, num_classes)
         self.name, self.num_classes, self.strides = "oracle", num_classes, ref.strides
-        self.register_buffer("anchors", ref.anchors.clone())
+        self.register_buffer("anchors", torch.tensor(ref.anchors))
         self.weight = nn.Parameter(torch.zeros(()))  # gives the model a device
         self.table: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 

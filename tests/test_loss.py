@@ -29,7 +29,7 @@ def _encode(model, box, scale: int, anchor: int, out):
     stride = model.strides[scale]
     cx, cy = (box[0] + box[2]) / 2 / stride, (box[1] + box[3]) / 2 / stride
     gx, gy = int(cx), int(cy)
-    aw, ah = model.anchors[scale, anchor].tolist()
+    aw, ah = model.anchors[scale][anchor]
     with torch.no_grad():
         p = out[scale][0, anchor, gy, gx]
         p[0] = math.log((cx - gx) / (1 - (cx - gx)))
@@ -48,7 +48,7 @@ def test_assignment_rule(model):
            for a, gy, gx in zip(aa.tolist(), yy, xx)}
     expected = set()
     for s, stride in enumerate(model.strides):
-        for a, (aw, ah) in enumerate(model.anchors[s].tolist()):
+        for a, (aw, ah) in enumerate(model.anchors[s]):
             if max(50 / aw, aw / 50, 50 / ah, ah / 50) < 4:
                 expected.add((s, a, 200 // stride, 100 // stride))
     assert got == expected

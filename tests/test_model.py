@@ -13,6 +13,7 @@ from hvd_yolo.model.yolov3 import (
     Route,
     Shortcut,
     YoloLayer,
+    anchors_in_weights,
     build_model,
     count_parameters,
 )
@@ -69,11 +70,32 @@ def test_layers_follow_darknet_cfg_order(yolov3, tiny):
 def test_attributes(yolov3, tiny):
     assert yolov3.name == "yolov3" and yolov3.num_classes == 80
     assert yolov3.strides == (32, 16, 8) and tiny.strides == (32, 16)
-    assert yolov3.anchors.shape == (3, 3, 2) and tiny.anchors.shape == (2, 3, 2)
-    assert yolov3.anchors[0].tolist() == [[116, 90], [156, 198], [373, 326]]
-    assert yolov3.anchors[2].tolist() == [[10, 13], [16, 30], [33, 23]]
-    assert tiny.anchors.tolist() == [[[81, 82], [135, 169], [344, 319]],
-                                     [[23, 27], [37, 58], [81, 82]]]
+    assert yolov3.num_anchors == 3 and tiny.num_anchors == 3
+
+
+# The official cfgs' anchors and masks (pjreddie/darknet cfg/yolov3.cfg, cfg/yolov3-tiny.cfg),
+# as written there; each [yolo] section's mask picks its anchors.
+OFFICIAL_CFG = {
+    "yolov3": ("10,13,  16,30,  33,23,  30,61,  62,45,  59,119,  116,90,  156,198,  373,326",
+               ["6,7,8", "3,4,5", "0,1,2"]),
+    "yolov3-tiny": ("10,14,  23,27,  37,58,  81,82,  135,169,  344,319", ["3,4,5", "0,1,2"]),
+}
+
+
+@pytest.mark.parametrize("name", ["yolov3", "yolov3-tiny"])
+def test_default_anchors_are_the_official_cfgs(name, yolov3, tiny):
+    text, masks = OFFICIAL_CFG[name]
+    values = [float(v) for v in text.replace(",", " ").split()]
+    pairs = list(zip(values[::2], values[1::2]))
+    expected = [[pairs[int(i)] for i in mask.split(",")] for mask in masks]
+    model = yolov3 if name == "yolov3" else tiny
+    assert model.anchors == expected  # list (one per output, large stride first) of (w, h)
+    assert model.anchor_wh.tolist() == [[list(p) for p in s] for s in expected]
+    assert all(isinstance(w, float) for s in model.anchors for p in s for w in p)
+
+
+def test_tiny_stride16_head_uses_mask_012_not_the_forks_123(tiny):
+    assert tiny.anchors[1] == [(10.0, 14.0), (23.0, 27.0), (37.0, 58.0)]
 
 
 @pytest.mark.parametrize("name", ["yolov3", "yolov3-tiny"])
@@ -110,14 +132,47 @@ def test_bad_model_arguments():
         build_model("yolov4", 80)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("yolov3", 0)
-    with pytest.raises(ValueError, match="anchors"):
-        build_model("yolov3-tiny", 3, anchors=[[(10, 13)] * 3])  # one scale for two yolo layers
 
 
-def test_custom_anchors():
-    anchors = [[(50, 60), (70, 80), (90, 100)], [(5, 6), (7, 8), (9, 10)]]
-    model = build_model("yolov3-tiny", 2, anchors=anchors)
-    assert model.anchors.tolist() == [[list(a) for a in s] for s in anchors]
+@pytest.mark.parametrize("anchors, message", [
+    ([[(10, 13)] * 3], "1 scales given, the model has 2 outputs"),
+    ([[(10, 13)] * 3, [(5, 6)] * 2], r"same number of anchors, got \[3, 2\]"),
+    ([[(10, 13)] * 3, [(5, 0)] * 3], r"positive pixels, got \(5.0, 0.0\)"),
+    ([[(10, 13)] * 3, [(5, -1)] * 3], "positive pixels"),
+    ([[(10, 13)] * 3, [(5, float("nan"))] * 3], "positive pixels"),
+    ([[(10, 13, 4)] * 3, [(5, 6)] * 3], r"list of \[w, h\] pairs"),
+    ([[10, 13], [5, 6]], r"list of \[w, h\] pairs"),
+    ([["a", "b"], [(5, 6)]], r"list of \[w, h\] pairs"),
+    ([[], []], "at least one"),
+])
+def test_bad_anchors_are_named(anchors, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("yolov3-tiny", 3, anchors=anchors)
+
+
+@pytest.mark.parametrize("per_scale", [2, 3, 4])
+def test_custom_anchors(per_scale):
+    anchors = [[(50 + i, 60 + i) for i in range(per_scale)], [(5 + i, 6 + i) for i in range(per_scale)]]
+    model = build_model("yolov3-tiny", 2, anchors=anchors).eval()
+    assert model.anchors == [[(float(w), float(h)) for w, h in s] for s in anchors]
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 96))
+    assert [tuple(o.shape) for o in out] == [(1, per_scale, 2, 3, 7), (1, per_scale, 4, 6, 7)]
+    # The anchors travel with the weights: a state_dict loads them into a default model.
+    other = build_model("yolov3-tiny", 2, anchors=[[(1, 1)] * per_scale] * 2)
+    other.load_state_dict(model.state_dict())
+    assert other.anchors == model.anchors
+
+
+def test_old_state_dicts_with_an_anchors_key_load():
+    # Checkpoints written before model.anchors held the buffer under "anchors".
+    model = build_model("yolov3-tiny", 2)
+    old = {("anchors" if k == "anchor_wh" else k): v for k, v in model.state_dict().items()}
+    old["anchors"] = torch.tensor([[[81.0, 82], [135, 169], [344, 319]], [[23, 27], [37, 58], [81, 82]]])
+    fresh = build_model("yolov3-tiny", 2)
+    fresh.load_state_dict(old)
+    assert fresh.anchors[1] == [(23.0, 27.0), (37.0, 58.0), (81.0, 82.0)]
+    assert anchors_in_weights(old) == fresh.anchors == anchors_in_weights(fresh.state_dict())
 
 
 def test_stride1_maxpool_pads_like_darknet():

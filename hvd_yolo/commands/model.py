@@ -57,7 +57,7 @@ def model_info(model: YOLOv3, height: int, width: int) -> dict[str, Any]:
         "darknet_floats": floats,
         "darknet_bytes": floats * 4 + 20,
         "backbone_floats": darknet_float_count(model, model.backbone_cutoff),
-        "outputs": [{"stride": s, "shape": list(shape), "anchors": model.anchors[i].tolist()}
+        "outputs": [{"stride": s, "shape": list(shape), "anchors": [list(p) for p in model.anchors[i]]}
                     for i, (s, shape) in enumerate(zip(model.strides, shapes))],
         "gflops": model.flops(height, width) / 1e9,
     }

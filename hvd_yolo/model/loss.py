@@ -76,7 +76,7 @@ class YoloLoss(nn.Module):
             raise ValueError(f"anchor_t must be > 1, got {anchor_t}")
         self.num_classes = int(model.num_classes)
         self.strides = tuple(int(s) for s in model.strides)
-        self.register_buffer("anchors", model.anchors.detach().clone().float())
+        self.register_buffer("anchors", torch.tensor(model.anchors, dtype=torch.float32))
         self.box_loss, self.anchor_t = box_loss, float(anchor_t)
         self.box_gain, self.obj_gain, self.cls_gain = box_gain, obj_gain, cls_gain
         bal = DEFAULT_BALANCE if balance is None else balance

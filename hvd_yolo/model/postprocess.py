@@ -26,7 +26,7 @@ def decode(outputs: list[torch.Tensor], model: nn.Module) -> tuple[torch.Tensor,
         gy, gx = torch.meshgrid(torch.arange(h, device=p.device),
                                 torch.arange(w, device=p.device), indexing="ij")
         cell = torch.stack((gx, gy), -1).to(p.dtype)  # [h, w, 2]
-        anchor_wh = anchors.to(p.device, p.dtype).view(1, a, 1, 1, 2)
+        anchor_wh = torch.as_tensor(anchors, device=p.device, dtype=p.dtype).view(1, a, 1, 1, 2)
         box = box_from_raw(p[..., 0:2], p[..., 2:4], cell, anchor_wh, float(stride))
         boxes.append(box.reshape(b, -1, 4))
         probs.append(p[..., 4:].sigmoid().reshape(b, a * h * w, -1))

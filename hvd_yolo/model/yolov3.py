@@ -10,7 +10,9 @@ square or not). Output: a list with one raw map per scale, **large stride first*
 YOLOv3; 32, 16 for tiny), each ``[B, A, H/s, W/s, 5 + C]`` holding ``(tx, ty, tw, th, obj,
 cls...)`` logits. Boxes decode Darknet's way (``box_from_raw``): centre ``(sigmoid(t) + cell) *
 stride``, size ``exp(t) * anchor``, so published Darknet weights work unchanged. Anchors are in
-input pixels and, as in Darknet and ultralytics, the same at every input size.
+input pixels and, as in Darknet and ultralytics, the same at every input size; the defaults are
+those of the official cfgs (``DEFAULT_ANCHORS``), ``build_model(..., anchors=...)`` sets others
+(``model.anchors`` in a config; ``hvd-yolo anchors`` computes them from a dataset).
 
 (One module, ~400 lines, on purpose: the layer list in cfg order, the forward over it and the
 activation-checkpoint segments cut from it are one definition of the network.)
@@ -27,18 +29,22 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as checkpoint_segment
 
-# Darknet's COCO anchors (pixels, at 416), per output scale, large stride first.
+# The official Darknet cfgs' COCO anchors (pixels, at 416), per output scale, large stride first.
+# cfg/yolov3.cfg: anchors 10,13 16,30 33,23 30,61 62,45 59,119 116,90 156,198 373,326.
 YOLOV3_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((116, 90), (156, 198), (373, 326)),  # stride 32, mask 6,7,8
     ((30, 61), (62, 45), (59, 119)),  # stride 16, mask 3,4,5
     ((10, 13), (16, 30), (33, 23)),  # stride 8, mask 0,1,2
 )
-# yolov3-tiny.cfg: anchors 10,14 23,27 37,58 81,82 135,169 344,319 with masks 3,4,5 and 1,2,3
-# (Darknet's own masks, which the published yolov3-tiny.weights were trained with).
+# cfg/yolov3-tiny.cfg: anchors 10,14 23,27 37,58 81,82 135,169 344,319 with masks 3,4,5 and
+# 0,1,2, which the published yolov3-tiny.weights were trained with. (Forks differ: the cfg of
+# ultralytics' Darknet-format yolov3 repository, and AlexeyAB's yolov4-tiny.cfg, use mask 1,2,3
+# for the stride-16 head, (23,27) (37,58) (81,82): set model.anchors for weights trained so.)
 YOLOV3_TINY_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((81, 82), (135, 169), (344, 319)),  # stride 32, mask 3,4,5
-    ((23, 27), (37, 58), (81, 82)),  # stride 16, mask 1,2,3
+    ((10, 14), (23, 27), (37, 58)),  # stride 16, mask 0,1,2
 )
+DEFAULT_ANCHORS = {"yolov3": YOLOV3_ANCHORS, "yolov3-tiny": YOLOV3_TINY_ANCHORS}
 MODEL_NAMES = ("yolov3", "yolov3-tiny")
 # Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
 # all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
@@ -170,7 +176,8 @@ class YOLOv3(nn.Module):
     """A Darknet-ordered YOLO network; build it with ``build_model``.
 
     Attributes: ``name``, ``num_classes``, ``strides`` (per output, large first), ``anchors``
-    (buffer ``[num_scales, A, 2]`` pixels, aligned with the outputs), ``layers`` (cfg order),
+    (per output, a list of ``(w, h)`` pixel pairs; the buffer ``anchor_wh`` ``[num_scales, A,
+    2]`` holds them with the weights), ``layers`` (cfg order),
     ``backbone_cutoff`` (cfg layers in Darknet's backbone-only file: 74 or 15),
     ``layer_strides`` (downsampling factor of each layer's output).
     """
@@ -179,10 +186,10 @@ class YOLOv3(nn.Module):
                  anchors: Sequence[Sequence[Sequence[float]]], backbone_cutoff: int):
         super().__init__()
         self.name, self.num_classes, self.backbone_cutoff = name, num_classes, backbone_cutoff
-        anchor_t = torch.tensor(anchors, dtype=torch.float32)
-        if anchor_t.ndim != 3 or anchor_t.shape[-1] != 2 or (anchor_t <= 0).any():
-            raise ValueError(f"anchors must be [num_scales][A][(w, h) > 0] pixels, got {anchors}")
-        self.register_buffer("anchors", anchor_t)
+        anchor_t = torch.tensor(check_anchors(anchors), dtype=torch.float32)
+        # Kept with the weights (state_dict key "anchor_wh"): a checkpoint holds the anchors its
+        # weights were trained with.
+        self.register_buffer("anchor_wh", anchor_t)
         num_anchors = anchor_t.shape[1]
         channels: list[int] = []
         factors: list[int] = []  # downsampling factor of each layer's output
@@ -269,8 +276,19 @@ class YOLOv3(nn.Module):
         return tuple(reads), tuple(i for i in range(start, end) if i in later)
 
     @property
+    def anchors(self) -> list[list[tuple[float, float]]]:
+        """Per output (large stride first), the ``(w, h)`` anchors in input pixels."""
+        return [[(float(w), float(h)) for w, h in scale] for scale in self.anchor_wh.tolist()]
+
+    @property
     def num_anchors(self) -> int:
-        return int(self.anchors.shape[1])
+        return int(self.anchor_wh.shape[1])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints written before the anchors were named "anchor_wh" call them "anchors".
+        if prefix + "anchors" in state_dict and prefix + "anchor_wh" not in state_dict:
+            state_dict[prefix + "anchor_wh"] = state_dict.pop(prefix + "anchors")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_biases(self) -> None:
         """Detection-conv bias priors (ultralytics): ~8 objects per 640² image, p(cls)≈0.6/C."""
@@ -374,6 +392,53 @@ def box_from_raw(t_xy: torch.Tensor, t_wh: torch.Tensor, cell_xy: torch.Tensor,
     return torch.cat((xy - wh / 2, xy + wh / 2), -1)
 
 
+def check_anchors(anchors: Sequence[Sequence[Sequence[float]]], num_scales: int | None = None
+                  ) -> list[list[tuple[float, float]]]:
+    """``anchors`` as a list (one entry per output) of lists of ``(w, h)`` floats; ValueError
+    unless every scale has the same number of pairs, every value is a positive finite number
+    and (when given) there are ``num_scales`` scales."""
+    shape_error = ValueError(
+        f"anchors must be, per output scale, a list of [w, h] pairs in input pixels, e.g. "
+        f"[[[81, 82], [135, 169]], [[10, 14], [23, 27]]]; got {anchors!r}")
+    out: list[list[tuple[float, float]]] = []
+    try:
+        for scale in anchors:
+            pairs = [tuple(float(v) for v in pair) for pair in scale]
+            if any(len(pair) != 2 for pair in pairs):
+                raise shape_error
+            out.append(pairs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise shape_error from None
+    if not out or not all(out):
+        raise ValueError(f"anchors: every scale needs at least one [w, h] pair; got {anchors!r}")
+    if num_scales is not None and len(out) != num_scales:
+        raise ValueError(f"anchors: {len(out)} scales given, the model has {num_scales} outputs")
+    counts = [len(s) for s in out]
+    if len(set(counts)) != 1:
+        raise ValueError(f"anchors: every scale needs the same number of anchors, got {counts}")
+    bad = [p for s in out for p in s if not all(math.isfinite(v) and v > 0 for v in p)]
+    if bad:
+        raise ValueError(f"anchors: widths and heights must be positive pixels, got {bad[0]}")
+    return out
+
+
+def resolve_anchors(name: str, anchors: Sequence[Sequence[Sequence[float]]] | None
+                    ) -> list[list[tuple[float, float]]]:
+    """The anchors ``name`` is built with: ``anchors`` checked (``check_anchors``), or the
+    official default when it is None or empty."""
+    if name not in DEFAULT_ANCHORS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    default = DEFAULT_ANCHORS[name]
+    return check_anchors(anchors if anchors else default, len(default))
+
+
+def anchors_in_weights(weights: dict) -> list[list[tuple[float, float]]] | None:
+    """The anchors a model's ``state_dict`` holds (also under the key older checkpoints used),
+    or None when it holds none."""
+    t = weights.get("anchor_wh", weights.get("anchors"))
+    return None if t is None else [[(float(w), float(h)) for w, h in s] for s in t.tolist()]
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -382,19 +447,14 @@ def build_model(
 ) -> YOLOv3:
     """``"yolov3"`` or ``"yolov3-tiny"`` for ``num_classes`` classes.
 
-    ``anchors``: per output scale (large stride first), a list of ``(w, h)`` pixel pairs; the
-    default is Darknet's COCO set for that model. ``checkpoint``: see ``YOLOv3.set_checkpoint``.
+    ``anchors``: one entry per output, in output order (large stride first), each a list of
+    ``(w, h)`` input-pixel pairs; None (or empty): the official cfg's (``DEFAULT_ANCHORS``).
+    ``checkpoint``: see ``YOLOv3.set_checkpoint``.
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if name == "yolov3":
-        anchors = YOLOV3_ANCHORS if anchors is None else anchors
-        specs_fn, cutoff = _yolov3_specs, 74
-    elif name == "yolov3-tiny":
-        anchors = YOLOV3_TINY_ANCHORS if anchors is None else anchors
-        specs_fn, cutoff = _yolov3_tiny_specs, 15
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    anchors = resolve_anchors(name, anchors)
+    specs_fn, cutoff = {"yolov3": (_yolov3_specs, 74), "yolov3-tiny": (_yolov3_tiny_specs, 15)}[name]
     num_anchors = len(anchors[0])
     model = YOLOv3(name, num_classes, specs_fn(num_anchors * (5 + num_classes)), anchors, cutoff)
     model.set_checkpoint(checkpoint)
