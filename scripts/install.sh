@@ -83,7 +83,7 @@ if ! have_pkg "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"; then
   "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging
-      setuptools wheel pytest pytest-timeout hypothesis ruff)
+      setuptools wheel pytest pytest-timeout hypothesis ruff opencv-python-headless==4.14.0.94)
 if ! have_pkg "${deps[@]}"; then
   log "installing python dependencies"
   "${PIP[@]}" install "${deps[@]}"

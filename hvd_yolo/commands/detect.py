@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.cli import RunError, UsageError
+from hvd_yolo.commands.model import add_pair_arguments, open_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DRAW_MARKER = ".hvd-yolo-detect"
@@ -32,7 +33,8 @@ class DetectError(UsageError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
+    parser.add_argument("--checkpoint", help="a checkpoint from hvd-yolo train or model import")
+    add_pair_arguments(parser)  # --cfg/--weights/--names: a Darknet pair instead
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or a shard dir")
     parser.add_argument("--out", required=True,
                         help="COCO results json to write (new, or an earlier detections file)")
@@ -188,15 +190,14 @@ def detect(args: argparse.Namespace) -> int:
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes
 
-    from hvd_yolo.checkpoint import restore_model
     from hvd_yolo.data.transforms import letterbox
     from hvd_yolo.evaluate import detect_batch
 
     out, draw_dir = Path(args.out), Path(args.draw) if args.draw else None
     plan = plan_inputs(args.inputs)
     names = relative_names(plan)
-    check_outputs(out, draw_dir, plan, Path(args.checkpoint))
-    model, state = restore_model(args.checkpoint)
+    check_outputs(out, draw_dir, plan, Path(args.checkpoint or args.weights or "-"))
+    model, state = open_model(args)
     size = args.size or state["config"]["input"]["size"]
     labels, category_ids = state["class_names"], state.get("category_ids")
     to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None
