@@ -136,7 +136,8 @@ def _new_files(*paths: Path) -> None:
 def import_pair(args: argparse.Namespace) -> int:
     """``model import``: the pair checked, loaded and written as a sealed checkpoint."""
     from hvd_yolo.checkpoint import atomic_save
-    from hvd_yolo.model.darknet_cfg import CfgError, load_darknet_model
+    from hvd_yolo.model.darknet_cfg import CfgError
+    from hvd_yolo.model.darknet_pair import load_darknet_model
 
     out = Path(args.out)
     _new_files(out)
@@ -193,7 +194,8 @@ def open_model(args: argparse.Namespace, use_ema: bool = True, show: bool = True
     """The model of ``--checkpoint``, or of ``--cfg``/``--weights`` (detect, eval): ``(model in
     eval mode on the CPU, checkpoint dict)``; UsageError for a wrong combination or a bad pair."""
     from hvd_yolo.checkpoint import restore_model
-    from hvd_yolo.model.darknet_cfg import CfgError, load_darknet_model
+    from hvd_yolo.model.darknet_cfg import CfgError
+    from hvd_yolo.model.darknet_pair import load_darknet_model
 
     pair = getattr(args, "cfg", None) or getattr(args, "weights", None)
     if bool(args.checkpoint) == bool(pair):
