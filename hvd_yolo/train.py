@@ -42,7 +42,7 @@ from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
 from hvd_yolo.local_sgd import LocalSGDOptimizer
 from hvd_yolo.model import anchors as anchor_check
-from hvd_yolo.model.darknet_io import load_darknet_weights
+from hvd_yolo.model.darknet_io import start_from_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
@@ -328,8 +328,10 @@ def setup(cfg: Config, timeline: str | None) -> Run:
                         checkpoint=cfg.model.checkpoint)
     if ctx.is_root:  # anchors that cannot reach the data's boxes: warn, naming hvd-yolo anchors
         anchor_check.warn_training(cfg, model.anchors)
-    if cfg.model.weights:
-        load_darknet_weights(model, cfg.model.weights)
+    if cfg.model.weights:  # full, backbone-only, or another class count: told by its size
+        loaded = start_from_weights(model, cfg.model.weights)
+        if ctx.is_root:
+            print(loaded, flush=True)
     if cfg.dist.sync_bn:
         model = dist.sync_batchnorm(model, cuda=device.type == "cuda")
     model.to(device)

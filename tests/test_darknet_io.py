@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,82 @@ def test_wrong_class_count_is_diagnosed(tmp_path):
     save_darknet_weights(_randomised("yolov3-tiny", 80, seed=8), path)
     with pytest.raises(ValueError, match="matches yolov3-tiny with 80 classes"):
         load_darknet_weights(build_model("yolov3-tiny", 3), path)
+
+
+# ----------------------------------------------------------------- model.weights in `hvd-yolo train`
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 small synthetic images (3 classes) in 2 shards."""
+    from tests.fixtures.datagen import synthetic_shards
+
+    return synthetic_shards(tmp_path_factory.mktemp("data"), 8, seed=5, shards=2, size=64)
+
+
+def _train(shards, out, weights, np: int):
+    """`hvd-yolo train` for one step at a negligible LR from ``weights`` (BN statistics frozen),
+    so the checkpoint's weights are those loaded, to 1e-6."""
+    from tests.fixtures.train_runs import train_args
+    from tests.mpi_harness import VENV_BIN, run_argv, run_cli
+
+    args = train_args(shards, out, "--set", f"model.weights={weights}", "--set",
+                      "run.max_steps=1", "--set", "optim.lr=1e-12", "--set", "model.freeze_bn=true",
+                      "--set", "optim.ema=false", size=64, epochs=1)
+    if np == 1:
+        return run_argv([str(VENV_BIN / "hvd-yolo"), *args], check=False, timeout=180)
+    return run_cli(args, np=np, check=False, timeout=180)
+
+
+def _trained(out):
+    from hvd_yolo.checkpoint import restore_model
+
+    model, _ = restore_model(out / "checkpoints" / "last.pt", use_ema=False)
+    return model
+
+
+def test_train_starts_from_80_class_weights_on_two_ranks(shards, tmp_path):
+    src = _randomised("yolov3-tiny", 80, seed=11)
+    path = tmp_path / "coco80.weights"
+    save_darknet_weights(src, path)
+    res = _train(shards, tmp_path / "out", path, np=2)
+    assert res.returncode == 0, res.output
+    said = [ln for ln in res.output.splitlines() if "model.weights" in ln]
+    assert len(said) == 1, res.output  # rank 0 says it once
+    assert ("80-class file for a 3-class model: kept 11 convs (cfg layers 0, 2, 4, 6, 8, 10, "
+            "12-14, 18, 21); re-initialised 2 convs (cfg layers 15, 22)") in said[0]
+    model = _trained(tmp_path / "out")
+    for i in (0, 13, 21):  # kept: the file's values
+        torch.testing.assert_close(model.layers[i].conv.weight, src.layers[i].conv.weight,
+                                   atol=1e-6, rtol=0)
+        assert torch.equal(model.layers[i].bn.running_var, src.layers[i].bn.running_var)
+    for i in (15, 22):  # re-initialised: 3-class heads with the objectness prior
+        conv = model.layers[i].conv
+        assert conv.out_channels == 3 * (5 + 3)
+        prior = math.log(8 / (640 / model.layers[i + 1].stride) ** 2)
+        torch.testing.assert_close(conv.bias.view(3, -1)[:, 4], torch.full((3,), prior),
+                                   atol=1e-4, rtol=0)
+
+
+def test_train_starts_from_a_backbone_only_file(shards, tmp_path):
+    src = _randomised("yolov3-tiny", 80, seed=12)
+    path = tmp_path / "yolov3-tiny.conv.15"
+    save_darknet_weights(src, path, cutoff=15)
+    res = _train(shards, tmp_path / "out", path, np=1)
+    assert res.returncode == 0, res.output
+    assert ("backbone-only file: cfg layers 0, 2, 4, 6, 8, 10, 12-14 (9 convs); re-initialised "
+            "4 convs (cfg layers 15, 18, 21-22)") in res.output
+    model = _trained(tmp_path / "out")
+    torch.testing.assert_close(model.layers[14].conv.weight, src.layers[14].conv.weight,
+                               atol=1e-6, rtol=0)
+    assert not torch.allclose(model.layers[18].conv.weight, src.layers[18].conv.weight)
+
+
+def test_train_refuses_weights_of_another_layout_in_one_line(shards, tmp_path):
+    path = tmp_path / "yolov3.weights"
+    save_darknet_weights(_randomised("yolov3", 3, seed=13), path)
+    res = _train(shards, tmp_path / "out", path, np=1)
+    errors = [ln for ln in res.output.splitlines() if ": error:" in ln]
+    assert res.returncode == 2 and len(errors) == 1, res.output
+    assert errors[0].startswith(f"hvd-yolo train: error: model.weights: {path}: expected ")
+    assert "Traceback" not in res.output

@@ -23,6 +23,7 @@ import torch
 
 from hvd_yolo import config
 from hvd_yolo.cli import RunError, UsageError
+from hvd_yolo.commands.model import add_pair_arguments, open_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DRAW_MARKER = ".hvd-yolo-detect"
@@ -33,7 +34,8 @@ class DetectError(UsageError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
+    parser.add_argument("--checkpoint", help="a checkpoint from hvd-yolo train or model import")
+    add_pair_arguments(parser)  # --cfg/--weights/--names: a Darknet pair instead
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or a shard dir")
     parser.add_argument("--out", required=True,
                         help="COCO results json to write (new, or an earlier detections file)")
@@ -198,18 +200,19 @@ def check_options(args: argparse.Namespace) -> None:
                           f"{MAX_SIZE}")
 
 
-def load_checkpoint(path: str, trust: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's model and state, or DetectError naming the file in one line (missing,
-    a folder, truncated, not a checkpoint, unsealed without ``trust``, weights that do not fit)."""
-    from hvd_yolo.checkpoint import CheckpointError, restore_model
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of ``--checkpoint`` or of ``--cfg``/``--weights`` and its state, or DetectError
+    naming the file in one line (missing, a folder, truncated, not a checkpoint, unsealed without
+    ``--trust-checkpoint``, weights that do not fit)."""
+    from hvd_yolo.checkpoint import CheckpointError
 
     try:
-        return restore_model(path, trust=trust)
+        return open_model(args)
     except CheckpointError as e:
         raise DetectError(str(e)) from None
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DetectError(f"{path}: not a usable hvd-yolo checkpoint ({why})") from None
+        raise DetectError(f"{args.checkpoint}: not a usable hvd-yolo checkpoint ({why})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -227,8 +230,8 @@ def detect(args: argparse.Namespace) -> int:
     out, draw_dir = Path(args.out), Path(args.draw) if args.draw else None
     plan = plan_inputs(args.inputs)
     names = relative_names(plan)
-    check_outputs(out, draw_dir, plan, Path(args.checkpoint))
-    model, state = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    check_outputs(out, draw_dir, plan, Path(args.checkpoint or args.weights or "-"))
+    model, state = load_model(args)
     size = args.size or state["config"]["input"]["size"]
     labels, category_ids = state["class_names"], state.get("category_ids")
     to_cls = {cid: i for i, cid in enumerate(category_ids)} if category_ids else None

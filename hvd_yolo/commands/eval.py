@@ -9,10 +9,12 @@ import argparse
 
 from hvd_yolo import config
 from hvd_yolo.cli import RunError, UsageError, write_json
+from hvd_yolo.commands.model import add_pair_arguments, open_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint from hvd-yolo train")
+    parser.add_argument("--checkpoint", help="a checkpoint from hvd-yolo train or model import")
+    add_pair_arguments(parser)  # --cfg/--weights/--names: a Darknet pair instead
     parser.add_argument("--data", required=True, help="shard directory to evaluate on")
     parser.add_argument("--size", type=int, help="input size (default: the training size)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per rank per step")
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hvd_yolo import dist
-    from hvd_yolo.checkpoint import CheckpointError, restore_model
+    from hvd_yolo.checkpoint import CheckpointError
     from hvd_yolo.data.dataset import ShardDataset
     from hvd_yolo.evaluate import evaluate, make_eval_loader
     from hvd_yolo.shards.format import ShardError, error_text
@@ -34,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = dist.init()
     # Every rank reads the same inputs, so every rank finds a mistake; rank 0 says it.
     try:
-        model, state = restore_model(args.checkpoint, use_ema=not args.no_ema,
-                                     trust=args.trust_checkpoint)
+        model, state = open_model(args, use_ema=not args.no_ema, show=ctx.is_root)
         cfg = config.from_dict(state["config"])
         cfg.input.size = args.size or cfg.input.size
         cfg.eval.batch_size = args.batch_size

@@ -73,6 +73,25 @@ def _read_header(f, path: Path) -> DarknetHeader:
     return DarknetHeader(major, minor, revision, seen)
 
 
+def _head_float_count(layer: ConvLayer, num_anchors: int, classes: int) -> int:
+    """Floats of a detection conv (bias + 1x1 weights) for ``classes`` classes."""
+    k = layer.conv.kernel_size[0] * layer.conv.kernel_size[1]
+    return num_anchors * (5 + classes) * (layer.conv.in_channels * k + 1)
+
+
+def classes_in_file(model: YOLOv3, actual: int) -> int | None:
+    """The class count for which a full file of ``model``'s layout holds ``actual`` floats
+    (only the detection convs depend on it), or None when no class count fits."""
+    heads = [m for m in model.conv_layers() if m.bn is None]
+    rest = darknet_float_count(model) - sum(_conv_float_count(h) for h in heads)
+    per_class = sum(_head_float_count(h, model.num_anchors, 1) - _head_float_count(
+        h, model.num_anchors, 0) for h in heads)
+    base = rest + sum(_head_float_count(h, model.num_anchors, 0) for h in heads)
+    if actual > base and (actual - base) % per_class == 0:
+        return (actual - base) // per_class
+    return None
+
+
 def _describe_mismatch(model: YOLOv3, cutoff: int | None, actual: int) -> str:
     """Say what a file with ``actual`` floats probably is, to help the user pick the fix."""
     hints = []
@@ -82,16 +101,11 @@ def _describe_mismatch(model: YOLOv3, cutoff: int | None, actual: int) -> str:
                      "load it with backbone=True (--backbone)")
     elif cutoff is not None and actual == full:
         hints.append("this is a full-model file: load it without backbone/cutoff")
-    else:
-        # Only the detection convs depend on the class count: solve for it.
-        heads = [m for m in model.conv_layers() if m.bn is None]
-        per_class = sum(model.num_anchors * (h.conv.in_channels + 1) for h in heads)
-        rest = full - sum(_conv_float_count(h) for h in heads)
-        base = rest + sum(5 * model.num_anchors * (h.conv.in_channels + 1) for h in heads)
-        if cutoff is None and actual > base and (actual - base) % per_class == 0:
-            hints.append(f"it matches {model.name} with {(actual - base) // per_class} classes "
-                         f"(this model has {model.num_classes}): build the model with that "
-                         "class count, or load only the backbone")
+    elif cutoff is None and (classes := classes_in_file(model, actual)) is not None:
+        hints.append(f"it matches {model.name} with {classes} classes (this model has "
+                     f"{model.num_classes}): build the model with that class count, load only "
+                     "the backbone, or start training from it (model.weights keeps every layer "
+                     "but the detection convs)")
     if not hints:
         hints.append("check that the file was saved from the same architecture "
                      f"({model.name}) and is not truncated")
@@ -183,3 +197,98 @@ def save_darknet_weights(
     tmp.write_bytes(b"".join(parts))
     tmp.replace(path)
     return n
+
+
+@dataclass(frozen=True)
+class PretrainedLoad:
+    """What ``load_pretrained`` did: the file's kind, the cfg layers (convs) it loaded and the
+    ones left as initialised."""
+
+    path: str
+    kind: str  # "full", "backbone" or "classes" (a full file of another class count)
+    kept: tuple[int, ...]
+    reinitialised: tuple[int, ...]
+    file_classes: int
+    header: DarknetHeader
+
+    def text(self, model_classes: int) -> str:
+        kept = _ranges(self.kept)
+        if self.kind == "full":
+            return f"model.weights {self.path}: loaded every layer ({len(self.kept)} convs)"
+        why = (f"backbone-only file: cfg layers {kept} ({len(self.kept)} convs)"
+               if self.kind == "backbone" else
+               f"{self.file_classes}-class file for a {model_classes}-class model: kept "
+               f"{len(self.kept)} convs (cfg layers {kept})")
+        return (f"model.weights {self.path}: {why}; re-initialised {len(self.reinitialised)} "
+                f"convs (cfg layers {_ranges(self.reinitialised)})")
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """``0-3, 5, 7-9`` for sorted indices."""
+    parts: list[str] = []
+    for i in indices:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1] = (parts[-1][0], i)
+        else:
+            parts.append((i, i))
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "none"
+
+
+def load_pretrained(model: YOLOv3, path: str | Path) -> PretrainedLoad:
+    """Start ``model`` from any Darknet file of its layout, told apart by its size.
+
+    A full file of the model's class count loads every layer; a backbone-only file
+    (``darknet53.conv.74``, ``yolov3-tiny.conv.15``) the backbone; a full file of another class
+    count (the 80-class COCO weights for an N-class model) every layer except the detection
+    convs, whose outputs depend on the class count (they keep their initialisation). Anything
+    else raises ``ValueError`` saying what the file looks like.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = _read_header(f, path)
+        payload = f.read()
+    actual = len(payload) // 4
+    convs = [(i, m) for i, m in enumerate(model.layers) if isinstance(m, ConvLayer)]
+    full = darknet_float_count(model)
+    if len(payload) % 4 == 0 and actual == full:
+        load_darknet_weights(model, path)
+        return PretrainedLoad(str(path), "full", tuple(i for i, _ in convs), (), model.num_classes,
+                              header)
+    backbone = darknet_float_count(model, model.backbone_cutoff)
+    if len(payload) % 4 == 0 and actual == backbone:
+        load_darknet_weights(model, path, backbone=True)
+        kept = tuple(i for i, _ in convs if i < model.backbone_cutoff)
+        return PretrainedLoad(str(path), "backbone", kept,
+                              tuple(i for i, _ in convs if i >= model.backbone_cutoff), 0, header)
+    classes = classes_in_file(model, actual) if len(payload) % 4 == 0 else None
+    if classes is None:
+        load_darknet_weights(model, path)  # raises, saying what the file looks like
+        raise AssertionError("unreachable")  # pragma: no cover
+    values = torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
+    pos, kept, skipped = 0, [], []
+    with torch.no_grad():
+        for i, layer in convs:
+            if layer.bn is None:  # a detection conv: sized for the file's classes, skipped
+                pos += _head_float_count(layer, model.num_anchors, classes)
+                skipped.append(i)
+                continue
+            for t in (layer.bn.bias, layer.bn.weight, layer.bn.running_mean,
+                      layer.bn.running_var, layer.conv.weight):
+                t.copy_(values[pos:pos + t.numel()].view_as(t))
+                pos += t.numel()
+            kept.append(i)
+    assert pos == actual
+    return PretrainedLoad(str(path), "classes", tuple(kept), tuple(skipped), classes, header)
+
+
+def start_from_weights(model: YOLOv3, path: str | Path) -> str:
+    """``model.weights``: ``load_pretrained``, returning the line that says what was kept and
+    re-initialised; a file that does not fit raises ``ConfigError`` naming the key."""
+    from hvd_yolo.config import ConfigError
+
+    try:
+        return load_pretrained(model, path).text(model.num_classes)
+    except OSError as e:
+        raise ConfigError(f"model.weights={path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"model.weights: {e}") from None
