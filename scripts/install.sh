@@ -82,7 +82,8 @@ if ! have_pkg "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"; then
   log "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (large; one time per venv)"
   "${PIP[@]}" install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
-deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging
+deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging matplotlib
+      tensorboard onnx onnxruntime
       setuptools wheel pytest pytest-timeout hypothesis ruff)
 if ! have_pkg "${deps[@]}"; then
   log "installing python dependencies"

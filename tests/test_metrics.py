@@ -183,8 +183,13 @@ def test_matched_pairs_gathered_from_ranks_equal_one_rank():
     rank order they give one rank's curves, F1 and confusion matrix exactly."""
     import numpy as np
 
-    from hvd_yolo.metrics import (confusion_matrix, f1_confidence, match_images, merge_matches,
-                                  precision_recall)
+    from hvd_yolo.metrics import (
+        confusion_matrix,
+        f1_confidence,
+        match_images,
+        merge_matches,
+        precision_recall,
+    )
 
     gt, results = _noisy_case(seed=9)
     ids = [img["id"] for img in gt["images"]]
