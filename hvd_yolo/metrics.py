@@ -201,7 +201,8 @@ def match_images(
     """Match ``results`` (COCO result dicts) with ``gt`` on ``image_ids``, image by image.
 
     Returns three float64 tables, one row each:
-    ``"matches"`` per detection (``MATCH_COLS``: image, category, score, order, then COCO's
+    ``"matches"`` per detection (``MATCH_COLS``: image, category, score, order in the image
+    (``_dt_order``), then COCO's
     outcome at each IoU threshold: greedy by score, each ground-truth box once, crowd boxes
     ignore what they match, at most ``max(max_det, 10)`` detections per image and category);
     ``"positives"`` per (image, category) with ground truth: ``image, category, boxes`` (not
@@ -215,23 +216,23 @@ def match_images(
     for a in gt.get("annotations", []):
         if int(a["image_id"]) in id_set:
             gt_by_img[int(a["image_id"])].append(a)
-    dt_by_img: dict[int, list[tuple[int, dict[str, Any]]]] = {i: [] for i in ids}
-    for n, r in enumerate(results):
+    dt_by_img: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for r in results:
         if int(r["image_id"]) in id_set:
-            dt_by_img[int(r["image_id"])].append((n, r))
+            dt_by_img[int(r["image_id"])].append(r)
     matches, positives, pairs = [], [], []
     for img in ids:
         gts, dts = gt_by_img[img], dt_by_img[img]
-        for cat in sorted({int(a["category_id"]) for a in gts} | {int(r["category_id"]) for _, r in dts}):
+        for cat in sorted({int(a["category_id"]) for a in gts} | {int(r["category_id"]) for r in dts}):
             g = [a for a in gts if int(a["category_id"]) == cat]
             g.sort(key=lambda a: int(bool(a.get("iscrowd", 0))))  # stable: crowd boxes last
-            d = [(n, r) for n, r in dts if int(r["category_id"]) == cat]
-            d.sort(key=lambda nr: -float(nr[1]["score"]))  # stable, like COCO's mergesort
+            d = [r for r in dts if int(r["category_id"]) == cat]
+            d.sort(key=_dt_order)
             d = d[:max_det]
             crowd = np.array([bool(a.get("iscrowd", 0)) for a in g], dtype=bool)
             if (~crowd).any():
                 positives.append((img, cat, float((~crowd).sum())))
-            ious = _iou_xywh(np.array([r["bbox"] for _, r in d]).reshape(-1, 4),
+            ious = _iou_xywh(np.array([r["bbox"] for r in d]).reshape(-1, 4),
                              np.array([a["bbox"] for a in g]).reshape(-1, 4), crowd)
             outcome = np.zeros((len(d), len(IOU_THRESHOLDS)))
             for t, thr in enumerate(IOU_THRESHOLDS):
@@ -250,12 +251,19 @@ def match_images(
                         continue
                     taken[m] = True
                     outcome[i, t] = -1.0 if crowd[m] else 1.0
-            for i, (n, r) in enumerate(d):
-                matches.append([img, cat, float(r["score"]), float(n), *outcome[i]])
-        pairs += _confusion_pairs(img, gts, [r for _, r in dts], conf, iou)
+            for i, r in enumerate(d):
+                matches.append([img, cat, float(r["score"]), float(i), *outcome[i]])
+        pairs += _confusion_pairs(img, gts, dts, conf, iou)
     return {"matches": np.array(matches, dtype=np.float64).reshape(-1, MATCH_COLS),
             "positives": np.array(positives, dtype=np.float64).reshape(-1, 3),
             "pairs": np.array(pairs, dtype=np.float64).reshape(-1, 3)}
+
+
+def _dt_order(r: dict[str, Any]) -> tuple[float, ...]:
+    """An image's detections of one category in COCO's order for the results that
+    ``evaluate.merge_rank_results`` hands pycocotools: by score, equal scores by box
+    (x, y, w, h), so that ties (scores are rounded) match the same boxes as pycocotools does."""
+    return (-float(r["score"]), *(float(v) for v in r["bbox"]))
 
 
 def _confusion_pairs(img: int, gts: list[dict[str, Any]], dts: list[dict[str, Any]],
