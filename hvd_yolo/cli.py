@@ -52,6 +52,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hvd_yolo.commands.eval", "COCO mAP of a checkpoint on a shard directory"),
     "detect": ("hvd_yolo.commands.detect",
                "find objects in images, folders or shards with a checkpoint"),
+    "export": ("hvd_yolo.commands.export",
+               "write a checkpoint as ONNX or TorchScript (raw, decoded, or with NMS)"),
     "bench": ("hvd_yolo.commands.bench",
               "measure training, allreduce and data-reading speed"),
     "demo": ("hvd_yolo.commands.demo",

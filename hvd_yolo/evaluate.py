@@ -6,6 +6,11 @@ results in original image pixels, then ``score_distributed`` allgathers them, dr
 duplicates that sampler padding creates (an image seen by several ranks, or twice by one, is
 scored once: from the first rank that saw it), and rank 0 runs pycocotools; the figures are
 broadcast so every rank returns the same dict. Every rank makes the same two collective calls.
+
+With a ``PlotRequest``, each rank also matches its own images' detections with the ground
+truth (``metrics.match_images``); the matched pairs travel in the same allgather, and rank 0
+draws the PR, F1 and confusion figures from them and the image grid from the batches it
+evaluated itself (the model never runs twice).
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
-from hvd_yolo.metrics import coco_evaluate, to_coco_results
+from hvd_yolo.metrics import coco_evaluate, match_images, merge_matches, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
 from hvd_yolo.stall import StallWatch
 
 if TYPE_CHECKING:
     from hvd_yolo.dist import DistContext
+    from hvd_yolo.plots import PlotRequest
 
 _ERROR = "__error__"
 
@@ -116,21 +122,27 @@ def evaluate_loader(
     multi_label: bool = False,
     progress: bool = False,
     results_path: str | Path | None = None,
+    plots: PlotRequest | None = None,
 ) -> dict[str, Any]:
     """Evaluate this rank's share of the data and score everything (call on every rank).
 
     Returns the same figures on every rank: ``{"mAP", "mAP50", "AP_small", "AP_medium",
     "AP_large", "per_class_AP", "images", "detections"}`` (see ``metrics.coco_evaluate``).
     ``results_path``: rank 0 also writes the merged detections there as a COCO results json.
+    ``plots``: rank 0 also writes the evaluation figures (``figures["plots"]`` lists them;
+    ``figures["plots_error"]`` says why they could not be drawn).
     """
     results: list[dict[str, Any]] = []
     seen: list[int] = []
     seen_set: set[int] = set()
     batches = loader
     if progress:
-        from tqdm import tqdm
+        from hvd_yolo.progress import progress_bar
 
-        batches = tqdm(loader, desc="eval", unit="batch", leave=False)
+        batches = progress_bar(loader, desc="eval", unit="batch")
+    from hvd_yolo import dist
+
+    keep_samples = plots is not None and dist.rank() == 0
     for images, metas in batches:
         # An image this rank has already scored (sampler padding) is skipped, not doubled.
         fresh = [i for i, m in enumerate(metas) if int(m["image_id"]) not in seen_set]
@@ -141,9 +153,24 @@ def evaluate_loader(
             continue
         if len(fresh) < len(metas):
             images, metas = images[fresh], [metas[i] for i in fresh]
+        if keep_samples and len(plots.samples) < plots.images:
+            plots.samples += [_sample(images[i], m) for i, m in enumerate(metas)][
+                :plots.images - len(plots.samples)]
         results += detect_batch(model, images, metas, conf_thres, iou_thres, max_det,
                                 category_ids, multi_label=multi_label)
-    return score_distributed(results, gt_coco, seen, max_det=max_det, results_path=results_path)
+    return score_distributed(results, gt_coco, seen, max_det=max_det, results_path=results_path,
+                             plots=plots)
+
+
+def _sample(image: torch.Tensor, meta: dict[str, Any]) -> tuple[int, np.ndarray, float]:
+    """A letterboxed image cut back to its content (uint8 HWC at input scale), for drawing."""
+    left, top = (int(round(v)) for v in meta["pad"])
+    scale = float(meta["scale"])
+    h, w = (max(1, int(round(v * scale))) for v in meta["orig_hw"])
+    img = image[:, top:top + h, left:left + w].detach().float().cpu()
+    if img.max() <= 1.0:
+        img = img * 255
+    return int(meta["image_id"]), img.clamp(0, 255).byte().permute(1, 2, 0).numpy(), scale
 
 
 def _pack(results: list[dict[str, Any]]) -> np.ndarray:
@@ -191,6 +218,7 @@ def score_distributed(
     seen_image_ids: Iterable[int],
     max_det: int = 100,
     results_path: str | Path | None = None,
+    plots: PlotRequest | None = None,
 ) -> dict[str, Any]:
     """Allgather every rank's results, dedupe by image id, score on rank 0, broadcast.
 
@@ -200,21 +228,42 @@ def score_distributed(
     """
     from hvd_yolo import dist
 
-    local = ([int(i) for i in seen_image_ids], _pack(local_results))
-    gathered = dist.allgather_object(local, name="hvd_yolo.eval.gather")
+    seen = [int(i) for i in seen_image_ids]
+    tables = None
+    if plots is not None:  # this rank's matched pairs, gathered with the detections
+        tables = match_images(local_results, gt_coco, set(seen), max_det, plots.conf, plots.iou)
+    gathered = dist.allgather_object((seen, _pack(local_results), tables),
+                                     name="hvd_yolo.eval.gather")
     figures: dict[str, Any] | None = None
     if dist.rank() == 0:
         try:
-            results, image_ids = merge_rank_results(gathered)
+            results, image_ids = merge_rank_results([(s, a) for s, a, _ in gathered])
             figures = coco_evaluate(gt_coco, results, image_ids, max_det=max_det)
             if results_path is not None:  # COCO results json: image_id, category_id, bbox, score
                 Path(results_path).write_text(json.dumps(results))
         except Exception as exc:  # every rank must reach the broadcast, then all raise
             figures = {_ERROR: f"{type(exc).__name__}: {exc}"}
+        if plots is not None and _ERROR not in figures:
+            figures.update(_draw(plots, [(s, t) for s, _, t in gathered], gt_coco, results))
     figures = dist.broadcast_object(figures, root_rank=0, name="hvd_yolo.eval.figures")
     if _ERROR in figures:
         raise RuntimeError(f"evaluation failed on rank 0: {figures[_ERROR]}")
     return figures
+
+
+def _draw(plots: PlotRequest, gathered: list, gt: dict[str, Any],
+          results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank 0: the figures from the merged matched pairs; a failure is reported, not raised
+    (the scores stand)."""
+    from hvd_yolo.plots import write_eval_plots
+
+    try:
+        cats = gt.get("categories", [])
+        files = write_eval_plots(plots, merge_matches(gathered), [int(c["id"]) for c in cats],
+                                 [str(c["name"]) for c in cats], results, gt)
+        return {"plots": [str(f) for f in files]}
+    except Exception as exc:
+        return {"plots_error": f"{plots.out_dir}: {type(exc).__name__}: {exc}"}
 
 
 def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext) -> DataLoader:
@@ -239,10 +288,24 @@ def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | N
 
 def evaluate(model: nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config,
              device: torch.device, results_path: str | None = None,
-             watch: StallWatch | None = None, step: int = 0) -> dict[str, Any]:
+             watch: StallWatch | None = None, step: int = 0,
+             plots_dir: PlotRequest | str | Path | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Distributed COCO evaluation (every rank calls it; every rank gets the figures; rank 0
-    writes the detections as a COCO results json to ``results_path`` when given)."""
-    batches = eval_batches(loader, device, watch, step)
+    writes the detections as a COCO results json to ``results_path`` and the evaluation
+    figures into ``plots_dir`` (a folder, or a ``PlotRequest``) when given; ``progress``: a
+    progress bar on rank 0)."""
+    from hvd_yolo import dist
+    from hvd_yolo.plots import PlotRequest
+
+    batches: Iterable = eval_batches(loader, device, watch, step)
+    if progress and dist.rank() == 0:
+        from hvd_yolo.progress import progress_bar
+
+        batches = progress_bar(batches, total=len(loader), desc="eval", unit="batch")
+    plots = plots_dir
+    if plots_dir is not None and not isinstance(plots_dir, PlotRequest):
+        plots = PlotRequest(Path(plots_dir))
     return evaluate_loader(model, batches, ds.coco_ground_truth(), ds.category_ids,
                            cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det,
-                           results_path=results_path)
+                           results_path=results_path, plots=plots)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo import checkpoint, dist, sigterm, sync
+from hvd_yolo import checkpoint, dist, plots, sigterm, sync
 from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
@@ -46,6 +46,7 @@ from hvd_yolo.model.darknet_io import start_from_weights
 from hvd_yolo.model.loss import YoloLoss
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.optim import ModelEMA, build_optimizer, lr_at, set_lr
+from hvd_yolo.progress import progress_bar
 from hvd_yolo.runlock import OutDirError, OutDirLock
 from hvd_yolo.stall import StallWatch
 
@@ -415,8 +416,10 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     # Saved before evaluating (a failing evaluation loses no epoch), with the BN statistics
     # averaged over ranks, so every rank evaluates the model the checkpoint holds.
     path = save_checkpoint(run, epoch + 1, 0)
+    last = epoch + 1 == run.cfg.optim.epochs or run.done  # the last evaluation draws its figures
     figures = evaluate(run.ema.ema if run.ema else run.model, run.eval_loader, run.val_ds, run.cfg,
-                       run.ctx.device, watch=run.watch, step=run.step)
+                       run.ctx.device, watch=run.watch, step=run.step,
+                       plots_dir=run.out_dir / "plots" if last else None)
     is_best = figures["mAP"] > run.best_map
     run.best_map = max(run.best_map, figures["mAP"])
     run.log.write({"type": "eval", "step": run.step, "epoch": epoch,
@@ -425,6 +428,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if run.ctx.is_root:
         print(f"epoch {epoch}: mAP@0.5:0.95 {figures['mAP']:.4f}  mAP@0.5 {figures['mAP50']:.4f}",
               flush=True)
+        plots.training_figures(run.out_dir, figures)  # results.png from metrics.jsonl
     if is_best and path is not None:
         checkpoint.record_best(run.ckpt_dir, path, figures, run.step)
     return figures
@@ -453,11 +457,9 @@ def train_one_epoch(run: Run, epoch: int) -> int:
     acc = cfg.optim.accumulate
     run.loader.sampler.set_epoch(epoch)  # keeps a resumed offset for the resumed epoch
     bar = None
-    if run.ctx.is_root and cfg.run.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.batches_per_epoch, initial=run.first, desc=f"epoch {epoch}",
-                   unit="batch", dynamic_ncols=True)
+    if run.ctx.is_root and cfg.run.progress:  # tqdm on a terminal, else a line per interval
+        bar = progress_bar(total=run.batches_per_epoch, initial=run.first, desc=f"epoch {epoch}",
+                           unit="batch")
     train_mode(model, cfg.model.freeze_bn)
     batches = iter(run.loader)
     window = torch.zeros(4, device=device)  # this step's (loss, box, obj, cls) summed over micro-batches

@@ -87,7 +87,8 @@ if ! have_pkg "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"; then
 fi
 # opencv-python-headless: tests only (tests/test_official_weights.py: OpenCV's Darknet reader,
 # which OpenCV 5 no longer has).
-deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging
+deps=(numpy h5py mpi4py pycocotools tqdm pyyaml pillow zlib-ng cloudpickle psutil packaging matplotlib
+      tensorboard onnx onnxruntime
       setuptools wheel pytest pytest-timeout hypothesis ruff "opencv-python-headless<5")
 if ! have_pkg "${deps[@]}"; then
   log "installing python dependencies"

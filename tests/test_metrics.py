@@ -106,3 +106,136 @@ def test_max_det_limits_what_is_scored():
     dets.append({"image_id": 0, "category_id": 0, "bbox": [0.0, 0.0, 10.0, 10.0], "score": 0.1})
     assert coco_evaluate(gt, dets, max_det=100)["mAP50"] == 0.0
     assert coco_evaluate(gt, dets, max_det=150)["mAP50"] > 0.0
+
+
+# ------------------------------------------------------------------ matched pairs and curves
+def _noisy_case(seed: int = 5, n: int = 12):
+    """Ground truth with crowd boxes, an empty image and a class with no boxes; detections:
+    jittered true boxes, false positives, a class without ground truth, scattered scores."""
+    import numpy as np
+
+    from hvd_yolo.metrics import coco_ground_truth
+
+    rng = np.random.default_rng(seed)
+    samples = make_samples(n, seed=seed, size=None)
+    boxes = [s.boxes for s in samples]
+    classes = [s.classes for s in samples]
+    boxes[3], classes[3] = boxes[3][:0], classes[3][:0]  # an image without boxes
+    crowd = [rng.random(len(c)) < 0.15 for c in classes]
+    gt = coco_ground_truth(boxes, classes, [s.image.shape[:2] for s in samples],
+                           image_ids=[50 + 3 * i for i in range(n)],
+                           class_names=[*CLASS_NAMES, "never"], category_ids=[2, 4, 6, 8],
+                           ignore=crowd)
+    results = []
+    for img in gt["images"]:
+        anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        for a in anns:
+            for _ in range(int(rng.integers(0, 3))):  # duplicates give false positives too
+                x, y, w, h = a["bbox"]
+                j = rng.uniform(-0.3, 0.3, 4) * [w, h, w, h]
+                cat = a["category_id"] if rng.random() < 0.85 else int(rng.choice([2, 4, 6]))
+                results.append({"image_id": img["id"], "category_id": cat,
+                                "bbox": [x + j[0], y + j[1], max(2.0, w + j[2]), max(2.0, h + j[3])],
+                                "score": float(rng.uniform(0.01, 0.99))})
+        for _ in range(int(rng.integers(0, 4))):  # background detections
+            x, y = rng.uniform(0, 100, 2)
+            results.append({"image_id": img["id"], "category_id": int(rng.choice([2, 4, 6])),
+                            "bbox": [x, y, 20.0, 30.0], "score": float(rng.uniform(0.01, 0.99))})
+    return gt, results
+
+
+def _pycocotools_arrays(gt: dict, results: list[dict], max_det: int = 100) -> dict:
+    """pycocotools itself on the same detections: precision [T, R, K], recall, scores."""
+    from pycocotools.cocoeval import COCOeval
+
+    from hvd_yolo.metrics import _coco, _quiet
+
+    coco_gt = _coco(gt)
+    with _quiet():
+        ev = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+        ev.params.maxDets = [1, 10, max_det]
+        ev.evaluate()
+        ev.accumulate()
+    return {"precision": ev.eval["precision"][:, :, :, 0, -1], "recall": ev.eval["recall"][:, :, 0, -1],
+            "scores": ev.eval["scores"][:, :, :, 0, -1], "cat_ids": ev.params.catIds}
+
+
+def test_precision_from_matched_pairs_equals_pycocotools_arrays():
+    import numpy as np
+
+    from hvd_yolo.metrics import match_images, precision_recall
+
+    gt, results = _noisy_case()
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    ref = _pycocotools_arrays(gt, results)
+    assert ref["cat_ids"] == [2, 4, 6, 8]
+    ids = [img["id"] for img in gt["images"]]
+    ours = precision_recall(match_images(results, gt, ids), ref["cat_ids"])
+    valid = ref["precision"] > -1
+    assert valid[:, :, :3].all() and not valid[:, :, 3].any()  # "never" has no ground truth
+    assert 0.1 < ref["precision"][0][valid[0]].mean() < 0.95  # neither trivial nor perfect
+    for key in ("precision", "recall", "scores"):
+        np.testing.assert_allclose(ours[key], ref[key], atol=1e-12, err_msg=key)
+
+
+def test_matched_pairs_gathered_from_ranks_equal_one_rank():
+    """Two ranks each match their share (with images seen by both: sampler padding); merged in
+    rank order they give one rank's curves, F1 and confusion matrix exactly."""
+    import numpy as np
+
+    from hvd_yolo.metrics import (
+        confusion_matrix,
+        f1_confidence,
+        match_images,
+        merge_matches,
+        precision_recall,
+    )
+
+    gt, results = _noisy_case(seed=9)
+    ids = [img["id"] for img in gt["images"]]
+    cats = [2, 4, 6, 8]
+    whole = match_images(results, gt, ids)
+    shares = [ids[0::2] + ids[:2], ids[1::2] + ids[:1]]
+    merged = merge_matches([(s, match_images(results, gt, s)) for s in shares])
+    for fn in (precision_recall, f1_confidence):
+        a, b = fn(whole, cats), fn(merged, cats)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{fn.__name__} {key}")
+    np.testing.assert_array_equal(confusion_matrix(whole, cats), confusion_matrix(merged, cats))
+    # Counting the images both ranks saw twice would change the figures: the check can fail.
+    again = match_images(results, gt, ids[:2])
+    doubled = {k: np.concatenate([whole[k], again[k]]) for k in whole}
+    assert not np.array_equal(precision_recall(doubled, cats)["precision"],
+                              precision_recall(whole, cats)["precision"])
+
+
+def test_confusion_matrix_and_f1_by_hand():
+    import numpy as np
+
+    from hvd_yolo.metrics import confusion_matrix, f1_confidence, match_images
+
+    gt = {"images": [{"id": 1, "width": 200, "height": 200}],
+          "annotations": [
+              {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500},
+              {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 100, 50, 50], "area": 2500},
+              {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 120, 40, 40], "area": 1600}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [1, 1, 50, 50], "score": 0.9},  # a -> a
+        {"image_id": 1, "category_id": 1, "bbox": [100, 100, 48, 50], "score": 0.8},  # b -> a
+        {"image_id": 1, "category_id": 2, "bbox": [150, 0, 30, 30], "score": 0.7},  # bg -> b
+        {"image_id": 1, "category_id": 2, "bbox": [0, 120, 40, 40], "score": 0.1},  # below conf
+    ]
+    tables = match_images(results, gt, [1], conf=0.25, iou=0.45)
+    m = confusion_matrix(tables, [1, 2])
+    # rows true a, b, background; columns predicted a, b, background
+    assert m.tolist() == [[1, 0, 0], [1, 0, 1], [0, 1, 0]]
+    f1 = f1_confidence(tables, [1, 2])
+    at = {c: int(np.searchsorted(f1["confidence"], c)) for c in (0.05, 0.5, 0.95)}
+    # class a: 2 detections (0.9 TP, 0.8 FP), 1 box; class b: 0.7 FP, 0.1 TP, 2 boxes
+    assert f1["precision"][0, at[0.5]] == pytest.approx(0.5)
+    assert f1["recall"][0, at[0.5]] == pytest.approx(1.0)
+    assert f1["precision"][1, at[0.05]] == pytest.approx(0.5)
+    assert f1["recall"][1, at[0.05]] == pytest.approx(0.5)
+    assert f1["f1"][1, at[0.5]] == pytest.approx(0.0)
+    assert f1["precision"][1, at[0.95]] == 1.0 and f1["recall"][1, at[0.95]] == 0.0

@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that has no hvd-yolo checksum record (still read "
                         "as tensors and plain values only, never code)")
+    parser.add_argument("--plots", metavar="DIR", help="write the PR and F1 curves, the confusion "
+                        "matrix (PNG + CSV) and a grid of images with detections into DIR")
+    parser.add_argument("--plots-conf", type=float, default=0.25, metavar="C",
+                        help="confidence threshold of the confusion matrix and the image grid "
+                             "(default 0.25)")
+    parser.add_argument("--plots-iou", type=float, default=0.45, metavar="T",
+                        help="IoU a detection needs to match a box in the confusion matrix "
+                             "(default 0.45)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if list(ds.class_names) != list(state["class_names"]):
         raise UsageError(f"{args.data}: classes {ds.class_names} differ from the checkpoint's "
                          f"{state['class_names']}", show=ctx.is_root)
+    plots = plot_request(args, ctx.is_root)
     try:
         figures = evaluate(model.to(ctx.device), make_eval_loader(ds, cfg, ctx), ds, cfg,
-                           ctx.device, results_path=args.results)
+                           ctx.device, results_path=args.results, plots_dir=plots,
+                           progress=True)
     except ShardError as e:  # a corrupt image: named, no traceback; mpirun ends the other ranks
         raise RunError(f"rank {ctx.rank}: {error_text(e)} (an evaluation scores every image: "
                        f"`hvd-yolo shards verify {args.data}` lists the damage; convert the set "
@@ -64,4 +74,25 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, figures)
         if args.results:
             print(f"detections (COCO results json): {args.results}")
+        if figures.get("plots"):
+            print(f"figures: {', '.join(figures['plots'])}")
+    if figures.get("plots_error"):
+        raise RunError(f"--plots {figures['plots_error']}", show=ctx.is_root)
     return 0
+
+
+def plot_request(args: argparse.Namespace, show: bool):
+    """``--plots DIR`` and its thresholds, checked before any image is read (None: no plots)."""
+    if not args.plots:
+        return None
+    from pathlib import Path
+
+    from hvd_yolo.plots import PlotRequest
+
+    if not 0 <= args.plots_conf < 1 or not 0 < args.plots_iou <= 1:
+        raise UsageError(f"--plots-conf must be in [0, 1) and --plots-iou in (0, 1]; got "
+                         f"{args.plots_conf} and {args.plots_iou}", show=show)
+    out = Path(args.plots)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--plots {out}: exists and is not a folder", show=show)
+    return PlotRequest(out, conf=args.plots_conf, iou=args.plots_iou)
