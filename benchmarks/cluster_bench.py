@@ -48,6 +48,7 @@ from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 NAME, SUBNET = "bench", "198.18.6.0/24"
+SPEC = cluster.Spec(name=NAME, subnet=SUBNET)  # for addresses
 SOCKBUF = ["--mca", "btl_tcp_sndbuf", "4194304", "--mca", "btl_tcp_rcvbuf", "4194304"]
 SIZES_KIB = (64, 256, 1024, 4096, 16384, 65536)
 # Horovod's negotiation cycle for the allreduce runs: the CPU default (10 ms) would add up to
@@ -55,11 +56,34 @@ SIZES_KIB = (64, 256, 1024, 4096, 16384, 65536)
 CYCLE_MS = 0.5
 
 
+# The Open MPI transport settings compared by the mpi section: name -> (TCP connections per
+# peer pair, extra mpirun arguments). "links1" is Open MPI's own default (one connection);
+# "_poll": without mpi_yield_when_idle (Open MPI busy-polls, as on GPU nodes).
+MPI_CONFIGS: dict[str, tuple[int, list[str]]] = {
+    "links1": (1, []),
+    "links2": (2, []),
+    "links4": (4, []),
+    "links8": (8, []),
+    "links4_ring": (4, ["--mca", "coll_tuned_use_dynamic_rules", "1",
+                        "--mca", "coll_tuned_allreduce_algorithm", "4"]),
+    "links4_sockbuf": (4, SOCKBUF),
+    "links1_poll": (1, []),
+    "links4_poll": (4, []),
+}
+
+
 def job_argv(launcher: str, np: int, hosts: str, args: list[str]) -> list[str]:
-    """``hvd-yolo ARGS`` on ``np`` ranks of the cluster, launched from its login node."""
+    """``hvd-yolo ARGS`` on ``np`` ranks of the cluster, launched from its login node.
+
+    ``launcher``: ``gloo`` (horovodrun --gloo), ``mpi`` (the default mpirun line),
+    ``mpi-sockbuf``, or ``mpi:CONFIG`` with CONFIG a key of :data:`MPI_CONFIGS`."""
     if launcher == "gloo":
         inner = [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", hosts,
                  "--network-interfaces", cluster.IFACE, "--start-timeout", "60"]
+    elif launcher.startswith("mpi:"):
+        links, extra = MPI_CONFIGS[launcher[4:]]
+        inner = mpirun_argv(np, hosts=hosts, network=SUBNET, tcp_links=links, extra=extra,
+                            gpu=launcher.endswith("_poll"))
     else:
         inner = mpirun_argv(np, hosts=hosts, network=SUBNET,
                             extra=SOCKBUF if launcher == "mpi-sockbuf" else None)
@@ -89,12 +113,14 @@ def hosts_of(nodes: int) -> str:
 
 
 def allreduce_round(launcher: str, nodes: int, sizes: tuple[int, ...], work: Path,
-                    tag: str) -> dict[str, float] | None:
+                    tag: str, min_iterations: int = 5,
+                    seconds: float = 2.0) -> dict[str, float] | None:
     """One ``bench allreduce`` run: {size in bytes: median seconds} (None if it failed)."""
     out = work / f"{tag}.json"
     args = ["bench", "allreduce", "--models", "", "--dtypes", "fp32", "--threads", "1",
-            "--sizes-kib", ",".join(map(str, sizes)), "--seconds-per-case", "2",
-            "--min-iterations", "5", "--cycle-time-ms", str(CYCLE_MS), "--json", str(out)]
+            "--sizes-kib", ",".join(map(str, sizes)), "--seconds-per-case", str(seconds),
+            "--min-iterations", str(min_iterations), "--warmup", "1",
+            "--cycle-time-ms", str(CYCLE_MS), "--json", str(out)]
     rc = run(job_argv(launcher, nodes, hosts_of(nodes), args), 600, work / f"{tag}.log")
     if rc != 0 or not out.exists():
         return None
@@ -133,6 +159,93 @@ def bus_table(times: dict[str, float], n: int, bps: float, rounds: int) -> dict[
         bus = int(size) * 2 * (n - 1) / n / t
         rows[size] = {"time_s": t, "busbw_Gbps": bus * 8 / 1e9, "link_fraction": bus * 8 / bps}
     return {"rounds": rounds, "sizes": rows}
+
+
+def section_mpi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Horovod's allreduce under mpirun, per Open MPI transport setting, on ``--mpi-cases``
+    (NODESxRATE); the link fraction per size. Slow links (< 100 Mbit/s) skip 64 MiB."""
+    configs = args.mpi_configs.split(",")
+    result: dict[str, Any] = {}
+    for case in args.mpi_cases.split(","):
+        nodes, rate = int(case.split("x")[0]), case.split("x")[1]
+        bps = cluster.rate_bps(rate)
+        sizes = (4096, 16384) if bps < 1e8 or args.quick else (4096, 16384, 65536)
+        bring_up(nodes, rate)
+        load = os.getloadavg()
+        per: dict[str, list[dict[str, float]]] = {k: [] for k in configs}
+        for r in range(args.rounds):
+            for cfg in configs if r % 2 == 0 else configs[::-1]:
+                got = allreduce_round(f"mpi:{cfg}", nodes, sizes, work, f"mpi_{case}_{cfg}_r{r}",
+                                      min_iterations=3 if bps < 1e8 else 5,
+                                      seconds=1.0 if bps < 1e8 else 2.0)
+                if got:
+                    per[cfg].append(got)
+                fr = {int(k) >> 20: round(int(k) * 2 * (nodes - 1) / nodes * 8 / v / bps, 3)
+                      for k, v in (got or {}).items()}
+                print(f"  mpi {case} {cfg} round {r}: link fraction per MiB {fr}", flush=True)
+        result[case] = {k: bus_table(median_rounds(v), nodes, bps, len(v)) for k, v in per.items()}
+        result[case]["load_before"] = load
+        result[case]["load_after"] = os.getloadavg()
+        cluster.down(NAME)
+    return result
+
+
+SINK = ("import socket,sys\ns=socket.create_server((sys.argv[1],int(sys.argv[2])))\n"
+        "while True:\n c,_=s.accept()\n while c.recv(1<<20):\n  pass\n c.close()\n")
+SOURCE = ("import socket,sys,time\nc=socket.create_connection((sys.argv[1],int(sys.argv[2])))\n"
+          "b=bytes(1<<16)\nend=time.time()+float(sys.argv[3])\n"
+          "while time.time()<end:\n c.sendall(b)\nc.close()\n")
+TBF_RATES_MBIT = (10, 25, 50, 100, 200, 300, 1000)
+
+
+def tbf_probe(rate_mbit: float, seconds: float, both: bool) -> dict[str, float]:
+    """TCP from node 1 to node 2 (``both``: and back at once) for ``seconds`` through the
+    tbf-limited links; the bytes the receivers' interfaces counted (Ethernet frames, what tbf
+    meters) over the middle of the transfer, as a fraction of the set rate."""
+    procs = []
+    flows = [(1, 2), (2, 1)] if both else [(1, 2)]
+    try:
+        for _, dst in flows:
+            procs.append(subprocess.Popen(cluster.exec_argv(NAME, [
+                sys.executable, "-c", SINK, cluster.address(SPEC, dst), "5201"], dst)))
+        time.sleep(1.0)
+        for src, dst in flows:
+            procs.append(subprocess.Popen(cluster.exec_argv(NAME, [
+                sys.executable, "-c", SOURCE, cluster.address(SPEC, dst), "5201", str(seconds)],
+                src)))
+        time.sleep(1.5)  # slow start and the tbf bucket's first burst are left out
+        t0, before = time.monotonic(), {d: cluster.interface_bytes(NAME, d)["rx"] for _, d in flows}
+        time.sleep(seconds - 2.5)
+        t1, after = time.monotonic(), {d: cluster.interface_bytes(NAME, d)["rx"] for _, d in flows}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    fr = {f"{s}->{d}": (after[d] - before[d]) * 8 / (t1 - t0) / (rate_mbit * 1e6)
+          for s, d in flows}
+    return fr
+
+
+def section_tbf(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """How closely tbf holds the set rate, 10-300 Mbit/s, one way and both ways at once."""
+    result: dict[str, Any] = {"load_before": os.getloadavg()}
+    seconds = 4.0 if args.quick else 6.0
+    for rate in TBF_RATES_MBIT:
+        bring_up(2, f"{rate}mbit")
+        row: dict[str, Any] = {}
+        for r in range(args.rounds):
+            for both in (False, True) if r % 2 == 0 else (True, False):
+                got = tbf_probe(rate, seconds, both)
+                row.setdefault("both" if both else "one", []).append(got)
+                print(f"  tbf {rate} Mbit/s {'both ways' if both else 'one way'} round {r}: "
+                      f"{got}", flush=True)
+        result[str(rate)] = {
+            "one_way": statistics.median(x["1->2"] for x in row["one"]),
+            "both_ways": statistics.median(min(x.values()) for x in row["both"]),
+            "rounds": row}
+        cluster.down(NAME)
+    result["load_after"] = os.getloadavg()
+    return result
 
 
 def section_nodes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -250,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the comm section's timed steps (default 8, 4 with --quick)")
     p.add_argument("--comm-shm", action="store_true",
                    help="the comm section also on 2 ranks of this machine (shared memory)")
+    p.add_argument("--mpi-cases", default="2x1gbit,4x1gbit,2x25mbit,4x25mbit",
+                   help="the mpi section's NODESxRATE cases")
+    p.add_argument("--mpi-configs", default="links1,links2,links4,links4_ring",
+                   help="the mpi section's transport settings (keys of MPI_CONFIGS)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
                   created=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rounds=args.rounds,
                   command=" ".join(["benchmarks/cluster_bench.py", *(argv or sys.argv[1:])]))
     sections = {"allreduce": section_allreduce, "nodes": section_nodes, "train": section_train,
-                "comm": section_comm}
+                "comm": section_comm, "mpi": section_mpi, "tbf": section_tbf}
     with tempfile.TemporaryDirectory(prefix="hvd_cluster_bench_") as tmp:
         try:
             for name in args.sections.split(","):
                 print(f"[cluster] {name}", flush=True)
-                record[name] = sections[name](args, Path(tmp))
+                got = sections[name](args, Path(tmp))
+                if name == "mpi":  # cases of separate runs add up
+                    record.setdefault(name, {}).update(got)
+                else:
+                    record[name] = got
                 path.write_text(json.dumps(record, indent=1) + "\n")
         finally:
             cluster.down(NAME)

@@ -1,35 +1,63 @@
 #!/usr/bin/env python
-"""The alpha-beta ring-allreduce model, fitted to the simulated cluster, and its projection.
+"""The scaling model (hvd_yolo.scaling) checked two ways, and its projection for YOLOv3 on H100s.
 
     .venv/bin/python benchmarks/scaling_model.py   # reads/writes benchmarks/results/cluster/
 
-Model: one allreduce of S bytes on n nodes takes t = 2(n-1)·alpha + 2(n-1)/n · S/B.
-alpha and B are fitted (least squares on relative error) to the 2-node Gloo sweep at 1 Gbit/s
-(cluster.json "nodes" section, made by benchmarks/cluster_bench.py), then checked against the
-measured 3- and 4-node times. The projection puts YOLOv3 416 at 8-512 nodes on 10/25/100 Gbit/s
-links, with the per-GPU compute time of docs/GPU.md; its assumptions are written into
-RESULTS.md next to the table.
+Inputs, each measured: ``plan_*.json`` (``hvd-yolo plan`` on the simulated cluster: per-hop
+latency, per-round overhead, link bytes/s, overlap, compute and forward share) and
+``cluster.json`` (made by benchmarks/cluster_bench.py: the img/s of every mode at the emulated
+rate). Checks:
+  (a) the model, fed the plan's measurements, against the measured img/s of each mode;
+  (b) the model against Horovod's published 512-GPU benchmark (128 servers x 4 P100, 25 Gbit/s
+      RoCE: ResNet-101 and Inception V3 ~0.90, VGG-16 0.68), with the P100's published
+      per-GPU img/s, the networks' parameter counts (torchvision), their forward share
+      measured here, and the overlap measured here.
+Then the projection: YOLOv3 416 on H100s (254 img/s per GPU, benchmarks/results/
+gpu_check_h100.txt), 8-512 nodes, 10/25/100 Gbit/s, per mode. The alpha-beta fit of a size
+sweep (fit, ring_time) is kept for the allreduce sweeps of cluster_bench's nodes section.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cluster"
-LINK_BPS = 1e9  # the link rate the fit was measured at
-# docs/GPU.md: H100, 1 rank, `hvd-yolo bench train` YOLOv3 416 px, batch 32, no compression:
-# 263 img/s -> one forward + backward of 32 images.
-GPU_IMG_S, GPU_BATCH = 263.0, 32
-YOLOV3_PARAMS = 61_949_149  # trainable parameters at 80 classes (hvd-yolo model info)
-FUSION_BYTES = 128 * 2**20  # Horovod's default fusion buffer: one allreduce call per 128 MiB
-BACKWARD_SHARE = 2 / 3  # backward is ~2/3 of forward + backward
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hvd_yolo import scaling  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "cluster"
 NODES = (8, 16, 32, 64, 128, 256, 512)
 LINKS_GBPS = (10, 25, 100)
-ALPHA_DC = 25e-6  # assumed per-hop latency of a GPU cluster's network + NCCL (second table)
+# Per-hop latency of a GPU cluster's ring (NCCL over RoCE/InfiniBand): not measurable here; the
+# simulated links' own alpha (namespaces + CPU ranks) is measured by plan and reported beside.
+ALPHA_GPU_S = 10e-6
+HOROVOD_GPU_CYCLE_S = 1e-3 / 2  # Horovod's GPU cycle time (1 ms): half a cycle's wait per round
+H100_IMG_S, H100_BATCH = 254.0, 32  # gpu_check_h100.txt, bench.yolov3.fp16 (AMP)
+YOLOV3_PARAMS = 61_949_149
+YOLOV3_POWERSGD_BYTES = 2.24e6  # benchmarks/results/comm_bytes_yolov3.json, rank 4
+# Horovod's benchmark (docs/benchmarks.rst of horovod/horovod: "128 servers with 4 Pascal GPUs
+# each connected by a RoCE-capable 25 Gbit/s network ... 90% scaling efficiency for both
+# Inception V3 and ResNet-101, and 68% scaling efficiency for VGG-16"), batch 64 per GPU,
+# fp32 gradients, Horovod's 2018 defaults (64 MiB fusion, 5 ms cycle), NCCL ring over all GPUs.
+# Per-GPU img/s of a P100 with tf_cnn_benchmarks, batch 64, synthetic data: TensorFlow's
+# published benchmarks (tensorflow/docs site/en/r1/guide/performance/benchmarks.md, DGX-1
+# P100: InceptionV3 142, VGG16 154); ResNet-101 is not in that table: 1656.82 img/s on 16 GPUs
+# in the output shown on Horovod's benchmark page, 103.6 per GPU.
+HOROVOD_BENCH = {
+    "resnet101": {"img_s": 103.6, "published": 0.90, "size": 224},
+    "inception_v3": {"img_s": 142.0, "published": 0.90, "size": 299},
+    "vgg16": {"img_s": 154.0, "published": 0.68, "size": 224},
+}
+HOROVOD_BENCH_SOURCE = (
+    "https://github.com/horovod/horovod/blob/master/docs/benchmarks.rst; "
+    "https://github.com/tensorflow/docs/blob/master/site/en/r1/guide/performance/benchmarks.md")
 
 
 def ring_time(n: int, nbytes: float, alpha: float, bw: float) -> float:
@@ -44,187 +72,136 @@ def fit(points: list[tuple[int, float, float]]) -> tuple[float, float]:
     return float(alpha), float(1 / inv_b)
 
 
-def step_time(n: int, grad_bytes: float, alpha: float, bw: float, overlap: bool) -> float:
-    """Compute + allreduce of one step; with overlap the allreduce runs during backward."""
-    t_c = GPU_BATCH / GPU_IMG_S
-    calls = max(1, int(np.ceil(grad_bytes / FUSION_BYTES)))
-    t_ar = calls * 2 * (n - 1) * alpha + 2 * (n - 1) / n * grad_bytes / bw
-    if not overlap:
-        return t_c + t_ar
-    return max(t_c, (1 - BACKWARD_SHARE) * t_c + t_ar)
+def torchvision_net(name: str) -> tuple[int, float]:
+    """(parameters, forward share of forward + backward) of a torchvision network, measured
+    here on one CPU thread at batch 2 (median of 3)."""
+    import torch
+    import torchvision.models as tvm
+
+    torch.set_num_threads(1)
+    net = {"resnet101": lambda: tvm.resnet101(),
+           "inception_v3": lambda: tvm.inception_v3(aux_logits=False, init_weights=False),
+           "vgg16": lambda: tvm.vgg16()}[name]()
+    size = HOROVOD_BENCH[name]["size"]
+    x = torch.rand(2, 3, size, size)
+    shares = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        loss = net(x).square().mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        shares.append((t1 - t0) / (t2 - t0))
+        net.zero_grad()
+    return sum(p.numel() for p in net.parameters()), float(np.median(shares[1:]))
 
 
-def project(alpha: float, eta: float, grad32: float) -> list[dict]:
-    """Step time and efficiency per link rate and node count, fp32/fp16, overlap on/off."""
+def validate_published(overlap: float, fraction: float) -> list[dict]:
+    """Check (b): the model's 512-GPU efficiency against Horovod's published figures."""
+    rows = []
+    for name, b in HOROVOD_BENCH.items():
+        params, fwd = torchvision_net(name)
+        compute = 64 / b["img_s"]
+        x = scaling.Inputs(compute_s=compute, backward_s=compute * (1 - fwd), params=params,
+                           batch=64, alpha_s=ALPHA_GPU_S, cycle_s=5e-3 / 2,
+                           bw=25e9 / 8 * fraction, overlap=overlap, fusion_bytes=64 * 2**20,
+                           gpus_per_node=4, intra_bw=10e9)
+        eff = scaling.predict(x, 128, ("fp32",))["fp32"]["efficiency"]
+        rows.append({"network": name, "params": params, "forward_share": fwd,
+                     "p100_img_s": b["img_s"], "published": b["published"], "model": eff,
+                     "error": eff - b["published"]})
+    return rows
+
+
+def validate_measured(plan: dict, comm: dict) -> list[dict]:
+    """Check (a): the plan's inputs on the measured 2-node comm points (img/s per mode)."""
+    x = scaling.Inputs(**{k: v for k, v in plan["inputs"].items() if k != "extra"})
+    modes = {"fp32_sync": "fp32", "fp16_sync": "fp16", "powersgd_r4": "powersgd",
+             "local_k4": "local"}
+    rows = []
+    for name, mode in modes.items():
+        if name not in comm:
+            continue
+        pred = scaling.predict(x, plan["nodes"], (mode,))[mode]["img_per_sec"]
+        got = comm[name]["img_per_sec_total"]
+        rows.append({"config": name, "mode": mode, "measured": got, "model": pred,
+                     "error": pred / got - 1})
+    return rows
+
+
+def project(plan: dict | None, fraction: float, overlap: float, fwd: float) -> list[dict]:
+    """YOLOv3 416, batch 32 per H100, per link rate, node count and mode."""
+    compute = H100_BATCH / H100_IMG_S
+    cycle = HOROVOD_GPU_CYCLE_S + (plan["measured"].get("negotiation_s", 0.0) if plan else 0.0)
+    base = scaling.Inputs(compute_s=compute, backward_s=compute * (1 - fwd),
+                          params=YOLOV3_PARAMS, batch=H100_BATCH, alpha_s=ALPHA_GPU_S,
+                          cycle_s=cycle, bw=1.0, overlap=overlap,
+                          powersgd_bytes=YOLOV3_POWERSGD_BYTES, local_steps=4)
     rows = []
     for gbps in LINKS_GBPS:
-        b = gbps * 1e9 / 8 * eta
         for n in NODES:
-            row = {"link_Gbps": gbps, "nodes": n}
-            for comp, nbytes in (("fp32", grad32), ("fp16", grad32 / 2)):
-                for ov in (False, True):
-                    st = step_time(n, nbytes, alpha, b, ov)
-                    key = f"{comp}_{'overlap' if ov else 'nooverlap'}"
-                    row[key + "_step_s"] = st
-                    row[key + "_efficiency"] = GPU_BATCH / GPU_IMG_S / st
-            rows.append(row)
+            x = scaling.with_link(base, gbps * 1e9, fraction)
+            pred = scaling.predict(x, n, ("fp32", "fp16", "powersgd", "local"))
+            x8 = replace(x, gpus_per_node=8, intra_bw=300e9)
+            hier = scaling.predict(x8, n, ("fp16", "fp16_hier"))
+            rows.append({"link_Gbps": gbps, "nodes": n,
+                         **{m: v["efficiency"] for m, v in pred.items()},
+                         "fp16_8gpu_flat": hier["fp16"]["efficiency"],
+                         "fp16_8gpu_hier": hier["fp16_hier"]["efficiency"]})
     return rows
 
 
 def main() -> int:
-    path = OUT / "cluster.json"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    if "nodes" not in record:
-        print(f"scaling_model: no 2-4 node measurements in {path}: run "
-              "benchmarks/cluster_bench.py first")
-        return 0
-    nodes = record["nodes"]
-    pts = {int(n): [(int(n), float(s), row["time_s"]) for s, row in v["sizes"].items()]
-           for n, v in nodes.items()}
-    alpha, bw = fit(pts[2])
-    eta = bw * 8 / LINK_BPS  # fraction of the link rate the fitted B reaches
-    check = []
-    for n, rows in sorted(pts.items()):
-        for _, s, t in rows:
-            p = ring_time(n, s, alpha, bw)
-            check.append({"nodes": n, "bytes": s, "measured_s": t, "model_s": p,
-                          "error": p / t - 1})
-    grad32 = 4 * YOLOV3_PARAMS
-    proj = {"fitted": project(alpha, eta, grad32), "datacenter": project(ALPHA_DC, eta, grad32)}
-    model = {"alpha_s": alpha, "B_bytes_per_s": bw, "link_fraction": eta, "check": check,
-             "alpha_datacenter_s": ALPHA_DC, "projection": proj,
-             "compute_s": GPU_BATCH / GPU_IMG_S, "grad_bytes_fp32": grad32}
+    record = json.loads((OUT / "cluster.json").read_text()) if (OUT / "cluster.json").exists() \
+        else {}
+    plans = sorted(OUT.glob("plan_*.json"))
+    plan = json.loads(plans[0].read_text()) if plans else None
+    overlap = plan["measured"]["overlap"] if plan else 0.6
+    fraction = plan["measured"]["bw_bytes_per_s"] * 8 / plan["link_bps"] \
+        if plan and plan.get("link_bps") else 0.9
+    fwd = plan["measured"]["forward_share"] if plan else 1 / 3
+    model = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overlap": overlap,
+             "link_fraction": fraction, "alpha_gpu_s": ALPHA_GPU_S,
+             "published": validate_published(overlap, fraction),
+             "measured": validate_measured(plan, record.get("comm", {})) if plan else [],
+             "projection": project(plan, fraction, overlap, fwd), "plan": plan,
+             "sources": HOROVOD_BENCH_SOURCE}
     (OUT / "scaling_model.json").write_text(json.dumps(model, indent=1) + "\n")
-    _plot(proj, alpha)
-    text = _measured(record) + "\n" + _markdown(model)
-    (OUT / "RESULTS.md").write_text(text)
+    text = markdown(model)
+    (OUT / "MODEL.md").write_text(text)
     print(text)
     return 0
 
 
-def _measured(rec: dict) -> str:
-    """The measured tables: allreduce bus bandwidth vs size, 2-node training at 1 Gbit/s."""
-    lines = ["# Simulated cluster: measured over rate-limited links, and the scaling model", "",
-             f"`{rec['command']}` on {rec['created']} ({rec['machine']['cores']} cores, load "
-             f"average before {', '.join(f'{x:.1f}' for x in rec['machine']['load_before'])});"
-             f" medians of {rec['rounds']} alternating rounds. Nodes are network namespaces "
-             "with tbf-limited veth links (hvd-yolo cluster), jobs start from the login node.",
-             "", "## Allreduce bus bandwidth, 2 nodes x 1 rank (fraction of the link rate)", "",
-             "bus bandwidth = bytes x 2(n-1)/n / time: what each node's link carries per second.",
-             ""]
-    for rate, per in rec.get("allreduce", {}).items():
-        sizes = sorted({int(k) for v in per.values() for k in v["sizes"]})
-        lines += [f"**{rate}**", "", "| launcher | " + " | ".join(
-            f"{s / 2**20:g} MiB" for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        for launcher, v in per.items():
-            cells = [f"{v['sizes'][str(s)]['link_fraction']:.2f} "
-                     f"({v['sizes'][str(s)]['time_s'] * 1e3:.1f} ms)"
-                     if str(s) in v["sizes"] else "-" for s in sizes]
-            lines.append(f"| {launcher} | " + " | ".join(cells) + " |")
+def markdown(m: dict) -> str:
+    lines = ["# The scaling model: checked, and projected", "",
+             "`benchmarks/scaling_model.py` (model: `hvd_yolo/scaling.py`), "
+             f"{m['created']}. Inputs: overlap {m['overlap']:.2f} and link fraction "
+             f"{m['link_fraction']:.2f} as measured by `hvd-yolo plan` on the simulated cluster; "
+             f"per-hop latency of a GPU cluster {m['alpha_gpu_s'] * 1e6:.0f} us (assumed).", "",
+             "## (b) Horovod's published 512-GPU benchmark (128 x 4 P100, 25 Gbit/s RoCE)", "",
+             "| network | parameters | forward share (measured) | P100 img/s (published) | "
+             "published efficiency | model | difference |", "|---|---|---|---|---|---|---|"]
+    for r in m["published"]:
+        lines.append(f"| {r['network']} | {r['params'] / 1e6:.1f} M | {r['forward_share']:.2f} | "
+                     f"{r['p100_img_s']:g} | {r['published']:.2f} | {r['model']:.2f} | "
+                     f"{r['error']:+.2f} |")
+    lines += ["", f"Sources: {m['sources']}.", ""]
+    if m["measured"]:
+        lines += ["## (a) The measured 2-node points", "",
+                  "| config | measured img/s | model img/s | error |", "|---|---|---|---|"]
+        for r in m["measured"]:
+            lines.append(f"| {r['config']} | {r['measured']:.2f} | {r['model']:.2f} | "
+                         f"{r['error']:+.0%} |")
         lines.append("")
-    train = rec.get("train", {})
-    if train:
-        single = train.get("single", {}).get("img_per_sec_total")
-        lines += ["## Training, 2 nodes x 1 rank at 1 Gbit/s (yolov3-tiny 320, batch 8, Gloo)",
-                  "", "| config | img/s (rounds) | step s | compute s | allreduce wait s | "
-                  "efficiency |", "|---|---|---|---|---|---|"]
-        for name, r in train.items():
-            eff = (f"{r['img_per_sec_total'] / (2 * single):.2f}"
-                   if single and name != "single" else "")
-            rounds = ", ".join(f"{x:.2f}" for x in r["img_per_sec_rounds"])
-            lines.append(f"| {name} | {r['img_per_sec_total']:.2f} ({rounds}) | "
-                         f"{r['step_time_mean_s']:.3f} | {r['compute_time_mean_s']:.3f} | "
-                         f"{r['allreduce_wait_mean_s']:.3f} | {eff} |")
-        lines.append("")
-        for comp in ("fp32", "fp16"):
-            on, off = train.get(f"{comp}_overlap_acc1"), train.get(f"{comp}_nooverlap_acc1")
-            if on and off and off["allreduce_wait_mean_s"] > 0:
-                hidden = 1 - on["allreduce_wait_mean_s"] / off["allreduce_wait_mean_s"]
-                lines.append(f"- {comp}: overlap hides {hidden:.0%} of the allreduce wait "
-                             f"({off['allreduce_wait_mean_s']:.3f} -> "
-                             f"{on['allreduce_wait_mean_s']:.3f} s/step); step "
-                             f"{off['step_time_mean_s']:.3f} -> {on['step_time_mean_s']:.3f} s.")
-        for ov in ("overlap", "nooverlap"):
-            a, b = train.get(f"fp32_{ov}_acc1"), train.get(f"fp16_{ov}_acc1")
-            if a and b:
-                lines.append(f"- fp16/fp32 img/s ({ov}): "
-                             f"{b['img_per_sec_total'] / a['img_per_sec_total']:.2f}.")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _markdown(m: dict) -> str:
-    lines = [
-        "## Scaling model (alpha-beta ring allreduce)", "",
-        "Made by `benchmarks/scaling_model.py` from `cluster.json`. Fit on the 2-node sweep at "
-        f"1 Gbit/s (Gloo): alpha = {m['alpha_s'] * 1e3:.2f} ms, B = "
-        f"{m['B_bytes_per_s'] * 8 / 1e9:.3f} Gbit/s ({m['link_fraction']:.2f} of the link).", "",
-        "| nodes | MiB | measured ms | model ms | error |", "|---|---|---|---|---|"]
-    for c in m["check"]:
-        lines.append(f"| {c['nodes']} | {c['bytes'] / 2**20:g} | {c['measured_s'] * 1e3:.1f} | "
-                     f"{c['model_s'] * 1e3:.1f} | {c['error']:+.0%} |")
-    others = [abs(c["error"]) for c in m["check"] if c["nodes"] > 2 and c["bytes"] >= 2**22]
-    if others:
-        lines += ["", f"On 3 and 4 nodes, for messages >= 4 MiB, the model is off by "
-                  f"{np.mean(others):.0%} on average (largest {max(others):.0%})."]
-    for which, alpha in (("fitted", m["alpha_s"]), ("datacenter", m["alpha_datacenter_s"])):
-        lines += ["", f"### Projection: YOLOv3 416, one GPU per node, alpha = "
-                  f"{alpha * 1e6:.0f} us ({'as fitted here' if which == 'fitted' else 'assumed'})"
-                  "; efficiency (step time)", "",
-                  "| link | nodes | fp32 | fp32 overlap | fp16 | fp16 overlap |",
-                  "|---|---|---|---|---|---|"]
-        for r in m["projection"][which]:
-            lines.append(f"| {r['link_Gbps']} Gbit/s | {r['nodes']} | " + " | ".join(
-                f"{r[k + '_efficiency']:.2f} ({r[k + '_step_s'] * 1e3:.0f} ms)"
-                for k in ("fp32_nooverlap", "fp32_overlap", "fp16_nooverlap", "fp16_overlap"))
-                + " |")
-    lines += ["", "![projection](scaling_model.png)", "", "Assumptions:",
-              f"- compute per step {m['compute_s'] * 1e3:.0f} ms: H100, batch {GPU_BATCH} at "
-              f"416 px, {GPU_IMG_S:g} img/s for one rank (docs/GPU.md), the same on every node "
-              "(no stragglers, no data-loading stalls);",
-              f"- gradients {m['grad_bytes_fp32'] / 2**20:.0f} MiB fp32 ({YOLOV3_PARAMS:,} "
-              "parameters), half in fp16; one allreduce call per 128 MiB fusion buffer, each "
-              "paying 2(n-1) alpha;",
-              "- one flat ring over all nodes, one GPU per node, no hierarchy (NCCL's trees and "
-              "intra-node NVLink would do better at large n);",
-              f"- B = link rate x {m['link_fraction']:.2f} (the fraction the simulated 1 Gbit/s "
-              "link reached); alpha as fitted here holds the software cost per ring step of CPU "
-              "ranks (Horovod + Gloo over TCP through namespaces), far above a GPU cluster's "
-              f"(the second table assumes {m['alpha_datacenter_s'] * 1e6:.0f} us per hop); "
-              "at large n the 2(n-1) alpha term dominates, so that choice decides the outcome;",
-              f"- overlap: the allreduce runs during backward ({BACKWARD_SHARE:.2f} of compute) "
-              "without slowing it, so step = max(compute, forward + allreduce); without overlap "
-              "step = compute + allreduce."]
+    lines += ["## Projection: YOLOv3 416, batch 32 per H100 (254 img/s), efficiency", "",
+              "| link | nodes | fp32 | fp16 | PowerSGD r4 | local SGD k4 | fp16, 8 GPUs/node flat "
+              "| fp16, 8 GPUs/node hierarchical |", "|---|---|---|---|---|---|---|---|"]
+    for r in m["projection"]:
+        lines.append(f"| {r['link_Gbps']} Gbit/s | {r['nodes']} | {r['fp32']:.2f} | "
+                     f"{r['fp16']:.2f} | {r['powersgd']:.2f} | {r['local']:.2f} | "
+                     f"{r['fp16_8gpu_flat']:.2f} | {r['fp16_8gpu_hier']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def _plot(projections: dict[str, list[dict]], alpha: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("scaling_model: matplotlib is not installed: no PNG", file=sys.stderr)
-        return
-    fig, axes = plt.subplots(2, len(LINKS_GBPS), figsize=(12, 7), sharey=True, squeeze=False)
-    for row, (which, proj) in enumerate(projections.items()):
-        a = alpha if which == "fitted" else ALPHA_DC
-        for ax, gbps in zip(axes[row], LINKS_GBPS):
-            rows = [r for r in proj if r["link_Gbps"] == gbps]
-            for key, style in (("fp32_nooverlap", "o--"), ("fp32_overlap", "o-"),
-                               ("fp16_nooverlap", "s--"), ("fp16_overlap", "s-")):
-                ax.plot([r["nodes"] for r in rows], [r[key + "_efficiency"] for r in rows],
-                        style, label=key.replace("_", " "))
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"YOLOv3 416, {gbps} Gbit/s, alpha {a * 1e6:.0f} us", fontsize=9)
-            ax.set_xlabel("nodes (1 GPU each)")
-            ax.set_ylim(0, 1.05)
-            ax.grid(alpha=0.3)
-        axes[row][0].set_ylabel("scaling efficiency (model)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "scaling_model.png", dpi=110)
 
 
 if __name__ == "__main__":

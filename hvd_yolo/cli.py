@@ -60,6 +60,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "convert, train and evaluate on a built-in synthetic dataset in minutes"),
     "cluster": ("hvd_yolo.commands.cluster",
                 "a simulated multi-node cluster on this machine, to rehearse a launch"),
+    "plan": ("hvd_yolo.commands.plan",
+             "measure the cluster (under mpirun), predict img/s per communication mode"),
 }
 # Sub-command attributes that name the second word of a command (``hvd-yolo shards verify``).
 ACTION_ATTRS = ("action", "model_command", "bench")

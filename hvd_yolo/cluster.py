@@ -178,8 +178,10 @@ def _ssh_config(spec: Spec) -> str:
         "  LogLevel ERROR", ""])
 
 
-def up(spec: Spec) -> dict:
-    """Create cluster ``spec.name``; on any failure everything created is removed again."""
+def up(spec: Spec, regime: dict | None = None) -> dict:
+    """Create cluster ``spec.name``; on any failure everything created is removed again.
+
+    ``regime`` (hvd_yolo.regime.plan_link's record) is kept in cluster.json."""
     validate(spec)
     missing = missing_requirements()
     if missing:
@@ -189,7 +191,7 @@ def up(spec: Spec) -> dict:
                            f"--name {spec.name}); take it down first: hvd-yolo cluster down "
                            f"--name {spec.name}")
     try:
-        return _up(spec)
+        return _up(spec, regime)
     except BaseException:
         down(spec.name)
         raise
@@ -203,7 +205,7 @@ def _link_exists(dev: str) -> bool:
     return _run("ip", "link", "show", dev, check=False).returncode == 0
 
 
-def _up(spec: Spec) -> dict:
+def _up(spec: Spec, regime: dict | None = None) -> dict:
     d = state_dir(spec.name)
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True, mode=0o700)
@@ -249,7 +251,7 @@ def _up(spec: Spec) -> dict:
     hostfile = "".join(f"{hostname(spec.name, k)} slots={spec.slots}\n" for k in nodes[:-1])
     (d / "hostfile").write_text(hostfile)
     info = {"spec": asdict(spec), "state_dir": str(d), "hostfile": str(d / "hostfile"),
-            "iface": IFACE, "bridge": br,
+            "iface": IFACE, "bridge": br, "regime": regime,
             "nodes": {hostname(spec.name, k): {"netns": netns(spec.name, k),
                                                "address": address(spec, k)} for k in nodes}}
     (d / "cluster.json").write_text(json.dumps(info, indent=1) + "\n")

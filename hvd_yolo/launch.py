@@ -25,6 +25,7 @@ VENV_BIN = Path(sys.executable).parent
 FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "MKL_NUM_THREADS",
                  "CUDA_VISIBLE_DEVICES")
 FORWARD_PREFIXES = ("HOROVOD_", "NCCL_", "HVD_YOLO_", "TORCH_", "OMP_", "HDF5_", "PYTHON")
+TCP_LINKS: int | None = None  # TCP connections per peer pair for the tcp btl (None: Open MPI's 1)
 
 
 def is_subnet(network: str) -> bool:
@@ -39,7 +40,8 @@ def mpirun_argv(np: int | None = None, *, hostfile: str | None = None, hosts: st
                 network: str | None = None, iface: str | None = None,
                 cpus_per_rank: int | None = None, gpu: bool | None = None,
                 ssh_port: int | None = None, term_grace: int | None = None,
-                tag_output: bool = False, extra: list[str] | None = None) -> list[str]:
+                tag_output: bool = False, tcp_links: int | None = TCP_LINKS,
+                extra: list[str] | None = None) -> list[str]:
     """``mpirun`` with Horovod's recommended options for this job (command not included).
 
     ``network`` (a subnet like ``10.1.0.0/16`` or an interface) makes MPI TCP-only on it
@@ -71,6 +73,8 @@ def mpirun_argv(np: int | None = None, *, hostfile: str | None = None, hosts: st
         argv.append("--oversubscribe")
     if not gpu:  # CPU: Open MPI otherwise busy-polls, stealing the cores from compute
         argv += ["--mca", "mpi_yield_when_idle", "1"]
+    if tcp_links:
+        argv += ["--mca", "btl_tcp_links", str(tcp_links)]
     net = network or iface
     if net:
         argv += ["--mca", "btl_tcp_if_include", net, "--mca", "oob_tcp_if_include", net]

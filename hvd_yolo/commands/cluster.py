@@ -28,8 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = sub.add_parser("up", help="create the nodes, links and sshds; write the hostfile")
     up.add_argument("--nodes", type=int, default=2, help="nodes (default 2)")
-    up.add_argument("--link", default="10gbit",
+    up.add_argument("--link", default=None,
                     help="rate of each node's link, tc units: 1gbit, 500mbit (default 10gbit)")
+    up.add_argument("--regime", default=None, metavar="ACCEL:RATE",
+                    help="emulate a GPU cluster, e.g. h100:10gbit: the link is RATE x (this "
+                         "machine's img/s / the accelerator's) for --model/--size/--batch-size "
+                         "(instead of --link; table and sources: hvd_yolo/regime.py)")
+    up.add_argument("--model", default="yolov3-tiny", help="--regime: the model (yolov3-tiny)")
+    up.add_argument("--size", type=int, default=320, help="--regime: input size (320)")
+    up.add_argument("--batch-size", type=int, default=8, help="--regime: batch per rank (8)")
+    up.add_argument("--host-img-s", type=float, default=None,
+                    help="--regime: this machine's img/s for one rank, if already measured "
+                         "(default: measure it with hvd-yolo bench train)")
     up.add_argument("--latency-ms", type=float, default=0.0,
                     help="one-way delay added per link (needs the kernel's netem qdisc)")
     up.add_argument("--slots", type=int, default=1, help="ranks per node in the hostfile")
@@ -60,9 +70,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    spec = cluster.Spec(name=args.name, nodes=args.nodes, link=args.link, slots=args.slots,
+    link, plan = args.link or "10gbit", None
+    if args.regime:
+        from hvd_yolo import regime
+
+        if args.link:
+            raise UsageError("give --link or --regime, not both")
+        try:
+            plan = regime.plan_link(args.regime, args.model, args.size, args.batch_size,
+                                    args.host_img_s)
+        except regime.RegimeError as exc:
+            raise UsageError(str(exc)) from None
+        link = plan["link"]
+    spec = cluster.Spec(name=args.name, nodes=args.nodes, link=link, slots=args.slots,
                         subnet=args.subnet, latency_ms=args.latency_ms)
-    info = cluster.up(spec)
+    info = cluster.up(spec, regime=plan)
+    if plan:
+        print(f"regime {plan['regime']}: {plan['model']} {plan['size']} px batch "
+              f"{plan['batch']}: {plan['host_img_s']:.3g} img/s per rank here "
+              f"({'measured' if plan['host_img_s_measured'] else 'given'}) vs "
+              f"{plan['accelerator_img_s']:.0f} on {args.regime.split(':')[0]} "
+              f"({plan['compute_ratio']:.0f}x): link {plan['link']}")
     print(f"cluster {spec.name}: {spec.nodes} nodes x {spec.slots} slots, {spec.link} links, "
           f"subnet {spec.subnet} (interface {info['iface']})")
     for host, node in info["nodes"].items():
