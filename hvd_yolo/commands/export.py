@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, default=0.25, help="--nms: score threshold")
     parser.add_argument("--iou", type=float, default=0.45, help="--nms: IoU threshold")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
-    parser.add_argument("--json", metavar="PATH", help="also write what was exported as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write its figures as JSON ('-': stdout)")
 
 
 def parse_size(text: str | None, default: int) -> tuple[int, int]:
