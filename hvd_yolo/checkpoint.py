@@ -378,7 +378,7 @@ def restore_model(path: str | Path, use_ema: bool = True, trust: bool | None = N
     from hvd_yolo.model.yolov3 import build_model
 
     state = load(Path(path), trust=trust)
-    for key in ("model", "class_names", "model_name"):
+    for key in ("model", "class_names", "model_name", "config"):
         if key not in state:
             raise CheckpointError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")
     model = build_model(state["model_name"], len(state["class_names"]))
