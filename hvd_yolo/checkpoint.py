@@ -378,7 +378,7 @@ def restore_model(path: str | Path, use_ema: bool = True, trust: bool | None = N
     from hvd_yolo.model.yolov3 import anchors_in_weights, build_model
 
     state = load(Path(path), trust=trust)
-    for key in ("model", "class_names", "model_name"):
+    for key in ("model", "class_names", "model_name", "config"):
         if key not in state:
             raise CheckpointError(f"{path}: not an hvd-yolo training checkpoint (no {key!r} entry)")
     weights = state["ema"]["model"] if use_ema and state.get("ema") else state["model"]

@@ -177,3 +177,28 @@ def test_an_unwritable_out_dir_is_named(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OutDirError, match=r"run.out_dir=.*file/run cannot be written"):
         OutDirLock(tmp_path / "file" / "run").acquire()
+
+
+def test_a_full_disk_is_one_line_and_last_pt_stays(tmp_path: Path) -> None:
+    """A 1 MiB tmpfs: the first checkpoint fits, the second does not (needs root to mount;
+    skipped with the reason otherwise)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up: {res.stderr.strip() or res.returncode}")
+    try:
+        ckpt = disk / "checkpoints"
+        checkpoint.save(state(1), ckpt, 1, keep_last=2)  # 16 KB of weights
+        big = {**state(2), "model": {"w": torch.zeros(512, 1024)}}  # 2 MB
+        with pytest.raises(CheckpointError) as e:
+            checkpoint.save(big, ckpt, 2, keep_last=2)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{ckpt}: writing step-00000002.pt failed (no "
+                                                  "space left on the device): it needs about 3.1 MB")
+        assert "MB are free; the checkpoints already there (last.pt) are unchanged" in msg
+        assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "step-00000001.pt"]
+        assert checkpoint.load(ckpt / "last.pt")["step"] == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
