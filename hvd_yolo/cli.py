@@ -124,7 +124,8 @@ def guard_outputs(args: argparse.Namespace) -> None:
     from hvd_yolo import outputs
 
     options = dict(OUTPUT_OPTIONS.get(args.command, {}))
-    options["json"] = ("--json", "is_json", "an earlier --json output (a JSON object)")
+    for dest in ("json", "json_path"):  # (the benchmarks name their --json json_path)
+        options[dest] = ("--json", "is_json", "an earlier --json output (a JSON object)")
     given = {dest: getattr(args, dest, None) for dest in options}
     given = {dest: v for dest, v in given.items() if v is not None and v != "-"}
     if not given:

@@ -119,7 +119,7 @@ if [ "$dry" = 1 ]; then
   printf '%q ' "${argv[@]}"; printf '\n'
   exit 0
 fi
-# A stop signal (SIGTERM from a scheduler or kill, SIGINT) reaches the ranks as SIGUSR1, which
+# A stop signal (SIGTERM from a scheduler or kill, SIGINT, SIGUSR1) reaches the ranks as SIGUSR1, which
 # mpirun passes on at once; mpirun's own SIGTERM handling would send them only SIGCONT and
 # their SIGTERM --term-grace seconds later (measured: Open MPI 4.1), so they would train on
 # meanwhile. mpirun itself is signalled only if they have not stopped after the grace period.
@@ -127,21 +127,26 @@ wait_s=${grace:-30}
 stopping=0 killer=""
 # shellcheck disable=SC2329  # invoked by the traps below
 stop_ranks() {
-  [ "$stopping" = 0 ] || return 0
-  stopping=1
-  if [ "$exec_mode" = 1 ]; then  # --exec: any command; mpirun's own SIGTERM handling
-    kill -TERM "$child" 2>/dev/null || true
+  if [ "$exec_mode" = 1 ]; then  # --exec: any command; the signal goes to mpirun as is
+    kill -"${1#SIG}" "$child" 2>/dev/null || true
     return 0
   fi
+  [ "$stopping" = 0 ] || return 0
+  stopping=1
   printf 'mpi/mpirun.sh: %s: every rank checkpoints at its next step and stops (SIGUSR1; mpirun is signalled after %s s)\n' "$1" "$wait_s" >&2
   kill -USR1 "$child" 2>/dev/null || true
-  ( sleep "$wait_s"; kill -TERM "$child" 2>/dev/null ) &
+  # (its own stdio: a reader of this script's output does not wait for the timer)
+  ( trap 'kill "$timer" 2>/dev/null; exit 0' TERM
+    sleep "$wait_s" & timer=$!
+    wait "$timer" && kill -TERM "$child" 2>/dev/null ) </dev/null >/dev/null 2>&1 &
   killer=$!
 }
+child=""
+trap '[ -n "$child" ] || exit 143; stop_ranks SIGTERM' TERM
+trap '[ -n "$child" ] || exit 130; stop_ranks SIGINT' INT
+trap '[ -n "$child" ] || exit 138; stop_ranks SIGUSR1' USR1  # Slurm's warning (mpi/slurm/common.sh)
 "${argv[@]}" &
 child=$!
-trap 'stop_ranks SIGTERM' TERM
-trap 'stop_ranks SIGINT' INT
 rc=0
 while :; do
   if wait "$child"; then rc=0; else rc=$?; fi
