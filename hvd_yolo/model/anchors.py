@@ -191,7 +191,11 @@ def warn_training(cfg: Any, anchors: Sequence[Sequence[Sequence[float]]]) -> str
     inp = cfg.input
     sizes = (inp.min_size, inp.max_size) if inp.multiscale else (inp.size,)
     # The training set was opened and checked just before: its index tables are not re-hashed.
-    message = low_recall_warning(cfg.data.train, anchors, sizes, cfg.model.name, check=False)
+    # Only rank 0 runs this: a failure here must not stop it while the others go on.
+    try:
+        message = low_recall_warning(cfg.data.train, anchors, sizes, cfg.model.name, check=False)
+    except (OSError, RuntimeError, ValueError) as e:
+        message = f"the anchors' best-possible recall on {cfg.data.train} was not checked: {e}"
     if message:
         warnings.warn(message, stacklevel=2)
     return message
