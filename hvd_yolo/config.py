@@ -53,9 +53,8 @@ class ModelConfig:
     # conv+maxpool stages) or "all" (also the neck and heads): less activation memory per rank
     # for a recomputed forward (hvd-yolo bench memory measures both). Same gradients.
     checkpoint: str = "none"
-    # Per output scale (large stride first), [w, h] anchor pairs in input pixels, e.g. tiny:
-    # [[[81,82],[135,169],[344,319]], [[10,14],[23,27],[37,58]]]; empty: the official cfg's.
-    # `hvd-yolo anchors SHARDS` computes a set for a dataset.
+    # Per output (large stride first), [w, h] anchor pairs in input pixels; empty: the official
+    # cfg's. `hvd-yolo anchors SHARDS` fits them to a dataset.
     anchors: list[list[list[float]]] = field(default_factory=list)
 
 

@@ -128,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
               f"{_pairs(f['anchors'])}")
     print(f"(a box can be recalled when an anchor is within {A.THRESHOLD:g}x of it in width and "
           f"height)")
+    cur, new_bpr = figures["current"]["bpr"], figures["new"]["bpr"]
+    if cur >= A.MIN_RECALL:
+        print(f"the current anchors fit this data (best-possible recall >= {A.MIN_RECALL}): "
+              f"changing them is optional")
+    else:
+        print(f"the current anchors miss {1 - cur:.1%} of the boxes; the new ones miss "
+              f"{1 - new_bpr:.1%}")
     if args.out:
         print(f"wrote {args.out}: hvd-yolo train --config {args.out} --set data.train="
               f"{args.shards}  (or copy its model.anchors into your config)")

@@ -74,14 +74,20 @@ def wh_iou(wh: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 def recall_stats(wh: np.ndarray, anchors: Sequence[Sequence[Sequence[float]]] | np.ndarray
                  ) -> dict[str, float]:
     """``bpr`` (best-possible recall), ``aat`` (anchors above threshold per box) and
-    ``mean_best_iou`` of ``anchors`` (any nesting of ``(w, h)`` pairs) on boxes ``wh``."""
+    ``mean_best_iou`` of ``anchors`` (any nesting of ``(w, h)`` pairs) on boxes ``wh``
+    (computed in blocks of ``MAX_BOXES``: a COCO-sized set needs little memory)."""
     flat = _flat(anchors)
     if len(wh) == 0:
         return {"bpr": float("nan"), "aat": float("nan"), "mean_best_iou": float("nan")}
-    x = ratio_metric(wh, flat)
-    return {"bpr": float((x.max(1) > 1 / THRESHOLD).mean()),
-            "aat": float((x > 1 / THRESHOLD).sum(1).mean()),
-            "mean_best_iou": float(wh_iou(wh, flat).max(1).mean())}
+    recalled = above = best_iou = 0.0
+    for start in range(0, len(wh), MAX_BOXES):
+        block = wh[start:start + MAX_BOXES]
+        x = ratio_metric(block, flat) > 1 / THRESHOLD
+        recalled += float(x.any(1).sum())
+        above += float(x.sum())
+        best_iou += float(wh_iou(block, flat).max(1).sum())
+    n = len(wh)
+    return {"bpr": recalled / n, "aat": above / n, "mean_best_iou": best_iou / n}
 
 
 def fitness(wh: np.ndarray, anchors: np.ndarray) -> float:
@@ -185,7 +191,11 @@ def warn_training(cfg: Any, anchors: Sequence[Sequence[Sequence[float]]]) -> str
     inp = cfg.input
     sizes = (inp.min_size, inp.max_size) if inp.multiscale else (inp.size,)
     # The training set was opened and checked just before: its index tables are not re-hashed.
-    message = low_recall_warning(cfg.data.train, anchors, sizes, cfg.model.name, check=False)
+    # Only rank 0 runs this: a failure here must not stop it while the others go on.
+    try:
+        message = low_recall_warning(cfg.data.train, anchors, sizes, cfg.model.name, check=False)
+    except (OSError, RuntimeError, ValueError) as e:
+        message = f"the anchors' best-possible recall on {cfg.data.train} was not checked: {e}"
     if message:
         warnings.warn(message, stacklevel=2)
     return message
