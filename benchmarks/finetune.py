@@ -18,8 +18,8 @@ its ``metrics.jsonl``.
 
     python -m benchmarks.finetune [--epochs 15] [--size 320] [--seeds 0] [--out DIR]
 
-Writes benchmarks/results/finetune.json and the Markdown table between the ``finetune``
-markers of benchmarks/results/RESULTS.md.
+Writes benchmarks/results/NAME.json (``--name``, default finetune) and the Markdown table
+between the ``NAME`` markers of benchmarks/results/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ VAL_IMAGES = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
 TILE = 416
 RUNS = ("pretrained", "scratch", "backbone")
 RESULTS = REPO / "benchmarks" / "results"
-MARK_START, MARK_END = "<!-- finetune:start -->", "<!-- finetune:end -->"
 
 
 def _pip_download(spec: str, dest: Path, binary: bool) -> Path:
@@ -215,14 +214,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict[str, Any], md: str) -> None:
-    (RESULTS / "finetune.json").write_text(json.dumps(result, indent=1) + "\n")
+def write_results(name: str, result: dict[str, Any], md: str) -> None:
+    """``results/NAME.json``, and the table between RESULTS.md's ``NAME`` markers."""
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     path = RESULTS / "RESULTS.md"
     text = path.read_text()
-    block = f"{MARK_START}\n{md}\n{MARK_END}"
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{md}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         plots = text.find("## Plots")
         text = (text[:plots] + block + "\n\n" + text[plots:]) if plots >= 0 else \
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "hvd_yolo_finetune")
     p.add_argument("--no-write", action="store_true", help="print only; leave results/ alone")
+    p.add_argument("--name", default="finetune", help="results/NAME.json and the NAME markers "
+                   "in RESULTS.md")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     info = prepare(args.out)
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               "epochs": args.epochs, "batch_per_rank": args.batch_size, "np": args.np,
               "tile": TILE, "input_size": args.size, "host": platform.node(), "runs": rows}
     if not args.no_write:
-        write_results(result, md)
+        write_results(args.name, result, md)
     return 0
 
 
