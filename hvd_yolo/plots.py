@@ -199,9 +199,9 @@ def confusion(out: Path, matrix: np.ndarray, names: Sequence[str], iou: float,
     labels = [*names, "background"]
     csv_path = out / "confusion_matrix.csv"
     with csv_path.open("w", newline="") as f:
+        f.write(f"# IoU >= {iou:g}; confidence >= {conf:g}; rows: true class; columns: "
+                "predicted class\n")
         w = csv.writer(f)
-        w.writerow([f"# IoU >= {iou:g}, confidence >= {conf:g}; rows: true class, columns: "
-                    "predicted class"])
         w.writerow(["true \\ predicted", *labels])
         for name, row in zip(labels, matrix):
             w.writerow([name, *(int(v) for v in row)])

@@ -96,7 +96,7 @@ def test_eval_plots_on_two_ranks_agree_with_pycocotools(plot_run, tmp_path):
     assert ref.max() > 0  # the comparison is not all zeros
     # the confusion matrix counts every ground-truth box once (its row), at the stated IoU
     lines = (plots / "confusion_matrix.csv").read_text().splitlines()
-    assert lines[0].startswith("# IoU >= 0.3, confidence >= 0.25")
+    assert lines[0].startswith("# IoU >= 0.3; confidence >= 0.25; rows: true class")
     table = list(csv.reader(lines[1:]))
     assert table[0][1:] == [*names, "background"]
     true_rows = sum(int(v) for row in table[1:-1] for v in row[1:])
