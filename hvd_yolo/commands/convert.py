@@ -77,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, strict=args.strict, names=args.names,
             annotations=args.annotations, images=args.images, split=args.split,
             allow_missing_labels=args.allow_missing_labels, label_frame=args.label_frame,
-            reencode=args.reencode, comm=comm, progress=not args.quiet and sys.stderr.isatty(),
+            reencode=args.reencode, comm=comm, progress=not args.quiet,  # a line per interval in logs
             command=["hvd-yolo", *sys.argv[1:]],
         )
     except ConversionError as e:  # raised on every rank; rank 0 says it
         raise RunError(str(e), show=rank == 0) from None
     if rank == 0:
         print(format_report(report, max_lines=args.max_issues))
+        from hvd_yolo.progress import wrote_line
+
+        print(wrote_line(args.out, ("manifest.json",)) + f" and {report['num_shards']} shard(s)")
     return 0
