@@ -8,7 +8,7 @@ scored once: from the first rank that saw it), and rank 0 runs pycocotools; the 
 broadcast so every rank returns the same dict. Every rank makes the same two collective calls.
 
 With a ``PlotRequest``, each rank also matches its own images' detections with the ground
-truth (``metrics.match_images``); the matched pairs travel in the same allgather, and rank 0
+truth (``matches.match_images``); the matched pairs travel in the same allgather, and rank 0
 draws the PR, F1 and confusion figures from them and the image grid from the batches it
 evaluated itself (the model never runs twice).
 """
@@ -30,7 +30,8 @@ from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
-from hvd_yolo.metrics import coco_evaluate, match_images, merge_matches, to_coco_results
+from hvd_yolo.matches import match_images, merge_matches
+from hvd_yolo.metrics import coco_evaluate, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
 from hvd_yolo.stall import StallWatch
 

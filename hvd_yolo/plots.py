@@ -2,7 +2,7 @@
 
 ``results_png``: training curves from ``metrics.jsonl`` (loss parts and LR against the step,
 mAP against the epoch). ``write_eval_plots``: from an evaluation's merged matched pairs
-(``metrics.match_images``), the precision-recall curves (PNG + CSV), the F1-confidence curve,
+(``matches.match_images``), the precision-recall curves (PNG + CSV), the F1-confidence curve,
 the confusion matrix (PNG + CSV) and a grid of validation images with predictions and ground
 truth. Rank 0 alone calls these.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from hvd_yolo import metrics
+from hvd_yolo import matches
 
 GT_COLOR = "#00c000"
 # class colors of the prediction grid: matplotlib's tab10 without its green (ground truth's)
@@ -125,11 +125,11 @@ def write_eval_plots(
     out = Path(request.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [str(n) for n in class_names]
-    pr = metrics.precision_recall(tables, category_ids)
+    pr = matches.precision_recall(tables, category_ids)
     written = [*pr_curve(out, pr, names), f1_curve(out / "f1_curve.png",
-                                                   metrics.f1_confidence(tables, category_ids),
+                                                   matches.f1_confidence(tables, category_ids),
                                                    names)]
-    matrix = metrics.confusion_matrix(tables, category_ids)
+    matrix = matches.confusion_matrix(tables, category_ids)
     written += confusion(out, matrix, names, request.iou, request.conf)
     if request.samples:
         written.append(prediction_grid(out / "predictions.png", request.samples, results, gt,
@@ -146,13 +146,13 @@ def pr_curve(out: Path, pr: dict[str, np.ndarray], names: Sequence[str]) -> list
     recall, per class and the mean over classes with ground truth."""
     p = pr["precision"][0]  # [R, K] at IoU 0.5
     valid = (p > -1).all(0)
-    mean = p[:, valid].mean(1) if valid.any() else np.full(len(metrics.RECALL_POINTS), np.nan)
+    mean = p[:, valid].mean(1) if valid.any() else np.full(len(matches.RECALL_POINTS), np.nan)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
     for k, name in enumerate(names):
         if valid[k]:
-            ax.plot(metrics.RECALL_POINTS, p[:, k], lw=1, label=f"{name} {p[:, k].mean():.3f}")
-    ax.plot(metrics.RECALL_POINTS, mean, lw=3, color="#1f3b70",
+            ax.plot(matches.RECALL_POINTS, p[:, k], lw=1, label=f"{name} {p[:, k].mean():.3f}")
+    ax.plot(matches.RECALL_POINTS, mean, lw=3, color="#1f3b70",
             label=f"all classes {np.mean(mean):.3f} mAP@0.5")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
            title="precision-recall curve (IoU 0.5, COCO interpolation)")
@@ -164,7 +164,7 @@ def pr_curve(out: Path, pr: dict[str, np.ndarray], names: Sequence[str]) -> list
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["recall", "all classes", *names])
-        for r, rec in enumerate(metrics.RECALL_POINTS):
+        for r, rec in enumerate(matches.RECALL_POINTS):
             w.writerow([f"{rec:.2f}", f"{mean[r]:.6f}",
                         *(f"{p[r, k]:.6f}" if valid[k] else "" for k in range(len(names)))])
     return [png, csv_path]
@@ -199,9 +199,9 @@ def confusion(out: Path, matrix: np.ndarray, names: Sequence[str], iou: float,
     labels = [*names, "background"]
     csv_path = out / "confusion_matrix.csv"
     with csv_path.open("w", newline="") as f:
+        f.write(f"# IoU >= {iou:g}; confidence >= {conf:g}; rows: true class; columns: "
+                "predicted class\n")
         w = csv.writer(f)
-        w.writerow([f"# IoU >= {iou:g}, confidence >= {conf:g}; rows: true class, columns: "
-                    "predicted class"])
         w.writerow(["true \\ predicted", *labels])
         for name, row in zip(labels, matrix):
             w.writerow([name, *(int(v) for v in row)])

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 DEFAULT_INTERVAL_S = 20.0
@@ -42,6 +43,7 @@ class LineProgress:
         self.postfix = ""
         self.start = self.last = time.monotonic()
         self.closed = False
+        self.printed: int | None = None  # the count the last line showed
 
     def __iter__(self) -> Iterator[Any]:
         for item in self.iterable or ():
@@ -78,12 +80,15 @@ class LineProgress:
         return text + (f", {self.postfix}" if self.postfix else "")
 
     def _print(self, now: float | None = None) -> None:
+        self.printed = self.n
         print(self.line(now), file=self.file or sys.stderr, flush=True)
 
     def close(self) -> None:
+        """The closing line (unless the last line already showed the final count)."""
         if not self.closed:
             self.closed = True
-            self._print()
+            if self.printed != self.n:
+                self._print()
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
@@ -98,3 +103,10 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
                     dynamic_ncols=True)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial,
                         interval=interval, file=file)
+
+
+def wrote_line(folder: str | Path, names: Iterable[str]) -> str:
+    """A command's last line: ``wrote FOLDER: a, b, c`` naming those of ``names`` that exist."""
+    folder = Path(folder)
+    made = [n for n in names if (folder / n).exists()]
+    return f"wrote {folder}: {', '.join(made) if made else 'nothing'}"

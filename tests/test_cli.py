@@ -29,6 +29,8 @@ BAD_INPUTS: dict[str, tuple[list[str], str]] = {
               "hvd-yolo train: error: {tmp}/bad.yaml: not valid YAML"),
     "eval": (["eval", "--checkpoint", "{tmp}/missing.pt", "--data", "{tmp}"],
              "hvd-yolo eval: error: {tmp}/missing.pt: no such checkpoint file"),
+    "export": (["export", "{tmp}/missing.pt", "--format", "onnx", "--out", "{tmp}/m.onnx"],
+               "hvd-yolo export: error: {tmp}/missing.pt: no such checkpoint file"),
     "detect": (["detect", "--checkpoint", "{tmp}/missing.pt", "{tmp}/missing", "--out",
                 "{tmp}/d.json"], "hvd-yolo detect: error: "),
     "bench": (["bench", "train", "--size", "100"],

@@ -163,7 +163,7 @@ def _pycocotools_arrays(gt: dict, results: list[dict], max_det: int = 100) -> di
 def test_precision_from_matched_pairs_equals_pycocotools_arrays():
     import numpy as np
 
-    from hvd_yolo.metrics import match_images, precision_recall
+    from hvd_yolo.matches import match_images, precision_recall
 
     gt, results = _noisy_case()
     assert any(a["iscrowd"] for a in gt["annotations"])
@@ -183,7 +183,7 @@ def test_matched_pairs_gathered_from_ranks_equal_one_rank():
     rank order they give one rank's curves, F1 and confusion matrix exactly."""
     import numpy as np
 
-    from hvd_yolo.metrics import (
+    from hvd_yolo.matches import (
         confusion_matrix,
         f1_confidence,
         match_images,
@@ -212,7 +212,7 @@ def test_matched_pairs_gathered_from_ranks_equal_one_rank():
 def test_confusion_matrix_and_f1_by_hand():
     import numpy as np
 
-    from hvd_yolo.metrics import confusion_matrix, f1_confidence, match_images
+    from hvd_yolo.matches import confusion_matrix, f1_confidence, match_images
 
     gt = {"images": [{"id": 1, "width": 200, "height": 200}],
           "annotations": [

@@ -96,7 +96,7 @@ def test_eval_plots_on_two_ranks_agree_with_pycocotools(plot_run, tmp_path):
     assert ref.max() > 0  # the comparison is not all zeros
     # the confusion matrix counts every ground-truth box once (its row), at the stated IoU
     lines = (plots / "confusion_matrix.csv").read_text().splitlines()
-    assert lines[0].startswith("# IoU >= 0.3, confidence >= 0.25")
+    assert lines[0].startswith("# IoU >= 0.3; confidence >= 0.25; rows: true class")
     table = list(csv.reader(lines[1:]))
     assert table[0][1:] == [*names, "background"]
     true_rows = sum(int(v) for row in table[1:-1] for v in row[1:])
@@ -112,7 +112,7 @@ def test_line_progress_prints_whole_lines_per_interval():
     lines = buf.getvalue().splitlines()
     assert "\r" not in buf.getvalue()
     assert lines[-1].startswith("eval: 5/5 batch (100%), ") and lines[-1].endswith("loss=0.5")
-    assert len(lines) == 6  # one per update (interval 0), one at the end
+    assert len(lines) == 5  # one per update (interval 0); the closing one would repeat the last
     quiet = io.StringIO()
     with progress_bar(total=100, desc="x", file=quiet, interval=3600) as slow:
         slow.update(50)

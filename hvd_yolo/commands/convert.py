@@ -81,11 +81,14 @@ def run(args: argparse.Namespace) -> int:
             annotations=args.annotations, images=args.images, split=args.split,
             allow_missing_labels=args.allow_missing_labels, label_frame=args.label_frame,
             reencode=args.reencode, allow_absolute_paths=args.allow_absolute_paths, comm=comm,
-            progress=not args.quiet and sys.stderr.isatty(),
+            progress=not args.quiet,  # a line per interval in logs
             command=["hvd-yolo", *sys.argv[1:]],
         )
     except ConversionError as e:  # raised on every rank; rank 0 says it
         raise RunError(str(e), show=rank == 0) from None
     if rank == 0:
         print(format_report(report, max_lines=args.max_issues))
+        from hvd_yolo.progress import wrote_line
+
+        print(wrote_line(args.out, ("manifest.json",)) + f" and {report['num_shards']} shard(s)")
     return 0

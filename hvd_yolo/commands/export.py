@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, default=0.25, help="--nms: score threshold")
     parser.add_argument("--iou", type=float, default=0.45, help="--nms: IoU threshold")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
-    parser.add_argument("--json", metavar="PATH", help="also write its figures as JSON ('-': stdout)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write what was exported as JSON ('-': stdout only)")
 
 
 def parse_size(text: str | None, default: int) -> tuple[int, int]:
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     info.update(checkpoint=str(args.checkpoint), classes=list(state["class_names"]),
                 model=state["model_name"])
     write_json(args.json, info)
+    if args.json == "-":
+        return 0
     shape = "dynamic batch, height, width" if args.dynamic else f"{size[0]}x{size[1]}"
     print(f"wrote {out} ({args.format}, {state['model_name']}, input {shape}, outputs "
           f"{', '.join(info['outputs'])}; {info['bytes'] / 1e6:.1f} MB)")

@@ -61,4 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(str(e), show=dist.is_root()) from None
     if dist.is_root():
         print("summary " + json.dumps(summary), flush=True)
+        from hvd_yolo.progress import wrote_line  # the last line: what the run wrote, where
+
+        print(wrote_line(summary["out_dir"], ("checkpoints/last.pt", "checkpoints/best.pt",
+                                              "metrics.jsonl", "results.png", "plots",
+                                              "tensorboard")), flush=True)
     return 0

@@ -347,6 +347,6 @@ def _manifest(fmt: str, meta: dict[str, Any], valid: int, num_shards: int,
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from hvd_yolo.progress import progress_bar  # tqdm on a terminal, else a line per interval
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="img")
