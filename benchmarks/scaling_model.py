@@ -132,7 +132,7 @@ def validate_measured(plan: dict, comm: dict) -> list[dict]:
 def project(plan: dict | None, fraction: float, overlap: float, fwd: float) -> list[dict]:
     """YOLOv3 416, batch 32 per H100, per link rate, node count and mode."""
     compute = H100_BATCH / H100_IMG_S
-    cycle = HOROVOD_GPU_CYCLE_S + (plan["measured"].get("negotiation_s", 0.0) if plan else 0.0)
+    cycle = HOROVOD_GPU_CYCLE_S + (plan["measured"]["negotiation_s"] if plan else 0.0)
     base = scaling.Inputs(compute_s=compute, backward_s=compute * (1 - fwd),
                           params=YOLOV3_PARAMS, batch=H100_BATCH, alpha_s=ALPHA_GPU_S,
                           cycle_s=cycle, bw=1.0, overlap=overlap,
@@ -167,10 +167,68 @@ def main() -> int:
              "projection": project(plan, fraction, overlap, fwd), "plan": plan,
              "sources": HOROVOD_BENCH_SOURCE}
     (OUT / "scaling_model.json").write_text(json.dumps(model, indent=1) + "\n")
-    text = markdown(model)
+    text = measured_markdown(record) + "\n" + markdown(model)
     (OUT / "MODEL.md").write_text(text)
     print(text)
     return 0
+
+
+def measured_markdown(rec: dict) -> str:
+    """cluster.json's tbf, mpi and comm sections as tables."""
+    lines = ["# Simulated cluster: links, MPI transport, modes at emulated GPU rates", ""]
+    tbf = rec.get("tbf", {})
+    if tbf:
+        lines += ["## tbf: the rate the namespaces' links hold (`cluster_bench.py --sections tbf`)",
+                  "", "TCP through the tbf-limited veth links, node 1 -> node 2 (one way) and "
+                  "both ways at once; bytes the receiving interface counted (Ethernet frames, "
+                  "what tbf meters; both ways also counts the other flow's ACKs) over the "
+                  "middle of a 6 s transfer, as a fraction of the set rate; medians of 3 "
+                  f"alternating rounds; load average before {tbf.get('load_before', ['?'])[0]}.",
+                  "", "| set rate | one way | both ways (slower direction) |", "|---|---|---|"]
+        for rate, r in tbf.items():
+            if isinstance(r, dict) and "one_way" in r:
+                lines.append(f"| {rate} Mbit/s | {r['one_way']:.3f} | {r['both_ways']:.3f} |")
+        lines.append("")
+    mpi = rec.get("mpi", {})
+    if mpi:
+        lines += ["## Horovod's allreduce under mpirun, per Open MPI TCP setting", "",
+                  "`hvd-yolo bench allreduce` (flat fp32 buffers, cycle 0.5 ms) launched with "
+                  "`launch.mpirun_argv` (`btl tcp,self`) from the login node; bus bandwidth "
+                  "bytes x 2(n-1)/n / time as a fraction of the link rate; medians of 3 "
+                  "alternating rounds.", "",
+                  "| nodes x link | setting | 4 MiB | 16 MiB | 64 MiB | load before |",
+                  "|---|---|---|---|---|---|"]
+        for case, per in mpi.items():
+            for cfg, v in per.items():
+                if not isinstance(v, dict) or "sizes" not in v:
+                    continue
+                cells = [f"{v['sizes'][str(k << 20)]['link_fraction']:.2f}"
+                         if str(k << 20) in v["sizes"] else "-" for k in (4, 16, 64)]
+                lines.append(f"| {case} | {cfg} | " + " | ".join(cells)
+                             + f" | {per.get('load_before', ['?'])[0]:.1f} |")
+        lines.append("")
+    comm = rec.get("comm", {})
+    if comm and "single" in comm:
+        reg = comm.get("regime") or {}
+        lines += [f"## Modes at {reg.get('regime', comm.get('link'))} ({comm.get('link')}), "
+                  f"{comm.get('nodes', 2)} nodes, {comm.get('model')} {comm.get('size')} batch "
+                  f"{comm.get('batch')}, launcher {comm.get('launcher', 'gloo')}", "",
+                  "| mode | img/s (rounds) | vs fp32 | vs fp16 | efficiency | MB/step |",
+                  "|---|---|---|---|---|---|"]
+        f32 = comm.get("fp32_sync", {}).get("img_per_sec_total")
+        f16 = comm.get("fp16_sync", {}).get("img_per_sec_total")
+        for name, r in comm.items():
+            if not isinstance(r, dict) or "img_per_sec_total" not in r:
+                continue
+            rounds = ", ".join(f"{x:.2f}" for x in r["img_per_sec_rounds"])
+            v32 = f"{r['img_per_sec_total'] / f32:.2f}" if f32 and name != "single" else ""
+            v16 = f"{r['img_per_sec_total'] / f16:.2f}" if f16 and name != "single" else ""
+            eff = f"{r['efficiency']:.2f}" if "efficiency" in r else ""
+            mb = (r.get("allreduce_bytes_per_step") or 0) / 1e6
+            lines.append(f"| {name} | {r['img_per_sec_total']:.2f} ({rounds}) | {v32} | {v16} "
+                         f"| {eff} | {mb:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def markdown(m: dict) -> str:
