@@ -198,7 +198,7 @@ def measured_markdown(rec: dict) -> str:
                   "both ways at once; bytes the receiving interface counted (Ethernet frames, "
                   "what tbf meters; both ways also counts the other flow's ACKs) over the "
                   "middle of a 6 s transfer, as a fraction of the set rate; medians of 3 "
-                  f"alternating rounds; load average before {tbf.get('load_before', ['?'])[0]}.",
+                  f"alternating rounds; load average before {tbf.get('load_before', [0])[0]:.1f}.",
                   "", "| set rate | one way | both ways (slower direction) |", "|---|---|---|"]
         for rate, r in tbf.items():
             if isinstance(r, dict) and "one_way" in r:
@@ -249,9 +249,12 @@ def measured_markdown(rec: dict) -> str:
 def markdown(m: dict) -> str:
     lines = ["# The scaling model: checked, and projected", "",
              "`benchmarks/scaling_model.py` (model: `hvd_yolo/scaling.py`), "
-             f"{m['created']}. Inputs: overlap {m['overlap']:.2f} and link fraction "
-             f"{m['link_fraction']:.2f} as measured by `hvd-yolo plan` on the simulated cluster; "
-             f"per-hop latency of a GPU cluster {m['alpha_gpu_s'] * 1e6:.0f} us (assumed).", "",
+             f"{m['created']}. Inputs: the share of the fp32 allreduce that overlap hides, "
+             f"{m['overlap']:.2f} (measured: `hvd-yolo plan` when a plan_*.json is here, else "
+             "cluster.json's 2-node training section, overlap on vs off); the link fraction of "
+             f"an MPI allreduce with 4 TCP connections per peer, {m['link_fraction']:.2f} "
+             "(measured, benchmarks/NOTES.md); per-hop latency of a GPU cluster "
+             f"{m['alpha_gpu_s'] * 1e6:.0f} us (assumed: not measurable here).", "",
              "## (b) Horovod's published 512-GPU benchmark (128 x 4 P100, 25 Gbit/s RoCE)", "",
              "| network | parameters | forward share (measured) | P100 img/s (published) | "
              "published efficiency | model | difference |", "|---|---|---|---|---|---|---|"]
