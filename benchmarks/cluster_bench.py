@@ -218,7 +218,7 @@ def tbf_probe(rate_mbit: float, seconds: float, both: bool) -> dict[str, float]:
         time.sleep(seconds - 2.5)
         t1, after = time.monotonic(), {d: cluster.interface_bytes(NAME, d)["rx"] for _, d in flows}
     finally:
-        for proc in procs:
+        for proc in procs[::-1]:  # sources first: a sink gone first resets their connection
             proc.kill()
             proc.wait()
     fr = {f"{s}->{d}": (after[d] - before[d]) * 8 / (t1 - t0) / (rate_mbit * 1e6)
@@ -284,7 +284,8 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[str],
-                     rounds: int, work: Path) -> dict[str, Any]:
+                     rounds: int, work: Path, launcher: str = "gloo",
+                     nodes: int = 2) -> dict[str, Any]:
     """``bench train`` (``common``) once alone on one node ("single": the efficiency baseline)
     and once per config on 2 nodes, in alternating order for ``rounds`` rounds; the medians of
     ``KEEP`` per config, with each round's img/s."""
@@ -298,7 +299,7 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
             elif name.startswith("shm_"):  # 2 ranks of this machine: shared memory, no link
                 argv = mpirun_argv(2) + hvd_yolo_argv(*common, *configs[name], "--json", str(out))
             else:
-                argv = job_argv("gloo", 2, hosts_of(2),
+                argv = job_argv(launcher, nodes, hosts_of(nodes),
                                 [*common, *configs[name], "--json", str(out)])
             rc = run(argv, 900, work / f"{section}_{name}_r{r}.log")
             if rc == 0 and out.exists():
@@ -317,6 +318,7 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
 
 
 COMM_CONFIGS = {  # name -> bench train options (section comm)
+    "fp32_sync": ["--compression", "none"],
     "fp16_sync": ["--compression", "fp16"],
     "powersgd_r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
     "local_k4": ["--compression", "fp16", "--sync", "local", "--local-steps", "4"],
@@ -324,23 +326,37 @@ COMM_CONFIGS = {  # name -> bench train options (section comm)
 
 
 def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Synchronisation modes at ``--comm-link``: img/s, 2-node efficiency, bytes per step."""
-    bring_up(2, args.comm_link)
+    """Synchronisation modes at ``--comm-link`` (or ``--regime``'s rate) on ``--comm-nodes``:
+    img/s, efficiency against one rank alone, bytes per step."""
+    regime_plan = None
+    if args.regime:
+        from hvd_yolo import regime
+
+        regime_plan = regime.plan_link(args.regime, args.comm_model, args.comm_size,
+                                       args.comm_batch, args.host_img_s)
+        args.comm_link = regime_plan["link"]
+        print(f"  regime {args.regime}: link {args.comm_link} ({regime_plan})", flush=True)
+    bring_up(args.comm_nodes, args.comm_link)
+    load = os.getloadavg()
     common = ["bench", "train", "--model", args.comm_model, "--size", str(args.comm_size),
               "--batch-size", str(args.comm_batch), "--threads", "1",
               "--iterations", str(args.comm_iterations or (4 if args.quick else 8)),
               "--warmup", "2", "--quiet"]
-    configs = {**COMM_CONFIGS, **({f"shm_{k}": v for k, v in COMM_CONFIGS.items()}
-                                  if args.comm_shm else {})}
-    result = alternate_rounds("comm", configs, common, args.rounds, work)
+    chosen = {k: v for k, v in COMM_CONFIGS.items()
+              if not args.comm_configs or k in args.comm_configs.split(",")}
+    configs = {**chosen, **({f"shm_{k}": v for k, v in chosen.items()} if args.comm_shm else {})}
+    result = alternate_rounds("comm", configs, common, args.rounds, work, args.comm_launcher,
+                              args.comm_nodes)
     cluster.down(NAME)
     result.update(link=args.comm_link, model=args.comm_model, size=args.comm_size,
-                  batch=args.comm_batch)
+                  batch=args.comm_batch, nodes=args.comm_nodes, launcher=args.comm_launcher,
+                  regime=regime_plan, load_before=load, load_after=os.getloadavg())
     if "single" in result:
         for name in configs:
             if name in result:
+                ranks = 2 if name.startswith("shm_") else args.comm_nodes
                 result[name]["efficiency"] = (result[name]["img_per_sec_total"]
-                                              / (2 * result["single"]["img_per_sec_total"]))
+                                              / (ranks * result["single"]["img_per_sec_total"]))
     return result
 
 
@@ -361,6 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comm-batch", type=int, default=8, help="the comm section's batch per rank")
     p.add_argument("--comm-iterations", type=int, default=0,
                    help="the comm section's timed steps (default 8, 4 with --quick)")
+    p.add_argument("--comm-nodes", type=int, default=2, help="the comm section's nodes")
+    p.add_argument("--comm-launcher", choices=("gloo", "mpi"), default="gloo",
+                   help="the comm section's launcher (mpi: launch.mpirun_argv's line)")
+    p.add_argument("--comm-configs", default="",
+                   help="the comm section's modes (keys of COMM_CONFIGS; default all)")
+    p.add_argument("--regime", default=None,
+                   help="the comm section's link from an emulated regime, e.g. h100:10gbit "
+                        "(hvd_yolo/regime.py; overrides --comm-link)")
+    p.add_argument("--host-img-s", type=float, default=None,
+                   help="--regime: one rank's img/s here if known (default: measured)")
     p.add_argument("--comm-shm", action="store_true",
                    help="the comm section also on 2 ranks of this machine (shared memory)")
     p.add_argument("--mpi-cases", default="2x1gbit,4x1gbit,2x25mbit,4x25mbit",
@@ -388,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.sections.split(","):
                 print(f"[cluster] {name}", flush=True)
                 got = sections[name](args, Path(tmp))
-                if name == "mpi":  # cases of separate runs add up
+                if name in ("mpi", "tbf"):  # cases of separate runs add up
                     record.setdefault(name, {}).update(got)
                 else:
                     record[name] = got

@@ -25,7 +25,7 @@ VENV_BIN = Path(sys.executable).parent
 FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "MKL_NUM_THREADS",
                  "CUDA_VISIBLE_DEVICES")
 FORWARD_PREFIXES = ("HOROVOD_", "NCCL_", "HVD_YOLO_", "TORCH_", "OMP_", "HDF5_", "PYTHON")
-TCP_LINKS: int | None = None  # TCP connections per peer pair for the tcp btl (None: Open MPI's 1)
+TCP_LINKS: int | None = 4  # TCP connections per peer pair (benchmarks/NOTES.md: one serialises)
 
 
 def is_subnet(network: str) -> bool:

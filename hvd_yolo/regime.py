@@ -9,7 +9,10 @@ sets the simulated link to ``10 Gbit/s x cpu / accelerator``.
 
 :data:`ACCELERATORS` is the one table of accelerator figures, each with its source. A figure
 holds for one model at one input size; other sizes are scaled by pixel count (compute per
-image grows with the pixels for a fully convolutional network).
+image grows with the pixels for a fully convolutional network). The gradient is sent once per
+step, so the ratio per image is the ratio per step when the accelerator trains the same batch
+per rank as the CPU run; the figures are at batch 32, the accelerator's efficient batch, so at
+a smaller batch the accelerator is slower and the emulated link is, if anything, too slow.
 """
 
 from __future__ import annotations

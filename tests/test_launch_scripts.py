@@ -86,6 +86,22 @@ def test_mpirun_line_gpu_iface_grace_and_binding() -> None:
     assert argv[-3:] == ["python", "-c", "print(1)"]
 
 
+def test_mpirun_line_opens_the_measured_tcp_connections_per_peer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TCP transport setting measured fastest across nodes is in every line (CPU and GPU),
+    and launch.mpirun_argv can still set another (the benchmarks compare them)."""
+    from hvd_yolo import launch
+
+    assert launch.TCP_LINKS and launch.TCP_LINKS > 1
+    for args in (["-np", "2"], ["--gpu", "-np", "4", "-H", "a:2,b:2", "--network", "eth0"]):
+        line = " ".join(dry_run(MPIRUN_SH, *args, "--exec", "true"))
+        assert f"--mca btl_tcp_links {launch.TCP_LINKS}" in line, line
+    monkeypatch.setenv("HVD_YOLO_GPU", "0")
+    argv = launch.mpirun_argv(2, tcp_links=1)
+    assert argv[argv.index("btl_tcp_links") + 1] == "1"
+    assert "btl_tcp_links" not in launch.mpirun_argv(2, tcp_links=None)
+
+
 @pytest.mark.parametrize("args,message", [
     (["-np", "two", "train"], "-np must be a positive integer, got 'two'"),
     (["--hostfile", "/nonexistent/hosts", "train"], "hostfile '/nonexistent/hosts' not found"),

@@ -36,7 +36,8 @@ def test_plan_measures_the_link_and_predicts_every_mode(sim: dict, tmp_path: Pat
     hosts = ",".join(f"{cluster.hostname(NAME, k)}:1" for k in (1, 2))
     argv = mpirun_argv(2, hosts=hosts, network=SUBNET, tag_output=True) + hvd_yolo_argv(
         "plan", "--model", "yolov3-tiny", "--size", "64", "--batch-size", "2", "--steps", "2",
-        "--link-mib", "4", "--project", "8,64", "--threads", "1", "--json", str(out))
+        "--link-mib", "4", "--project", "8,64", "--threads", "1", "--link", LINK,
+        "--json", str(out))
     res = run_argv(cluster.exec_argv(NAME, argv), timeout=420, cwd=REPO,
                    env={"OMP_NUM_THREADS": "1"})
     assert "recommended:" in res.output, res.output
@@ -47,6 +48,8 @@ def test_plan_measures_the_link_and_predicts_every_mode(sim: dict, tmp_path: Pat
     # its rate (nothing is faster than the link), and not absurdly below it.
     fraction = m["bw_bytes_per_s"] * 8 / cluster.rate_bps(LINK)
     assert 0.2 < fraction < 1.05, (fraction, res.output)
+    assert rec["link_bps"] == cluster.rate_bps(LINK)
+    assert f"the allreduce moved {fraction:.2f} of the {LINK} link" in res.output
     assert m["mpi_tiny_allreduce_s"] is not None and m["alpha_s"] > 0
     assert 0 <= m["overlap"] <= 1 and 0 < m["forward_share"] < 1
     modes = rec["modes"]
@@ -67,6 +70,7 @@ def test_plan_measures_the_link_and_predicts_every_mode(sim: dict, tmp_path: Pat
     (["--size", "100"], "--size must be a positive multiple of 32, got 100"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--project", "8,lots"], "--project '8,lots': expected node counts"),
+    (["--link", "fast"], "--link: link rate 'fast' is not a tc rate"),
 ])
 def test_plan_rejects_bad_input_in_one_line(args: list[str], message: str) -> None:
     proc = subprocess.run(hvd_yolo_argv("plan", *args), capture_output=True, text=True,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hvd_yolo import regime
+from hvd_yolo import cluster, regime
 from hvd_yolo.launch import hvd_yolo_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +90,32 @@ def test_cluster_up_regime_errors_are_one_line(args: list[str], message: str) ->
     assert proc.returncode == 2, proc
     assert proc.stderr.startswith("hvd-yolo cluster up: error: "), proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.mpi
+def test_cluster_up_with_a_regime_sets_the_tbf_rate_it_computed() -> None:
+    missing = cluster.missing_requirements()
+    if missing:
+        pytest.skip("no simulated cluster here, missing: " + "; ".join(missing))
+    name = f"r{os.getpid() % 100000}"
+    cluster.down(name)
+    try:
+        proc = subprocess.run(hvd_yolo_argv(
+            "cluster", "up", "--name", name, "--nodes", "2", "--subnet", "198.18.4.0/24",
+            "--regime", "h100:10gbit", "--model", "yolov3-tiny", "--size", "320",
+            "--host-img-s", "3.27"), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        want = regime.plan_link("h100:10gbit", "yolov3-tiny", 320, 8, host_img_s=3.27)
+        assert f"link {want['link']}" in proc.stdout, proc.stdout
+        info = cluster.status(name)
+        assert info["spec"]["link"] == want["link"] and info["regime"]["link"] == want["link"]
+        # Every node's link is shaped at that rate (tc prints it in its own units).
+        for host, node in info["nodes"].items():
+            m = re.search(r"rate (\d+(?:\.\d+)?)([KMG]?)bit", node["qdisc"])
+            assert m, (host, node["qdisc"])
+            bps = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+            assert bps == pytest.approx(want["link_bps"], rel=0.01), (host, node["qdisc"])
+        saved = json.loads((cluster.state_dir(name) / "cluster.json").read_text())
+        assert saved["regime"]["compute_ratio"] == pytest.approx(want["compute_ratio"])
+    finally:
+        cluster.down(name)

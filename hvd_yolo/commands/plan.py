@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=4)
     p.add_argument("--project", default="",
                    help="also predict for these node counts, e.g. 8,64,512 (same link)")
+    p.add_argument("--link", default=None,
+                   help="the nodes' link rate if known (e.g. 25gbit): the measured bandwidth "
+                        "is also shown as a fraction of it")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     p.add_argument("--json", dest="json_path", metavar="PATH", default=None,
                    help="write the measurements and predictions as JSON ('-': stdout only)")
@@ -139,7 +142,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     wait_off, wait_on = off["allreduce_wait_mean_s"], on["allreduce_wait_mean_s"]
     overlap = min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
     compute = statistics.fmean([off["compute_time_mean_s"], on["compute_time_mean_s"]])
+    half_cycle = float(settings.get("HOROVOD_CYCLE_TIME", 1.0)) / 2e3
     return {"world_size": n, "ranks_per_node": local, "nodes": nodes,
+            "negotiation_s": max(0.0, cycle - half_cycle),
             "horovod": settings, "tiny_allreduce_s": tiny, "mpi_tiny_allreduce_s": mpi_tiny,
             "link_allreduce_s": big, "link_allreduce_bytes": nbytes, "alpha_s": alpha,
             "cycle_s": cycle, "bw_bytes_per_s": bw, "overlap": overlap,
@@ -177,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
             from None
     if any(x < 1 for x in project):
         raise UsageError(f"--project {args.project!r}: node counts must be >= 1")
+    link_bps = None
+    if args.link:
+        from hvd_yolo.cluster import ClusterError, rate_bps
+
+        try:
+            link_bps = rate_bps(args.link)
+        except ClusterError as exc:
+            raise UsageError(f"--link: {exc}") from None
     m = measure(args)
     from hvd_yolo import dist
 
@@ -193,13 +206,16 @@ def run(args: argparse.Namespace) -> int:
     pred = scaling.predict(x, m["nodes"])
     best = scaling.recommend(pred)
     _print(args, m, x, pred, best)
+    if link_bps:
+        print(f"  the allreduce moved {m['bw_bytes_per_s'] * 8 / link_bps:.2f} of the "
+              f"{args.link} link")
     projection = {str(k): scaling.predict(x, k) for k in project}
     for k, pk in projection.items():
         print(f"  {k} nodes: " + ", ".join(f"{mode} {v['img_per_sec']:.1f} img/s "
                                            f"({v['efficiency']:.2f})" for mode, v in pk.items()))
     write_json(args.json_path, {
         "command": "plan", "model": args.model, "size": args.size, "batch": args.batch_size,
-        "measured": m, "inputs": x.to_dict(), "nodes": m["nodes"],
+        "measured": m, "inputs": x.to_dict(), "nodes": m["nodes"], "link_bps": link_bps,
         "modes": pred, "recommended": best, "projection": projection})
     return 0
 
