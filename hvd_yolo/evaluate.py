@@ -30,7 +30,7 @@ from hvd_yolo.model.postprocess import postprocess, to_original
 from hvd_yolo.stall import StallWatch
 
 if TYPE_CHECKING:
-    from hvd_yolo.dist import DistContext
+    from hvd_yolo.comm.horovod import DistContext
 
 _ERROR = "__error__"
 
@@ -198,7 +198,7 @@ def score_distributed(
     (including those with no detection); ``local_results``: their COCO results, at most one
     pass per image (``evaluate_loader`` guarantees it).
     """
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
 
     local = ([int(i) for i in seen_image_ids], _pack(local_results))
     gathered = dist.allgather_object(local, name="hvd_yolo.eval.gather")
