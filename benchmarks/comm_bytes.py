@@ -1,6 +1,6 @@
 """Bytes one rank puts into allreduces per optimizer step, by synchronisation mode, for a model
 (default YOLOv3, 80 classes, whose parameter shapes do not depend on the input size):
-fp32 and fp16 gradients, PowerSGD at ranks 1 and 4 (hvd_yolo.powersgd's own split into
+fp32 and fp16 gradients, PowerSGD at ranks 1 and 4 (hvd_yolo.comm.powersgd's own split into
 compressed and uncompressed tensors), local SGD every k steps (parameters and BatchNorm
 statistics in fp32, amortised over k; with the momentum: twice the parameters).
 
@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hvd_yolo.comm.powersgd import matrix_shape, wire_elements
 from hvd_yolo.model.yolov3 import build_model
-from hvd_yolo.powersgd import matrix_shape, wire_elements
 
 
 def table(model_name: str, classes: int = 80) -> dict:

@@ -26,11 +26,13 @@ class ConfigError(ValueError):
     """A config key, value or type that cannot work; the message names the key and the value."""
 
 
-# Gradient compression names (hvd_yolo.dist maps them to Horovod's compressors, powersgd to
-# hvd_yolo.powersgd's optimizer; the DDP benchmark baseline to its comm hooks).
+# Gradient compression names (hvd_yolo.comm.horovod maps them to Horovod's compressors, powersgd
+# to hvd_yolo.comm.powersgd; the DDP benchmark baseline to its comm hooks).
 COMPRESSIONS = ("none", "fp16", "powersgd")
-# How the ranks' models are kept together (hvd_yolo.sync builds the optimizer for each).
+# How the ranks' models are kept together (hvd_yolo.comm.build builds the GradSync for each).
 SYNCS = ("allreduce", "local")
+# How the gradients are combined (hvd_yolo.comm.allreduce maps them to Horovod's ops).
+OPS = ("average", "adasum")
 
 
 @dataclass
@@ -166,7 +168,7 @@ class Config:
             raise ConfigError(f"input.min_size={self.input.min_size} > input.max_size={self.input.max_size}")
         checks = {
             "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
-            "dist.op": (self.dist.op, {"average", "adasum"}),
+            "dist.op": (self.dist.op, set(OPS)),
             "dist.sync": (self.dist.sync, set(SYNCS)),
             "optim.name": (self.optim.name, {"sgd", "adamw"}),
             "data.tail": (self.data.tail, {"pad", "drop"}),

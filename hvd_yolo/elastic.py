@@ -21,8 +21,7 @@ the process elastic (``dist.elastic_launch()``).
   step, the committed sampler state, the samples read twice so far in its deal (``padded``),
   the world size and id, the time.
 
-Horovod is imported here as well as in ``dist.py``: ``hvd.elastic``'s state class and its ``run``
-decorator are the API (a subclass and a decorator, not collectives ``dist`` could wrap).
+Horovod's elastic state class and its ``run`` decorator live in ``hvd_yolo.comm.elastic``.
 ``--resume``: rank 0 loads the checkpoint before the first sync (a restarted launcher
 continues from it). Not supported in elastic runs (refused at start): ``dist.sync=local`` and
 ``dist.compression=powersgd`` (their extra state is not part of the commit).
@@ -31,43 +30,30 @@ continues from it). Not supported in elastic runs (refused at start): ``dist.syn
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import horovod.torch as hvd
-
-from hvd_yolo import checkpoint, dist, sync
+from hvd_yolo import checkpoint
+from hvd_yolo.comm import elastic as hvd_elastic
+from hvd_yolo.comm import horovod as dist
 from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.sampler import ShardSampler
 from hvd_yolo.evaluate import make_eval_loader
 from hvd_yolo.stall import StallWatch
 from hvd_yolo.train import Run, end_epoch, finish, make_loaders, setup, train_one_epoch
 
+ElasticState = hvd_elastic.ElasticState
 
-class ElasticState(hvd.elastic.TorchState):
+
+def elastic_state(run: Run, on_commit: Callable[[], None]) -> ElasticState:
     """What every rank rolls back to after a lost worker, and what a new worker receives."""
-
-    def __init__(self, run: Run, on_commit: Callable[[], None]) -> None:
-        extra: dict[str, Any] = {"ema_model": run.ema.ema} if run.ema is not None else {}
-        self._on_commit = on_commit
-        super().__init__(model=run.model, optimizer=run.optimizer, epoch=0, step=0,
-                         sampler=run.sampler.state_dict(0), best_map=-1.0,
-                         ema_updates=run.ema.updates if run.ema is not None else 0, **extra)
-
-    def commit(self) -> None:
-        self.save()
-        self._on_commit()  # the committed state: logged before the host check may interrupt
-        self.check_host_updates()  # Horovod: a broadcast of rank 0's host-change notices
-
-    def sync(self) -> None:
-        super().sync()  # Horovod: rank 0's weights, optimizer state and small state everywhere
-        # Horovod: the weights once more: a worker without optimizer state gets it from a
-        # zero-gradient step (weight decay moves its weights) inside the optimizer broadcast.
-        dist.broadcast_state(self.model)
+    extra: dict[str, Any] = {"ema_model": run.ema.ema} if run.ema is not None else {}
+    return ElasticState(run.model, run.optimizer, on_commit, epoch=0, step=0,
+                        sampler=run.sampler.state_dict(0), best_map=-1.0,
+                        ema_updates=run.ema.updates if run.ema is not None else 0, **extra)
 
 
 def load_checkpoint(run: Run, state: ElasticState, resume: str) -> None:
@@ -120,7 +106,7 @@ def elastic_sampler(run: Run, rank: int, size: int) -> ShardSampler:
 def adapt(run: Run, state: ElasticState) -> None:
     """Fit the loop to the current world and the committed state (every rank, after a sync)."""
     cfg, acc, bs = run.cfg, run.cfg.optim.accumulate, run.cfg.optim.batch_size
-    ctx = dist.DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), run.ctx.device)
+    ctx = dist.context(run.ctx.device)
     run.ctx = ctx
     sampler = elastic_sampler(run, ctx.rank, ctx.size)
     sampler.load_state_dict(state.sampler)  # another world: the epoch's unread samples re-dealt
@@ -142,7 +128,7 @@ def adapt(run: Run, state: ElasticState) -> None:
     run.best_map = state.best_map
     if run.ema is not None:
         run.ema.updates = state.ema_updates
-    sync.start_at(run.optimizer, run.step)
+    run.optimizer.start_at(run.step)
     run.watch.close()
     run.rank_log = run.out_dir / "ranks" / f"rank{ctx.rank}.jsonl"
     run.watch = StallWatch(run.rank_log.parent, ctx.rank, ctx.size, cfg.dist.stall_warning_s,
@@ -154,10 +140,7 @@ def adapt(run: Run, state: ElasticState) -> None:
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """``train.train()`` for an elastic launch; returns the final summary (same on every rank)."""
     check_supported(cfg)
-    # Horovod's response cache off: with it, a worker that joins a grown job fails in its first
-    # collectives (Gloo: "op.preamble.length <= op.nbytes"), measured with tests/test_elastic.py.
-    os.environ["HOROVOD_CACHE_CAPACITY"] = "0"
-    run = setup(cfg, timeline)  # no collective here: a late worker starts while others train
+    run = setup(cfg, timeline, elastic=True)  # no collective here: a late worker starts while others train
     make_loaders(run)
     run.sampler = run.loader.sampler.sampler = elastic_sampler(run, run.ctx.rank, run.ctx.size)
     log_path = run.out_dir / "ranks" / "elastic.jsonl"
@@ -175,7 +158,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
         log({"event": "commit", "step": run.step, "epoch": state.epoch, "sampler": to,
              "padded": padded})
 
-    state = ElasticState(run, on_commit)
+    state = elastic_state(run, on_commit)
     if resume and run.ctx.is_root:
         load_checkpoint(run, state, resume)
     figures: dict[str, Any] | None = None
@@ -189,7 +172,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
 
     run.on_step = on_step
 
-    @hvd.elastic.run
+    @hvd_elastic.run
     def loop(state: ElasticState) -> None:
         nonlocal figures
         adapt(run, state)

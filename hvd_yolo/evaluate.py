@@ -36,7 +36,7 @@ from hvd_yolo.model.postprocess import postprocess, to_original
 from hvd_yolo.stall import StallWatch
 
 if TYPE_CHECKING:
-    from hvd_yolo.dist import DistContext
+    from hvd_yolo.comm.horovod import DistContext
     from hvd_yolo.plots import PlotRequest
 
 _ERROR = "__error__"
@@ -141,7 +141,7 @@ def evaluate_loader(
         from hvd_yolo.progress import progress_bar
 
         batches = progress_bar(loader, desc="eval", unit="batch")
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
 
     keep_samples = plots is not None and dist.rank() == 0
     for images, metas in batches:
@@ -227,7 +227,7 @@ def score_distributed(
     (including those with no detection); ``local_results``: their COCO results, at most one
     pass per image (``evaluate_loader`` guarantees it).
     """
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
 
     seen = [int(i) for i in seen_image_ids]
     tables = None
@@ -296,7 +296,7 @@ def evaluate(model: nn.Module, loader: DataLoader, ds: ShardDataset, cfg: Config
     writes the detections as a COCO results json to ``results_path`` and the evaluation
     figures into ``plots_dir`` (a folder, or a ``PlotRequest``) when given; ``progress``: a
     progress bar on rank 0)."""
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
     from hvd_yolo.plots import PlotRequest
 
     batches: Iterable = eval_batches(loader, device, watch, step)

@@ -6,9 +6,10 @@ One optimizer step:
   -> forward, loss, backward: each gradient's allreduce starts from its backward hook
      (hvd.DistributedOptimizer with named_parameters; fp16-compressed by default)
   -> after ``accumulate`` backward passes: synchronize (wait for the allreduces), clip,
-     step, EMA update (``dist.compression=powersgd``: low-rank gradients, hvd_yolo.powersgd;
-     ``dist.sync=local``: no gradient allreduce, the weights averaged every
-     ``dist.local_steps`` steps and before every checkpoint, hvd_yolo.local_sgd)
+     step, EMA update, all through the step's ``comm.GradSync`` (``dist.compression=powersgd``:
+     low-rank gradients, hvd_yolo.comm.powersgd; ``dist.sync=local``: no gradient allreduce,
+     the weights averaged every ``dist.local_steps`` steps and before every checkpoint,
+     hvd_yolo.comm.local_sgd)
   -> every ``log_every`` steps (0: the last step only): average the step's loss parts (the
      mean over its ``accumulate`` micro-batches) over ranks; rank 0 logs them.
 Rank 0 alone prints, logs and writes checkpoints; every rank runs every collective.
@@ -33,14 +34,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo import checkpoint, dist, plots, sigterm, sync
+from hvd_yolo import checkpoint, comm, plots, sigterm
+from hvd_yolo.comm import horovod as dist
+from hvd_yolo.comm.syncbn import sync_batchnorm
 from hvd_yolo.config import Config, ConfigError
 from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.multiscale import resize_batch, size_for_step
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, evaluate, make_eval_loader
-from hvd_yolo.local_sgd import LocalSGDOptimizer
 from hvd_yolo.model import anchors as anchor_check
 from hvd_yolo.model.darknet_io import start_from_weights
 from hvd_yolo.model.loss import YoloLoss
@@ -84,10 +86,11 @@ def train_mode(model: torch.nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def horovod_environment(cfg: Config, timeline: str | None) -> dict[str, str]:
+def horovod_environment(cfg: Config, timeline: str | None, elastic: bool = False) -> dict[str, str]:
     """Horovod reads these at ``hvd.init()``: set them before it runs."""
     return dist.horovod_settings(cfg.dist.cycle_time_ms, cfg.dist.fusion_threshold_mb, cfg.dist.cuda,
-                                 timeline, cfg.dist.stall_warning_s, cfg.dist.stall_shutdown_s)
+                                 timeline, cfg.dist.stall_warning_s, cfg.dist.stall_shutdown_s,
+                                 elastic)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -170,7 +173,7 @@ class Start:
 
 
 def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, ema: ModelEMA | None,
+                 optimizer: comm.GradSync, ema: ModelEMA | None,
                  scaler: torch.amp.GradScaler, sampler: ShardSampler, class_names: list[str],
                  batches_per_epoch: int) -> Start:
     """Make every rank hold the same starting state: rank 0's fresh weights, or a checkpoint.
@@ -228,7 +231,7 @@ def resume_state(resume: str | None, cfg: Config, ctx: dist.DistContext, model: 
     # Horovod: rank 0's weights everywhere. A fresh optimizer is identical on every rank by
     # construction (Horovod's broadcast_optimizer_state would take a zero-gradient step to
     # create state, applying weight decay), so optimizer state is broadcast only on a resume.
-    dist.broadcast_state(model, optimizer if meta["path"] else None)
+    dist.broadcast_state(model, optimizer.optimizer if meta["path"] else None)
     if meta["path"] is None:
         return Start()
     if ema is not None:
@@ -264,7 +267,7 @@ class Run:
     val_ds: ShardDataset | None
     model: torch.nn.Module
     criterion: YoloLoss
-    optimizer: torch.optim.Optimizer
+    optimizer: comm.GradSync
     ema: ModelEMA | None
     scaler: torch.amp.GradScaler
     use_amp: bool
@@ -294,15 +297,10 @@ class Run:
     on_step: Any = None
     world_id: str | None = None
 
-    @property
-    def local(self) -> LocalSGDOptimizer | None:
-        """The optimizer of ``dist.sync=local`` (it averages the weights), else None."""
-        return self.optimizer if isinstance(self.optimizer, LocalSGDOptimizer) else None
 
-
-def setup(cfg: Config, timeline: str | None) -> Run:
+def setup(cfg: Config, timeline: str | None, elastic: bool = False) -> Run:
     """Horovod, the out_dir, the datasets, the model and optimizer, the sampler (every rank)."""
-    hvd_env = horovod_environment(cfg, timeline)
+    hvd_env = horovod_environment(cfg, timeline, elastic)
     ctx = dist.init(threads=cfg.dist.threads, use_cuda=cfg.dist.cuda)
     device, world, acc, bs = ctx.device, ctx.size, cfg.optim.accumulate, cfg.optim.batch_size
     out_dir = Path(cfg.run.out_dir)
@@ -334,7 +332,7 @@ def setup(cfg: Config, timeline: str | None) -> Run:
         if ctx.is_root:
             print(loaded, flush=True)
     if cfg.dist.sync_bn:
-        model = dist.sync_batchnorm(model, cuda=device.type == "cuda")
+        model = sync_batchnorm(model, cuda=device.type == "cuda")
     model.to(device)
     criterion = YoloLoss(model).to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -357,10 +355,8 @@ def setup(cfg: Config, timeline: str | None) -> Run:
     stop_at = min(total_steps, cfg.run.max_steps or total_steps)  # max_steps: stop early
     # LR scales with the global batch (averaged gradients); Adasum combines updates instead.
     base_lr = cfg.optim.lr * dist.lr_world_scale(cfg.dist.op, device) * acc
-    # hvd.DistributedOptimizer builds a new optimizer from the param groups (state is not
-    # carried over), so a checkpoint's optimizer state is loaded into the wrapper. PowerSGD and
-    # local SGD wrap it instead (hvd_yolo.sync).
-    optimizer = sync.distributed_optimizer(optimizer, model, cfg.dist, acc, cfg.run.seed)
+    # The step's communication (hvd_yolo.comm): a checkpoint's optimizer state is loaded into it.
+    optimizer = comm.build(cfg.dist, optimizer, model, acc, cfg.run.seed)
     return Run(cfg, ctx, out_dir, ckpt_dir, lock, watch, rank_log, hvd_env, train_ds, val_ds,
                model, criterion, optimizer, ema, scaler, use_amp, adasum, canvas, sampler,
                batches_per_epoch, steps_per_epoch, total_steps, stop_at, base_lr)
@@ -385,14 +381,9 @@ def save_checkpoint(run: Run, epoch: int, batches_done: int) -> Path | None:
     """Rank 0 writes a checkpoint after ``batches_done`` batches of ``epoch`` (every rank
     calls it: the BatchNorm statistics are averaged first); returns its path on rank 0."""
     run.watch.progress("averaging BatchNorm statistics, writing a checkpoint", run.step)
-    if run.local is not None:
-        # Horovod: local SGD: weights, buffers, optimizer state and EMA averaged over ranks (a
-        # checkpoint is taken right after an average: every rank holds the model it saves).
-        run.local.average_all(run.ema.ema if run.ema else None)
-    else:
-        # Horovod: BatchNorm running statistics (model and EMA) averaged over ranks.
-        dist.average_buffers([run.model, *([run.ema.ema] if run.ema else [])],
-                             "hvd_yolo.train.buffers")
+    # Horovod: BatchNorm running statistics (model and EMA) averaged over ranks; local SGD:
+    # weights, buffers, optimizer state and EMA (every rank holds the model it saves).
+    run.optimizer.before_save(run.model, run.ema.ema if run.ema else None)
     if not run.ctx.is_root:
         return None
     if batches_done:  # the sampler counts from where this epoch's iteration started
@@ -441,7 +432,7 @@ def log_step(run: Run, values: torch.Tensor, epoch: int, size: int, bar: Any) ->
     now = time.perf_counter()
     img_s = run.images_since * run.ctx.size / max(now - run.t_last, 1e-9)
     run.t_last, run.images_since = now, 0
-    sent = sync.bytes_sent(run.optimizer)  # PowerSGD, local SGD: rank 0's allreduce payload
+    sent = run.optimizer.bytes_sent  # PowerSGD, local SGD: rank 0's allreduce payload
     run.log.write({"type": "step", "step": run.step, "epoch": epoch, "lr": run.lr, "size": size,
                    "loss": avg[0], "box": avg[1], "obj": avg[2], "cls": avg[3], "img_s": img_s,
                    **({"bytes_sent": sent} if sent is not None else {})})
@@ -494,25 +485,19 @@ def train_one_epoch(run: Run, epoch: int) -> int:
             continue
         # ------------------------------------------------ optimizer step
         run.watch.progress(f"waiting for the other ranks' gradients of step {run.step + 1}", run.step)
-        if not run.adasum:
-            optimizer.synchronize()  # Horovod: wait for this step's allreduces
+        optimizer.synchronize()  # Horovod: this step's communication (Adasum: in step())
         # Horovod: one small allreduce decides for every rank: a stop request, a bad loss.
         run.stopped, bad = dist.nonfinite_ranks(run.stop.requested, bad_batch,
                                                 "hvd_yolo.train.decide")
         if bad:
             raise NonFiniteLoss(nonfinite_message(bad, run.step + 1, epoch))
-        if run.adasum:
-            optimizer.step()  # Horovod: Adasum waits for the updates the backward hooks combined
-        else:
-            scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            with optimizer.skip_synchronize():
-                scaler.step(optimizer)
-            scaler.update()
+        scaler.unscale_(optimizer)  # (Adasum: AMP off, and config refuses optim.clip_grad)
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        scaler.step(optimizer)  # the update: never communicates (Adasum: Horovod combines here)
+        scaler.update()
         optimizer.zero_grad()
-        if run.local is not None:
-            run.local.after_step()  # Horovod: every dist.local_steps steps, weights averaged
+        optimizer.after_step()  # Horovod: local SGD: every dist.local_steps steps, weights averaged
         if run.ema is not None:
             run.ema.update(model)
         run.step += 1
@@ -551,10 +536,6 @@ def train_one_epoch(run: Run, epoch: int) -> int:
 
 def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -> dict[str, Any]:
     """Train as configured; returns the final summary (same on every rank)."""
-    if dist.elastic_launch():  # horovodrun --min-np/--max-np: the loop survives lost/new workers
-        from hvd_yolo import elastic
-
-        return elastic.train(cfg, resume, timeline)
     # ---------------------------------------------------------------- set-up
     run = setup(cfg, timeline)
     ctx = run.ctx
@@ -563,7 +544,7 @@ def train(cfg: Config, resume: str | None = None, timeline: str | None = None) -
     start = resume_state(resume, cfg, ctx, run.model, run.optimizer, run.ema, run.scaler,
                          run.sampler, run.train_ds.class_names, run.batches_per_epoch)
     run.step, run.best_map = start.step, start.best_map
-    sync.start_at(run.optimizer, run.step)  # PowerSGD's start step, local SGD's warm-up
+    run.optimizer.start_at(run.step)  # PowerSGD's start step, local SGD's warm-up
     make_loaders(run)
     sigterm.announce_stops(run.out_dir, run.rank_log, ctx.rank)  # what a stop signal saves
     if ctx.is_root:

@@ -72,8 +72,8 @@ def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
     their optimizers sent over the timed steps: PowerSGD's is exactly its P, Q and
     uncompressed tensors per step; local SGD's is one fp32 average of the parameters and
     BatchNorm statistics every 2 steps."""
+    from hvd_yolo.comm.powersgd import wire_elements
     from hvd_yolo.model.yolov3 import build_model
-    from hvd_yolo.powersgd import wire_elements
 
     model = build_model("yolov3-tiny", 3)
     ps = _train(tmp_path, "--compression", "powersgd", "--powersgd-rank", "1")

@@ -202,7 +202,7 @@ def test_two_rank_evaluation_equals_one_rank(case):
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
         from hvd_yolo.evaluate import evaluate_loader
         from tests.test_evaluate import build_case
         ctx = dist.init(threads=1)

@@ -14,7 +14,7 @@ from tests.mpi_harness import VENV_BIN, run_python
 
 COLLECTIVES = """
     import torch
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
     ctx = dist.init(threads=1)
     import horovod.torch as hvd
     r, n = ctx.rank, ctx.size
@@ -59,7 +59,7 @@ def test_collectives_give_the_right_numbers_on_two_ranks(launcher: str) -> None:
 def test_a_rank_that_raises_ends_the_whole_job_non_zero() -> None:
     code = """
         import time
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
         ctx = dist.init(threads=1)
         import horovod.torch as hvd, torch
         hvd.allreduce(torch.ones(1), name="before")

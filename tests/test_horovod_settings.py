@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hvd_yolo import dist
+from hvd_yolo.comm import horovod as dist
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """mpi/mpirun.sh and mpi/horovodrun.sh: the launch lines they build, and real 2-rank jobs.
 
-The real jobs run tests/slurm/allreduce_job.py (hvd_yolo.dist: an allreduce and an
+The real jobs run tests/slurm/allreduce_job.py (hvd_yolo.comm.horovod: an allreduce and an
 allgather) and a short `hvd-yolo train` on 2 ranks; every one has a timeout and shows all
 output on failure. The
 ``--dry-run`` checks need no MPI at all.

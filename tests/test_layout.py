@@ -1,13 +1,17 @@
-"""Module boundaries: the evaluation command does not load the training loop, and the model's
+"""Module boundaries: the package's layers import only downwards and no module imports itself
+back through others; the evaluation command does not load the training loop, and the model's
 post-processing does not load the data pipeline."""
 
 from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import hvd_yolo
 
@@ -23,6 +27,147 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
+
+
+# The layers, bottom to top: a module may import from its own layer and the layers below it,
+# never from one above (function-level imports count). Every module of the package is in one.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    # no hvd_yolo imports: the version, the config dataclasses, COCO scoring (pycocotools), the
+    # out_dir lock, the stall watchdog, the mpirun line, the simulated cluster
+    ("base", ("__init__.py", "config.py", "metrics.py", "runlock.py", "stall.py", "launch.py",
+              "cluster.py")),
+    ("shards", ("shards/",)),  # source datasets -> shards (offline)
+    ("data", ("data/",)),  # shards -> batches (online)
+    # the network, its loss and decoding; checkpoint files (which rebuild a model)
+    ("model", ("model/", "checkpoint.py")),
+    ("comm", ("comm/",)),  # Horovod and the GradSync the loop steps
+    # the training loop and what it runs: optimizer and LR, evaluation
+    ("loop", ("loop/", "train.py", "elastic.py", "optim.py", "evaluate.py")),
+    # what the user runs: the CLI, its commands, the benchmarks behind `hvd-yolo bench`
+    ("commands", ("commands/", "cli.py", "bench/")),
+]
+
+
+def module_name(path: Path, root: Path) -> str:
+    """``hvd_yolo/comm/base.py`` -> ``hvd_yolo.comm.base``; a package's ``__init__`` -> it."""
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports(path: Path, root: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports, at any depth: ``from a.b import c`` is
+    ``a.b.c`` where that is a module, else ``a.b``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Every module of the package ``root`` -> the package's modules it imports."""
+    paths = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {name: package_imports(p, root, set(paths)) - {name} for name, p in paths.items()}
+
+
+def layer_of(name: str, root: Path) -> int:
+    rel = name.removeprefix(root.name).lstrip(".").replace(".", "/")
+    candidates = (f"{rel}.py", f"{rel}/__init__.py" if rel else "__init__.py")
+    for i, (_, members) in enumerate(LAYERS):
+        for rel_path in candidates:
+            if (root / rel_path).exists() and any(
+                    rel_path == m or (m.endswith("/") and rel_path.startswith(m)) for m in members):
+                return i
+    raise AssertionError(f"{name} is in no layer: add it to tests/test_layout.py's LAYERS")
+
+
+def upward_imports(root: Path) -> list[str]:
+    """Each import of a module from a layer above the importer's, as text."""
+    graph = import_graph(root)
+    out = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if layer_of(target, root) > layer_of(name, root):
+                out.append(f"{name} ({LAYERS[layer_of(name, root)][0]}) imports {target} "
+                           f"({LAYERS[layer_of(target, root)][0]})")
+    return out
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """The groups of modules that import each other, directly or through others (Tarjan)."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_every_module_imports_only_from_its_layer_and_below():
+    assert upward_imports(PACKAGE) == []
+
+
+def test_no_import_cycle():
+    assert import_cycles(PACKAGE) == []
+
+
+@pytest.fixture()
+def planted(tmp_path: Path) -> Path:
+    """A copy of the package's sources to damage."""
+    root = tmp_path / "hvd_yolo"
+    shutil.copytree(PACKAGE, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_an_upward_import_is_caught(planted: Path):
+    """comm importing the loop inside a function (the kind of import that hid the old cycles)."""
+    base = planted / "comm" / "base.py"
+    base.write_text(base.read_text() + "\n\ndef planted():\n    from hvd_yolo import train\n")
+    assert upward_imports(planted) == ["hvd_yolo.comm.base (comm) imports hvd_yolo.train (loop)"]
+    assert any("hvd_yolo.comm.base" in group for group in import_cycles(planted))
+
+
+def test_a_cycle_inside_one_layer_is_caught(planted: Path):
+    """Two modules of one layer importing each other pass the layer check, not this one."""
+    for path, other in (("augment.py", "sampler"), ("sampler.py", "augment")):
+        module = planted / "data" / path
+        module.write_text(module.read_text() + f"\n\ndef planted():\n"
+                          f"    from hvd_yolo.data import {other}\n")
+    assert upward_imports(planted) == []
+    assert import_cycles(planted) == [["hvd_yolo.data.augment", "hvd_yolo.data.sampler"]]
+
+
+def test_a_module_outside_every_layer_is_refused(planted: Path):
+    (planted / "stray.py").write_text("import hvd_yolo.comm\n")
+    with pytest.raises(AssertionError, match="hvd_yolo.stray is in no layer"):
+        upward_imports(planted)
 
 
 def test_eval_command_does_not_import_the_training_loop():

@@ -1,4 +1,4 @@
-"""Local SGD (dist.sync=local, hvd_yolo.local_sgd) through `hvd-yolo train` on 2 real ranks:
+"""Local SGD (dist.sync=local, hvd_yolo.comm.local_sgd) through `hvd-yolo train` on 2 real ranks:
 k=1 is synchronous SGD, k>1 keeps the ranks apart between averages and together right after
 each, and a run killed with -9 resumes on the uninterrupted run's trajectory."""
 
@@ -69,10 +69,10 @@ def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -
 
 SPY = """
 import sys
-from hvd_yolo import local_sgd
+from hvd_yolo.comm import local_sgd
 
 # Every rank prints a checksum of its weights before and after each average (product code runs).
-cls = local_sgd.LocalSGDOptimizer
+cls = local_sgd.LocalSGDSync
 after_step, average_all = cls.after_step, cls.average_all
 
 

@@ -71,7 +71,7 @@ def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------ collectives over the links
 ALLREDUCE = """
     import json, socket, sys, torch
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
     ctx = dist.init(threads=1)
     n, iters = {numel}, {iters}
     t = torch.empty(n)

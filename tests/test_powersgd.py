@@ -1,4 +1,4 @@
-"""PowerSGD (hvd_yolo.powersgd) on 2 real ranks: exact for low-rank gradients, error feedback
+"""PowerSGD (hvd_yolo.comm.powersgd) on 2 real ranks: exact for low-rank gradients, error feedback
 keeps what compression left out, every rank applies the same update, and `hvd-yolo train`
 with dist.compression=powersgd keeps the ranks together and resumes after a kill -9."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from hvd_yolo import checkpoint
+from hvd_yolo.comm.powersgd import matrix_shape, wire_elements
 from hvd_yolo.launch import hvd_yolo_argv
-from hvd_yolo.powersgd import matrix_shape, wire_elements
 from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_job, run_python
@@ -22,13 +22,13 @@ pytestmark = pytest.mark.mpi
 
 SETUP = """
     import hashlib, json, torch
-    from hvd_yolo import dist
-    from hvd_yolo.powersgd import PowerSGDOptimizer
+    from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.comm.powersgd import PowerSGDSync
 
     ctx = dist.init(threads=1)
     torch.manual_seed(0)
     model = torch.nn.Conv2d(32, 64, 3)  # weight [64, 32, 3, 3] -> M [64, 288]; bias uncompressed
-    opt = PowerSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+    opt = PowerSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
                             rank=RANK, start_step=START, accumulate=ACC, seed=0)
 
     def backward_with(grads):

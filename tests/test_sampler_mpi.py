@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANK_CODE = """
 import torch
 from torch.utils.data import DataLoader
-from hvd_yolo import dist
+from hvd_yolo.comm import horovod as dist
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import ShardSampler
 

@@ -31,7 +31,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------ allreduce correctness
 EQUIVALENCE = """
     import torch, copy
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.comm.allreduce import distributed_optimizer
+    from hvd_yolo.comm.syncbn import sync_batchnorm
     from hvd_yolo.config import OptimConfig
     from hvd_yolo.model.loss import YoloLoss
     from hvd_yolo.model.yolov3 import build_model
@@ -79,10 +81,10 @@ EQUIVALENCE = """
     # Horovod: the same global batch split over ranks (SyncBN) and/or accumulation steps.
     net = copy.deepcopy(model)
     if ACC == 1:
-        net = dist.sync_batchnorm(net)
+        net = sync_batchnorm(net)
     else:
         freeze_bn(net)
-    opt = dist.distributed_optimizer(build_optimizer(net, cfg), net, COMPRESSION, ACC)
+    opt = distributed_optimizer(build_optimizer(net, cfg), net, COMPRESSION, ACC)
     crit = YoloLoss(net)
     parts = ctx.size * ACC
     for s in range(3):
@@ -132,12 +134,13 @@ def test_distributed_step_equals_one_big_batch(compression: str, accumulate: int
 
 ADASUM = """
     import torch
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.comm.allreduce import distributed_optimizer
 
     ctx = dist.init(threads=1)
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    opt = dist.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model,
+    opt = distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model,
                                      compression="none", op="adasum")
     x = torch.tensor([[1.0, 0.0], [1.0, 1.0]])[ctx.rank]  # rank r's gradient is x_r
     opt.zero_grad()

@@ -150,7 +150,7 @@ def _time_case(coll: _Coll, tensors: list[torch.Tensor], name: str,
 def run(args: argparse.Namespace) -> int:
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
-        from hvd_yolo.dist import horovod_settings
+        from hvd_yolo.comm.horovod import horovod_settings
 
         horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     dtypes = [d for d in args.dtypes.split(",") if d]

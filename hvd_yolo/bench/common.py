@@ -76,7 +76,7 @@ class BenchComm:
     def __init__(self, backend: str, threads: int | None, use_cuda: bool | None):
         self.backend = backend
         if backend == "horovod":
-            from hvd_yolo import dist
+            from hvd_yolo.comm import horovod as dist
 
             self._dist = dist
             ctx = dist.init(threads=threads, use_cuda=use_cuda)

@@ -62,7 +62,7 @@ def init(threads: int | None = None, use_cuda: bool | None = None,
          timeout_s: float = 300.0) -> DDPContext:
     """``torch.distributed.init_process_group`` from the launcher's environment; bind the device.
 
-    CPU: ``torch.set_num_threads(threads or cores // local_size)``, as ``hvd_yolo.dist.init``.
+    CPU: ``torch.set_num_threads(threads or cores // local_size)``, as ``hvd_yolo.comm.horovod.init``.
     """
     env = os.environ
     if {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= env.keys():

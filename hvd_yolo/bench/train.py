@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                          "use --overlap on")
     use_cuda = {"auto": None, "cpu": False, "cuda": True}[args.device]
     if args.backend == "horovod":
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
 
         dist.horovod_settings(args.cycle_time_ms, args.fusion_threshold_mb, use_cuda)
     elif args.timeline or args.cycle_time_ms is not None or args.fusion_threshold_mb is not None:
@@ -151,18 +151,18 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     hvd_ext = None
 
     if args.backend == "horovod":
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
 
         if args.overlap == "on":
-            from hvd_yolo import sync
+            from hvd_yolo.comm import build as build_sync
 
-            opt = sync.distributed_optimizer(opt, model, DistConfig(
+            opt = build_sync(DistConfig(
                 compression=args.compression, sync=args.sync, local_steps=args.local_steps,
                 powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step),
-                accumulate=k, seed=args.seed)
+                opt, model, accumulate=k, seed=args.seed)
         else:
             hvd_ext = dist  # --overlap off: one grouped allreduce after backward
-        dist.broadcast_state(model, opt)
+        dist.broadcast_state(model, opt.optimizer if args.overlap == "on" else opt)
     else:
         ddp = comm._ddp
         if args.overlap == "on" and distributed:
@@ -198,15 +198,11 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
                 comm._ddp.allreduce_flat_(grads, args.compression)
         sync_device(device)
         t2 = time.perf_counter()
-        if args.backend == "horovod" and args.overlap == "on":
-            with opt.skip_synchronize():
-                opt.step()
-        else:
-            opt.step()
+        opt.step()  # a GradSync's step never communicates
         opt.zero_grad()
         sync_device(device)
         t3 = time.perf_counter()
-        if args.sync == "local":
+        if args.backend == "horovod" and args.overlap == "on":
             opt.after_step()  # local SGD's weight average counts as communication
         t4 = time.perf_counter()
         return (t1 - t0, t2 - t1 + t4 - t3, t3 - t2, time.process_time() - c0,
@@ -217,11 +213,11 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
     if args.timeline and comm.rank == 0:
         Path(args.timeline).parent.mkdir(parents=True, exist_ok=True)
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
 
         dist.start_timeline(str(Path(args.timeline).resolve()))
     rows = []
-    sent_before = getattr(opt, "bytes_sent", None)
+    sent_before = opt.bytes_sent if args.backend == "horovod" and args.overlap == "on" else None
     t_start = time.perf_counter()
     for i in range(args.iterations):
         rows.append(one_iteration())
@@ -233,7 +229,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
                   f"{args.batch_size * k / (c + w + s):.2f} img/s per rank", flush=True)
     wall = time.perf_counter() - t_start
     if args.timeline and args.backend == "horovod":
-        from hvd_yolo import dist
+        from hvd_yolo.comm import horovod as dist
 
         dist.stop_timeline()
     # Every rank must end with bitwise the same weights (their gradients were averaged):

@@ -69,7 +69,7 @@ def collect() -> tuple[dict[str, Any], list[str]]:
         info["torch_threads"] = torch.get_num_threads()
     if info["horovod"]:
         try:
-            from hvd_yolo.dist import build_info
+            from hvd_yolo.comm.horovod import build_info
 
             info.update({f"horovod_{k}": v for k, v in build_info().items() if k != "horovod"})
             ctl = info["horovod_controllers"]

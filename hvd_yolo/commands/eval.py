@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hvd_yolo import dist
     from hvd_yolo.checkpoint import CheckpointError
+    from hvd_yolo.comm import horovod as dist
     from hvd_yolo.data.dataset import ShardDataset
     from hvd_yolo.evaluate import evaluate, make_eval_loader
     from hvd_yolo.shards.format import ShardError, error_text

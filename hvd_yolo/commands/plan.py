@@ -115,7 +115,7 @@ def _forward_share(args: argparse.Namespace, device: torch.device) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The scaling model's inputs on this job's ranks (every rank calls it)."""
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
     from hvd_yolo.bench import train as bench_train
     from hvd_yolo.bench.common import BenchComm, set_threads
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         except ClusterError as exc:
             raise UsageError(f"--link: {exc}") from None
     m = measure(args)
-    from hvd_yolo import dist
+    from hvd_yolo.comm import horovod as dist
 
     if dist.rank() != 0:
         return 0

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from hvd_yolo import dist
+from hvd_yolo.comm import horovod as dist
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""PowerSGD gradient compression (Vogels et al., NeurIPS 2019) on Horovod allreduces.
+"""PowerSGD gradient compression (Vogels et al., NeurIPS 2019) on Horovod allreduces, as a
+:class:`~hvd_yolo.comm.base.GradSync` (``dist.compression=powersgd``).
 
 Each compressible gradient (a conv weight viewed as ``M = [out, in*k*k]``) is sent as two
 rank-``r`` factors instead of ``out*in*k*k`` numbers, with error feedback and a warm-started Q:
@@ -14,8 +15,8 @@ Tensors where rank r would not save at least ``MIN_RATIO`` x the bytes (biases, 
 small convs) are averaged uncompressed (fp32), also started from their backward hooks. Before
 ``start_step`` every gradient goes uncompressed, as in torch's PowerSGD hook
 (``start_powerSGD_iter``). Horovod's ``Compressor`` cannot keep per-tensor state or run two
-rounds, hence this optimizer instead of ``hvd.DistributedOptimizer``. The error feedback is
-this rank's and is not checkpointed: a resume restarts it from zero (Q from the seed). With
+rounds, hence this GradSync instead of ``hvd.DistributedOptimizer``. The error feedback is
+this rank's own; it and Q are :meth:`PowerSGDSync.comm_state_dict`. With
 AMP (CUDA) the factors and the error feedback are in the loss scale's units; a scale change
 leaves the error one step in the old units.
 """
@@ -26,8 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
-from hvd_yolo import dist
-from hvd_yolo.sync import WrappedOptimizer
+from hvd_yolo.comm import horovod as dist
+from hvd_yolo.comm.base import GradSync
 
 MIN_RATIO = 2.0  # compress a matrix only where rank r sends at most half its elements
 
@@ -61,7 +62,7 @@ def orthonormalize(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(p, mode="reduced")[0]
 
 
-class PowerSGDOptimizer(WrappedOptimizer):
+class PowerSGDSync(GradSync):
     """Wraps a torch optimizer: backward hooks start each gradient's first round; call
     ``synchronize()`` on every rank once per optimizer step, then ``step()``."""
 
@@ -152,3 +153,15 @@ class PowerSGDOptimizer(WrappedOptimizer):
         for name in self.passes:
             self.passes[name] = 0
         self.steps += 1
+
+    def comm_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This rank's error feedback and the warm-started Q (the same on every rank)."""
+        return {"q": dict(self.q), "error": dict(self.error)}
+
+    def load_comm_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        device = {n: p.device for n, p in self.params}
+        self.q = {n: t.to(device[n]) for n, t in state["q"].items() if n in device}
+        self.error = {n: t.to(device[n]) for n, t in state["error"].items() if n in device}
+
+    def reset_comm_state(self) -> None:
+        self.q, self.error = {}, {}

@@ -5,7 +5,7 @@ What is averaged: the parameters and the floating-point buffers (BatchNorm stati
 with ``sync_momentum``, the optimizer's floating-point state (SGD momentum, AdamW moments).
 For the first ``warmup_steps`` steps the gradients are averaged instead, every step, by one
 grouped allreduce after backward (post-local SGD, Lin et al., ICLR 2020). Before a checkpoint
-or an evaluation :meth:`LocalSGDOptimizer.average_all` averages everything, the EMA included,
+or an evaluation :meth:`LocalSGDSync.average_all` averages everything, the EMA included,
 so a checkpoint always holds the one model every rank has. Gradient clipping clips each rank's
 own gradient.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from hvd_yolo import dist
-from hvd_yolo.sync import WrappedOptimizer
+from hvd_yolo.comm import horovod as dist
+from hvd_yolo.comm.base import GradSync
 
 
 def float_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -35,7 +35,7 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
         b for b in model.buffers() if b.is_floating_point()]
 
 
-class LocalSGDOptimizer(WrappedOptimizer):
+class LocalSGDSync(GradSync):
     """Wraps a torch optimizer for ``dist.sync=local``; the loop calls ``synchronize()`` before
     the step and ``after_step()`` after it, on every rank."""
 
@@ -71,6 +71,20 @@ class LocalSGDOptimizer(WrappedOptimizer):
             tensors += float_state(self.optimizer)
         self._average(tensors)
         return True
+
+    def before_save(self, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
+        """Every rank holds the same weights, buffers, optimizer state and EMA afterwards."""
+        self.average_all(ema)
+
+    def comm_state_dict(self) -> dict[str, torch.Tensor]:
+        # A checkpoint follows an average of everything: the count is all that is this rank's.
+        return {"averages": torch.tensor(self.averages)}
+
+    def load_comm_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.averages = int(state["averages"])
+
+    def reset_comm_state(self) -> None:
+        self.averages = 0
 
     def average_all(self, ema: torch.nn.Module | None = None) -> None:
         """Average the weights, buffers, optimizer state and ``ema``'s weights and buffers:

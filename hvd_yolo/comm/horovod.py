@@ -1,6 +1,6 @@
-"""Everything Horovod: init, device binding, optimizer wrapping, broadcasts, metric averaging.
+"""Horovod itself: its knobs, init and device binding, and every collective the package runs.
 
-This is the only module that imports ``horovod``. The rest of the package asks it for the
+Only ``hvd_yolo.comm`` imports ``horovod``. The rest of the package asks this module for the
 rank, the world size and the collectives it needs, so the model and data code know nothing of
 ranks and every collective is easy to audit (each must be called on every rank).
 """
@@ -48,15 +48,20 @@ STALL_BACKSTOP_S = 60.0
 def horovod_settings(cycle_time_ms: float | None = None, fusion_threshold_mb: float | None = None,
                      use_cuda: bool | None = None, timeline: str | None = None,
                      stall_warning_s: float | None = None,
-                     stall_shutdown_s: float | None = None) -> dict[str, str]:
+                     stall_shutdown_s: float | None = None,
+                     elastic: bool = False) -> dict[str, str]:
     """Set the Horovod knobs read at ``hvd.init()``; returns the tuning knobs in force.
 
     An explicit argument wins, then what the user exported, then this project's CPU default
     (``CPU_CYCLE_TIME_MS``); anything else is left to Horovod. Call it before :func:`init`.
     ``stall_warning_s``: Horovod's stall inspector warns (naming the ranks that did not submit a
     tensor) after it; ``stall_shutdown_s`` (0: never): Horovod shuts down
-    ``STALL_BACKSTOP_S`` after it.
+    ``STALL_BACKSTOP_S`` after it. ``elastic``: Horovod's response cache off (with it, a
+    worker that joins a grown job fails in its first collectives, Gloo:
+    "op.preamble.length <= op.nbytes", measured with tests/test_elastic.py).
     """
+    if elastic:
+        os.environ["HOROVOD_CACHE_CAPACITY"] = "0"
     if stall_warning_s:
         os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, round(stall_warning_s)))
     if stall_shutdown_s:
@@ -92,6 +97,11 @@ def init(threads: int | None = None, use_cuda: bool | None = None) -> DistContex
         device = torch.device("cpu")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(threads or max(1, (cores or 1) // hvd.local_size()))
+    return DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), device)
+
+
+def context(device: torch.device) -> DistContext:
+    """This process's place in the current world (elastic runs: after a world change)."""
     return DistContext(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), device)
 
 
@@ -196,7 +206,7 @@ def nonfinite_ranks(stop: bool, bad_batch: int | None, name: str) -> tuple[bool,
 
 def compressor(name: str) -> Any:
     """Horovod's compressor for a name of ``config.COMPRESSIONS`` (the one table)."""
-    # powersgd is its own optimizer (hvd_yolo.powersgd): its factors and the tensors it leaves
+    # powersgd is its own GradSync (hvd_yolo.comm.powersgd): its factors and the tensors it leaves
     # uncompressed go through plain fp32 allreduces.
     table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
              "powersgd": hvd.Compression.none}
@@ -204,81 +214,6 @@ def compressor(name: str) -> Any:
     if name not in table:
         raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {name!r}")
     return table[name]
-
-
-def distributed_optimizer(
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    compression: str = "fp16",
-    accumulate: int = 1,
-    op: str = "average",
-) -> torch.optim.Optimizer:
-    """Wrap ``optimizer`` in ``hvd.DistributedOptimizer``.
-
-    ``named_parameters`` makes each gradient's allreduce start from its backward hook, so
-    communication overlaps the rest of the backward pass. ``accumulate`` maps to
-    ``backward_passes_per_step`` (allreduce once every k backward passes).
-    """
-    if compression == "powersgd":
-        raise ValueError("powersgd is not a Horovod compressor: hvd_yolo.sync builds its optimizer")
-    ops = {"average": hvd.Average, "adasum": hvd.Adasum, "sum": hvd.Sum}
-    if op not in ops:
-        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
-    return hvd.DistributedOptimizer(
-        optimizer,
-        named_parameters=model.named_parameters(),
-        compression=compressor(compression),
-        backward_passes_per_step=accumulate,
-        op=ops[op],
-    )
-
-
-class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
-    """BatchNorm whose training statistics cover the whole global batch, on the CPU.
-
-    ``hvd.SyncBatchNorm`` only accepts CUDA tensors. Here the per-channel sums, sums of squares
-    and counts go through one differentiable ``hvd.allreduce`` (its backward allreduces the
-    gradients), so forward and backward equal BatchNorm over the concatenated batch.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not hvd.is_initialized() or hvd.size() == 1:
-            return super().forward(x)
-        c = x.shape[1]
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
-                           x.new_tensor([x.numel() / c])])
-        total = hvd.allreduce(local, op=hvd.Sum)
-        count = total[-1]
-        mean = total[:c] / count
-        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                unbiased = var.detach() * count / (count - 1).clamp_min(1)
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
-
-
-def sync_batchnorm(model: torch.nn.Module, cuda: bool | None = None) -> torch.nn.Module:
-    """Replace every BatchNorm2d with a synchronised one (statistics over all ranks):
-    ``hvd.SyncBatchNorm`` on CUDA, ``CPUSyncBatchNorm`` on the CPU."""
-    if cuda is None:
-        cuda = torch.cuda.is_available()
-    for name, child in list(model.named_children()):
-        if isinstance(child, torch.nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
-            cls = hvd.SyncBatchNorm if cuda else CPUSyncBatchNorm
-            sync = cls(child.num_features, child.eps, child.momentum, child.affine,
-                       child.track_running_stats)
-            sync.load_state_dict(child.state_dict())
-            setattr(model, name, sync)
-        else:
-            sync_batchnorm(child, cuda)
-    return model
 
 
 def build_info() -> dict[str, Any]:
