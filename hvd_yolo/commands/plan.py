@@ -115,9 +115,9 @@ def _forward_share(args: argparse.Namespace, device: torch.device) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """The scaling model's inputs on this job's ranks (every rank calls it)."""
-    from hvd_yolo.comm import horovod as dist
     from hvd_yolo.bench import train as bench_train
     from hvd_yolo.bench.common import BenchComm, set_threads
+    from hvd_yolo.comm import horovod as dist
 
     settings = dist.horovod_settings()
     set_threads(1)
