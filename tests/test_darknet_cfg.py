@@ -228,3 +228,26 @@ def test_eval_wants_a_checkpoint_or_a_pair(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("hvd-yolo eval: error: give --checkpoint, or --cfg and "
                                    "--weights (a Darknet pair)")
+
+
+def test_eval_scores_a_pair_as_its_imported_checkpoint(tmp_path):
+    from hvd_yolo.data.dataset import ShardDataset
+    from tests.fixtures.datagen import synthetic_shards
+
+    shards = synthetic_shards(tmp_path / "data", 6, seed=2, shards=1, size=64)
+    names = ShardDataset(shards).class_names
+    model = _randomised("yolov3-tiny", len(names), seed=3)
+    cfg, weights = tmp_path / "m.cfg", tmp_path / "m.weights"
+    cfg.write_text(cfg_text(model, 64))
+    save_darknet_weights(model, weights)
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    pair = ["--cfg", str(cfg), "--weights", str(weights), "--names", str(tmp_path / "classes.txt")]
+    subprocess.run(hvd_yolo_argv("model", "import", *pair, "--out", str(tmp_path / "m.pt")),
+                   check=True, capture_output=True, timeout=180)
+    figures = []
+    for how in (pair, ["--checkpoint", str(tmp_path / "m.pt")]):
+        proc = subprocess.run(hvd_yolo_argv("eval", *how, "--data", str(shards), "--json", "-"),
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        figures.append(json.loads(proc.stdout))
+    assert figures[0]["images"] == 6 and figures[0] == figures[1]

@@ -65,6 +65,7 @@ def load_darknet_model(cfg_path: str | Path, weights: str | Path, names: str | P
     header = load_darknet_weights(model, weights)
     labels, names_from = class_names(cfg_path, spec.num_classes, names)
     cfg.model.name = spec.name
+    cfg.data.train = f"darknet:{weights}"  # where the weights came from (no shards trained here)
     cfg.input.size = max(spec.width, spec.height)
     if hasattr(cfg.model, "anchors"):
         cfg.model.anchors = [[list(a) for a in scale] for scale in spec.anchors]
