@@ -99,13 +99,20 @@ def results_png(metrics_path: str | Path, out_path: str | Path) -> Path:
     ax.set_xlabel("epochs trained")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.legend(loc="best")
     if not evals:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"{Path(metrics_path).parent.name}: {len(steps)} logged steps, "
                  f"{len(evals)} evaluations")
     fig.tight_layout()
     return _save(fig, Path(out_path))
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _num(v: Any) -> float:
@@ -187,7 +194,7 @@ def f1_curve(path: Path, f1: dict[str, np.ndarray], names: Sequence[str]) -> Pat
     ax.set(xlabel="confidence threshold", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02),
            title="F1 against confidence (IoU 0.5)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8, ncol=_legend_cols(int(valid.sum()) + 1))
+    ax.legend(loc="best", fontsize=8, ncol=_legend_cols(int(valid.sum()) + 1))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -261,7 +268,7 @@ def prediction_grid(path: Path, samples: Sequence[tuple[int, np.ndarray, float]]
                         f"{float(r['score']):.2f}", color="white", fontsize=6, va="bottom",
                         bbox={"facecolor": c, "alpha": 0.8, "pad": 1, "lw": 0})
                 shown += 1
-        ax.set_title(f"image {img_id}: {shown} detections", fontsize=8)
+        ax.set_title(f"image {img_id}: {shown} detected", fontsize=8)
     handles = [Line2D([], [], color=GT_COLOR, ls="--", label="ground truth")]
     handles += [Line2D([], [], color=color_of[int(c)], label=f"predicted {name_of[int(c)]}")
                 for c in category_ids][:10]
