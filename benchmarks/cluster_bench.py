@@ -20,6 +20,13 @@ started from its login node like a real job. Sections:
              counted. --comm-model/--comm-size/--comm-batch pick the network (default
              yolov3-tiny 320, batch 8; `yolov3 416 2` for the full model); --comm-shm adds
              each mode on 2 ranks of this machine over Open MPI's shared memory (shm_*).
+  mpi        `hvd-yolo bench allreduce` under launch.mpirun_argv's line per Open MPI TCP setting
+             (--mpi-configs: btl_tcp_links 1/2/4/8, forced ring, socket buffers, busy-polling)
+             on --mpi-cases NODESxRATE; the link fraction at 4, 16 (and 64) MiB.
+  tbf        how closely the tbf-limited links hold 10-1000 Mbit/s: raw TCP, one way and both
+             ways at once, bytes counted by the receiving interface.
+  --regime h100:10gbit sets the comm section's link from an emulated GPU regime
+  (hvd_yolo/regime.py); --comm-launcher mpi runs it under the package's mpirun line.
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
