@@ -1,9 +1,9 @@
 """Run configuration: nested dataclasses, loaded from YAML, overridden with ``--set a.b=value``.
 
 The resolved config is saved in every checkpoint and printed at start, so a run can always be
-reproduced from its checkpoint alone. (One module, ~450 lines, on purpose: each key, its
-``#`` comment, which ``--print-config`` prints as its documentation, and its check live
-together, one place for each fact.)
+reproduced from its checkpoint alone. Over 350 lines on purpose: one job, nested dataclasses;
+each key, its ``#`` comment, which ``--print-config`` prints as its documentation, and its
+check live together, one place for each fact.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ COMPRESSIONS = ("none", "fp16", "powersgd")
 SYNCS = ("allreduce", "local")
 # How the gradients are combined (hvd_yolo.comm.allreduce maps them to Horovod's ops).
 OPS = ("average", "adasum")
+# The rest of the choices a config key offers, listed here once; the modules that act on them
+# import them from here (hvd_yolo.model.yolov3, hvd_yolo.data.sampler/dataset, hvd_yolo.optim).
+MODEL_NAMES = ("yolov3", "yolov3-tiny")
+# Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
+# all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
+CHECKPOINT_MODES = ("none", "backbone", "all")
+TAILS = ("pad", "drop")  # the sampler's uneven end: pad to equal shares, or drop the rest
+ON_CORRUPT = ("skip", "error")  # a sample failing its CRC32/decode
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -166,11 +175,11 @@ class Config:
             "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
             "dist.op": (self.dist.op, set(OPS)),
             "dist.sync": (self.dist.sync, set(SYNCS)),
-            "optim.name": (self.optim.name, {"sgd", "adamw"}),
-            "data.tail": (self.data.tail, {"pad", "drop"}),
-            "data.on_corrupt": (self.data.on_corrupt, {"skip", "error"}),
-            "model.name": (self.model.name, {"yolov3", "yolov3-tiny"}),
-            "model.checkpoint": (self.model.checkpoint, {"none", "backbone", "all"}),
+            "optim.name": (self.optim.name, set(OPTIMIZERS)),
+            "data.tail": (self.data.tail, set(TAILS)),
+            "data.on_corrupt": (self.data.on_corrupt, set(ON_CORRUPT)),
+            "model.name": (self.model.name, set(MODEL_NAMES)),
+            "model.checkpoint": (self.model.checkpoint, set(CHECKPOINT_MODES)),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:

@@ -12,8 +12,9 @@ cls...)`` logits. Boxes decode Darknet's way (``box_from_raw``): centre ``(sigmo
 stride``, size ``exp(t) * anchor``, so published Darknet weights work unchanged. Anchors are in
 input pixels and, as in Darknet and ultralytics, the same at every input size.
 
-(One module, ~400 lines, on purpose: the layer list in cfg order, the forward over it and the
-activation-checkpoint segments cut from it are one definition of the network.)
+Over 350 lines on purpose: one job, YOLOv3 and YOLOv3-tiny; the layer list in cfg order, the
+forward over it and the activation-checkpoint segments cut from it are one definition of the
+network.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as checkpoint_segment
 
+from hvd_yolo.config import CHECKPOINT_MODES, MODEL_NAMES
+
 # Darknet's COCO anchors (pixels, at 416), per output scale, large stride first.
 YOLOV3_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((116, 90), (156, 198), (373, 326)),  # stride 32, mask 6,7,8
@@ -39,10 +42,6 @@ YOLOV3_TINY_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
     ((81, 82), (135, 169), (344, 319)),  # stride 32, mask 3,4,5
     ((23, 27), (37, 58), (81, 82)),  # stride 16, mask 1,2,3
 )
-MODEL_NAMES = ("yolov3", "yolov3-tiny")
-# Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
-# all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
-CHECKPOINT_MODES = ("none", "backbone", "all")
 MAX_STRIDE = 32
 WH_LOG_CLAMP = math.log(1000.0)  # exp(t) is clamped to 1000x the anchor (avoids inf early on)
 LEAKY_SLOPE = 0.1
