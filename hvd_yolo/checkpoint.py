@@ -407,7 +407,8 @@ def _flat(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _anchor_refusal(state: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The refusal when the anchors held with a checkpoint's weights differ from this run's."""
-    from hvd_yolo.model.yolov3 import anchors_in_weights, resolve_anchors
+    from hvd_yolo.config import resolve_anchors
+    from hvd_yolo.model.yolov3 import anchors_in_weights
 
     saved = anchors_in_weights(state.get("model") or {})
     now = resolve_anchors(new["model.name"], new.get("model.anchors"))

@@ -9,8 +9,9 @@ login node): ``horovodrun`` needs its launcher on the nodes' network.
 Names: namespaces ``hvdc-NAME-K`` (``hvdc-NAME-login``), bridge ``hvdc-NAME``, per-namespace
 files in ``/etc/netns/hvdc-NAME-*`` (``hosts`` and an ``ssh`` folder that ``ip netns exec``
 mounts over ``/etc``), state (keys, ``hostfile``, ``cluster.json``) in ``state_dir(NAME)``.
-``down`` finds everything by those names, so it also cleans up after a crash. (One module,
-~360 lines: up, status and down share that naming scheme, and down must undo what up does.)
+``down`` finds everything by those names, so it also cleans up after a crash. Over 350 lines
+on purpose: one job, a simulated multi-node cluster; up, status and down share that naming
+scheme, and down must undo what up does.
 """
 
 from __future__ import annotations

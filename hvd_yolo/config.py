@@ -1,9 +1,9 @@
 """Run configuration: nested dataclasses, loaded from YAML, overridden with ``--set a.b=value``.
 
 The resolved config is saved in every checkpoint and printed at start, so a run can always be
-reproduced from its checkpoint alone. (One module, ~450 lines, on purpose: each key, its
-``#`` comment, which ``--print-config`` prints as its documentation, and its check live
-together, one place for each fact.)
+reproduced from its checkpoint alone. Over 350 lines on purpose: one job, nested dataclasses;
+each key, its ``#`` comment, which ``--print-config`` prints as its documentation, and its
+check live together, one place for each fact.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,32 @@ COMPRESSIONS = ("none", "fp16", "powersgd")
 SYNCS = ("allreduce", "local")
 # How the gradients are combined (hvd_yolo.comm.allreduce maps them to Horovod's ops).
 OPS = ("average", "adasum")
+# The rest of the choices a config key offers, listed here once; the modules that act on them
+# import them from here (hvd_yolo.model.yolov3, hvd_yolo.data.sampler/dataset, hvd_yolo.optim).
+MODEL_NAMES = ("yolov3", "yolov3-tiny")
+# Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
+# all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
+CHECKPOINT_MODES = ("none", "backbone", "all")
+# The official Darknet cfgs' COCO anchors (pixels, at 416), per output scale, large stride first:
+# the defaults of model.anchors (hvd_yolo.model.yolov3 builds with them).
+# cfg/yolov3.cfg: anchors 10,13 16,30 33,23 30,61 62,45 59,119 116,90 156,198 373,326.
+YOLOV3_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
+    ((116, 90), (156, 198), (373, 326)),  # stride 32, mask 6,7,8
+    ((30, 61), (62, 45), (59, 119)),  # stride 16, mask 3,4,5
+    ((10, 13), (16, 30), (33, 23)),  # stride 8, mask 0,1,2
+)
+# cfg/yolov3-tiny.cfg: anchors 10,14 23,27 37,58 81,82 135,169 344,319 with masks 3,4,5 and
+# 0,1,2, which the published yolov3-tiny.weights were trained with. (Forks differ: the cfg of
+# ultralytics' Darknet-format yolov3 repository, and AlexeyAB's yolov4-tiny.cfg, use mask 1,2,3
+# for the stride-16 head, (23,27) (37,58) (81,82): set model.anchors for weights trained so.)
+YOLOV3_TINY_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
+    ((81, 82), (135, 169), (344, 319)),  # stride 32, mask 3,4,5
+    ((10, 14), (23, 27), (37, 58)),  # stride 16, mask 0,1,2
+)
+DEFAULT_ANCHORS = {"yolov3": YOLOV3_ANCHORS, "yolov3-tiny": YOLOV3_TINY_ANCHORS}
+TAILS = ("pad", "drop")  # the sampler's uneven end: pad to equal shares, or drop the rest
+ON_CORRUPT = ("skip", "error")  # a sample failing its CRC32/decode
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -170,11 +197,11 @@ class Config:
             "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
             "dist.op": (self.dist.op, set(OPS)),
             "dist.sync": (self.dist.sync, set(SYNCS)),
-            "optim.name": (self.optim.name, {"sgd", "adamw"}),
-            "data.tail": (self.data.tail, {"pad", "drop"}),
-            "data.on_corrupt": (self.data.on_corrupt, {"skip", "error"}),
-            "model.name": (self.model.name, {"yolov3", "yolov3-tiny"}),
-            "model.checkpoint": (self.model.checkpoint, {"none", "backbone", "all"}),
+            "optim.name": (self.optim.name, set(OPTIMIZERS)),
+            "data.tail": (self.data.tail, set(TAILS)),
+            "data.on_corrupt": (self.data.on_corrupt, set(ON_CORRUPT)),
+            "model.name": (self.model.name, set(MODEL_NAMES)),
+            "model.checkpoint": (self.model.checkpoint, set(CHECKPOINT_MODES)),
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
@@ -282,8 +309,6 @@ def check_caps(cfg: Config) -> None:
 
 def checked_anchors(m: ModelConfig) -> list[list[list[float]]]:
     """``model.anchors`` checked against ``model.name``, the official default when empty."""
-    from hvd_yolo.model.yolov3 import resolve_anchors
-
     try:
         anchors = resolve_anchors(m.name, m.anchors)
     except ValueError as e:
@@ -545,3 +570,43 @@ def to_commented_yaml(cfg: Config) -> str:
             else:
                 lines.append(f"{text}  # {note}" if note else text)
     return "\n".join(lines) + "\n"
+
+
+def check_anchors(anchors: Sequence[Sequence[Sequence[float]]], num_scales: int | None = None
+                  ) -> list[list[tuple[float, float]]]:
+    """``anchors`` as a list (one entry per output) of lists of ``(w, h)`` floats; ValueError
+    unless every scale has the same number of pairs, every value is a positive finite number
+    and (when given) there are ``num_scales`` scales."""
+    shape_error = ValueError(
+        f"anchors must be, per output scale, a list of [w, h] pairs in input pixels, e.g. "
+        f"[[[81, 82], [135, 169]], [[10, 14], [23, 27]]]; got {anchors!r}")
+    out: list[list[tuple[float, float]]] = []
+    try:
+        for scale in anchors:
+            pairs = [tuple(float(v) for v in pair) for pair in scale]
+            if any(len(pair) != 2 for pair in pairs):
+                raise shape_error
+            out.append(pairs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise shape_error from None
+    if not out or not all(out):
+        raise ValueError(f"anchors: every scale needs at least one [w, h] pair; got {anchors!r}")
+    if num_scales is not None and len(out) != num_scales:
+        raise ValueError(f"anchors: {len(out)} scales given, the model has {num_scales} outputs")
+    counts = [len(s) for s in out]
+    if len(set(counts)) != 1:
+        raise ValueError(f"anchors: every scale needs the same number of anchors, got {counts}")
+    bad = [p for s in out for p in s if not all(math.isfinite(v) and v > 0 for v in p)]
+    if bad:
+        raise ValueError(f"anchors: widths and heights must be positive pixels, got {bad[0]}")
+    return out
+
+
+def resolve_anchors(name: str, anchors: Sequence[Sequence[Sequence[float]]] | None
+                    ) -> list[list[tuple[float, float]]]:
+    """The anchors ``name`` is built with: ``anchors`` checked (``check_anchors``), or the
+    official default when it is None or empty."""
+    if name not in DEFAULT_ANCHORS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    default = DEFAULT_ANCHORS[name]
+    return check_anchors(anchors if anchors else default, len(default))

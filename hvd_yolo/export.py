@@ -41,7 +41,7 @@ class ExportModel(nn.Module):
             raise ValueError("NMS needs the decoding: export with decode as well")
         self.model, self.decode, self.nms, self.conf, self.iou = model.eval(), decode, nms, conf, iou
         self.strides = list(model.strides)
-        self.register_buffer("anchors", model.anchors.detach().clone(), persistent=False)
+        self.register_buffer("anchors", model.anchor_wh.detach().clone(), persistent=False)
 
     def output_names(self) -> list[str]:
         if self.nms:

@@ -467,7 +467,7 @@ fi
 # ------------------------------------------------------------------------------ train
 train_ready() {
   local f missing=""
-  for f in hvd_yolo/data/dataset.py hvd_yolo/data/sampler.py hvd_yolo/commands/convert.py hvd_yolo/train.py; do
+  for f in hvd_yolo/data/dataset.py hvd_yolo/data/sampler.py hvd_yolo/commands/convert.py hvd_yolo/loop/fixed.py; do
     [ -f "$f" ] || missing+="$f "
   done
   [ -z "$missing" ] || { record train FAIL "not in this tree yet: $missing"; return 1; }

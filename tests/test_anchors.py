@@ -15,12 +15,13 @@ import yaml
 from hvd_yolo import config
 from hvd_yolo.checkpoint import compare_run, restore_model
 from hvd_yolo.cli import main
+from hvd_yolo.config import DEFAULT_ANCHORS
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.transforms import letterbox
 from hvd_yolo.launch import hvd_yolo_argv
 from hvd_yolo.model import anchors as A
 from hvd_yolo.model.loss import YoloLoss
-from hvd_yolo.model.yolov3 import DEFAULT_ANCHORS, build_model
+from hvd_yolo.model.yolov3 import build_model
 from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import train_args
 

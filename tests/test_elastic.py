@@ -65,20 +65,23 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             size_range=(64, 96))
 
 
-def start_job(nodes: dict, shards: Path, out: Path) -> subprocess.Popen:
-    """The elastic job on the login node (or here), reading ``out/hosts`` as its hostfile."""
+def start_job(nodes: dict, shards: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """The elastic job on the login node (or here), reading ``out/hosts`` as its hostfile.
+    The ranks wait 30 s for each other, a joining worker included: on a loaded machine it
+    takes over 10 s to start Python and torch (10 s failed the re-add there)."""
     script = out.parent / "train_spy.py"
     script.write_text(WEIGHTS_AT_SAVE)
     argv = [str(REPO / "mpi" / "horovodrun.sh"), "--elastic", "2:3", "-np", "3",
             "--hostfile", str(out.parent / "hosts"), *nodes["net"], "--start-timeout", "60",
-            "--horovodrun-arg", "--gloo-timeout-seconds", "--horovodrun-arg", "10",
+            "--horovodrun-arg", "--gloo-timeout-seconds", "--horovodrun-arg", "30",
             "--horovodrun-arg", "--blacklist-cooldown-range", "--horovodrun-arg", "1",
             "--horovodrun-arg", "2", "--exec", "--", sys.executable, str(script),
             "train", "--set", f"data.train={shards}", "--set", "data.workers=0",
             "--set", "input.size=64", "--set", "optim.batch_size=2",
             "--set", f"optim.epochs={EPOCHS}", "--set", "optim.warmup_steps=2",
             "--set", f"run.out_dir={out}", "--set", "run.progress=false",
-            "--set", "dist.threads=1", "--set", "run.log_every=0", "--set", "run.commit_every=2"]
+            "--set", "dist.threads=1", "--set", "run.log_every=0", "--set", "run.commit_every=2",
+            *extra]
     if nodes["cluster"]:
         argv = cluster.exec_argv(nodes["cluster"], argv)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -150,20 +153,14 @@ def epoch_losses(kept: dict[int, list[dict]]) -> dict[int, float]:
     return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items())}
 
 
-def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(
-        nodes: dict, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def kill_and_re_add(nodes: dict, shards: Path, out: Path, *extra: str) -> tuple[str, float, float]:
+    """Run the job on 3 nodes; after 3 steps node 3 dies and is taken out of the list, the
+    job shrinks to 2; then it is back and listed, and the job grows to 3 again. Returns the
+    job's output, and when the node was killed and the first commit on 2 ranks came."""
     names = nodes["names"]
-    report: list[str] = []  # printed at the end, also when pytest captures output
-    # The reference: the same job, no failure.
-    ref = tmp_path / "ref" / "out"
-    ref.parent.mkdir()
-    list_hosts(ref, names)
-    finish(start_job(nodes, shards, ref), 300)
-
-    out = tmp_path / "run" / "out"
     out.parent.mkdir()
     list_hosts(out, names)
-    proc = start_job(nodes, shards, out)
+    proc = start_job(nodes, shards, out, *extra)
     try:
         wait_for(lambda: any(c["world"] == 3 and c["step"] >= 3 for c in commits(out)), proc,
                  120, "3 steps on 3 ranks")
@@ -189,27 +186,56 @@ def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     output = finish(proc, 240)
-    (tmp_path / "horovodrun.txt").write_text(output)
+    (out.parent / "horovodrun.txt").write_text(output)
     worlds = [e["world"] for e in events(out) if e["event"] == "start"]
     assert worlds[0] == 3 and 2 in worlds and worlds[-1] == 3, worlds
     assert "elastic: 2 rank(s)" in output and "elastic: 3 rank(s)" in output  # rank 0 says so
-    where = "simulated cluster" if nodes["cluster"] else "local names"
-    report.append(f"elastic ({where}): kill -> first step on 2 ranks: {t_shrunk - t_kill:.1f} s")
+    return output, t_kill, t_shrunk
 
-    # Every sample of each epoch read; the reads beyond once are the padding the job logged
-    # (per deal: the last commit's count).
-    kept = kept_steps(out)
+
+def every_sample_read(out: Path, kept: dict[int, list[dict]]) -> list[int]:
+    """Each epoch read every sample; the reads beyond once are the padding the job logged (per
+    deal: the last commit's count). Returns each epoch's padding."""
     padded: dict[tuple, int] = {}
     for c in commits(out):
         s = c["sampler"]
         deal = (s["epoch"], s["world_size"], json.dumps(s["legs"]))
         padded[deal] = max(padded.get(deal, 0), c["padded"])
+    pads = []
     for epoch in range(EPOCHS):
         reads = Counter(i for lines in kept.values() for x in lines if x["epoch"] == epoch
                         for i in x["samples"])
         pad = sum(n for deal, n in padded.items() if deal[0] == epoch)
         assert set(reads) == set(range(SAMPLES)), (epoch, sorted(set(range(SAMPLES)) - set(reads)))
         assert sum(reads.values()) == SAMPLES + pad, (epoch, reads, pad)
+        pads.append(pad)
+    return pads
+
+
+def last_weights_agree(output: str) -> None:
+    """The final weights are the same on every rank: the last save's checksum of each of the 3
+    (horovodrun tags lines by slot, which a new worker may share with a lost one)."""
+    sums = [line.split("weights=")[1] for line in output.splitlines() if "<stdout>:weights=" in line]
+    assert len(sums) >= 3 and len(set(sums[-3:])) == 1, sums
+
+
+def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(
+        nodes: dict, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report: list[str] = []  # printed at the end, also when pytest captures output
+    # The reference: the same job, no failure.
+    ref = tmp_path / "ref" / "out"
+    ref.parent.mkdir()
+    list_hosts(ref, nodes["names"])
+    finish(start_job(nodes, shards, ref), 300)
+
+    out = tmp_path / "run" / "out"
+    output, t_kill, t_shrunk = kill_and_re_add(nodes, shards, out)
+    where = "simulated cluster" if nodes["cluster"] else "local names"
+    report.append(f"elastic ({where}): kill -> first step on 2 ranks: {t_shrunk - t_kill:.1f} s")
+
+    # Every sample of each epoch read; the reads beyond once are the padding the job logged.
+    kept = kept_steps(out)
+    for epoch, pad in enumerate(every_sample_read(out, kept)):
         report.append(f"epoch {epoch}: {SAMPLES} samples read, {pad} padding repeat(s)")
 
     # The loss: the reference's until the failure (step 1 exactly; later ones up to the order of
@@ -229,9 +255,24 @@ def test_a_dead_node_shrinks_the_job_and_a_listed_one_grows_it(
         report.append(f"epoch {e} mean loss: {mine[e]:.4f} vs {theirs[e]:.4f} uninterrupted "
                       f"({mine[e] - theirs[e]:+.4f})")
 
-    # The final weights are the same on every rank: the last save's checksum of each of the 3
-    # (horovodrun tags lines by slot, which a new worker may share with a lost one).
-    sums = [line.split("weights=")[1] for line in output.splitlines() if "<stdout>:weights=" in line]
-    assert len(sums) >= 3 and len(set(sums[-3:])) == 1, sums
+    last_weights_agree(output)
     with capsys.disabled():
         print("\n" + "\n".join(report))
+
+
+@pytest.mark.parametrize("mode", [("dist.compression=powersgd", "dist.powersgd_rank=2",
+                                   "dist.powersgd_start_step=2"),
+                                  ("dist.sync=local", "dist.local_steps=3")],
+                         ids=["powersgd", "local_sgd"])
+def test_powersgd_and_local_sgd_survive_a_dead_node_and_a_listed_one(
+        nodes: dict, shards: Path, tmp_path: Path, mode: tuple[str, ...]) -> None:
+    """The same kill and re-add with PowerSGD and with local SGD: the job ends on 3 ranks with
+    the same weights everywhere, every sample of each epoch read, every step taken once by
+    every rank of its world; each world change restarts the ranks' communication state (a
+    warning says so), a reset inside one world would continue it from the commit."""
+    out = tmp_path / "run" / "out"
+    extra = [arg for setting in mode for arg in ("--set", setting)]
+    output, _, _ = kill_and_re_add(nodes, shards, out, *extra)
+    every_sample_read(out, kept_steps(out))
+    last_weights_agree(output)
+    assert "restarts from zero: the world changed (2 ranks now)" in output, output[-4000:]

@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from hvd_yolo.checkpoint import atomic_save
-from hvd_yolo.config import Config
+from hvd_yolo.config import DEFAULT_ANCHORS, Config
 from hvd_yolo.data.transforms import letterbox
 from hvd_yolo.launch import hvd_yolo_argv
 from hvd_yolo.model.darknet_io import load_darknet_weights
-from hvd_yolo.model.yolov3 import DEFAULT_ANCHORS, build_model
+from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.shards.format import decode_rgb
 from tests.fixtures.official import Unavailable, official_file
 

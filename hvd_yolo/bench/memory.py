@@ -26,8 +26,9 @@ change it; Horovod adds its fusion buffer (``HOROVOD_FUSION_THRESHOLD``, 128 MiB
 bisecting the batch, each probe measured in its own process (a probe that runs out of memory,
 CUDA OOM or killed, does not fit). Run it without mpirun: it measures one rank.
 
-(One module, ~380 lines, on purpose: the measurement, its fresh process per configuration and
-the budget search share one spec and one result format; split, each part would need the others.)
+Over 350 lines on purpose: one job, peak memory and img/s per input size; the measurement, its
+fresh process per configuration and the budget search share one spec and one result format,
+and split, each part would need the others.
 """
 
 from __future__ import annotations

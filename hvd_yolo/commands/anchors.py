@@ -79,8 +79,8 @@ def check_out(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hvd_yolo.config import resolve_anchors
     from hvd_yolo.model import anchors as A
-    from hvd_yolo.model.yolov3 import resolve_anchors
     from hvd_yolo.shards.format import ShardError
 
     if args.size <= 0 or args.size % 32:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hvd_yolo.cli import RunError, UsageError, write_json
-from hvd_yolo.model.yolov3 import MODEL_NAMES, YOLOv3, build_model, count_parameters
+from hvd_yolo.config import MODEL_NAMES
+from hvd_yolo.model.yolov3 import YOLOv3, build_model, count_parameters
 
 
 def _size(text: str) -> tuple[int, int]:

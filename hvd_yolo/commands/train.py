@@ -1,4 +1,5 @@
-"""`hvd-yolo train`: launch with `mpirun -np N` / `horovodrun -np N`, or alone for one rank."""
+"""`hvd-yolo train`: launch with `mpirun -np N` / `horovodrun -np N`, or alone for one rank
+(``hvd_yolo.loop.fixed``), or with `horovodrun --min-np/--max-np` (``hvd_yolo.loop.elastic``)."""
 
 from __future__ import annotations
 
@@ -43,18 +44,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from hvd_yolo.checkpoint import CheckpointError, trust_unsealed
     from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.loop.step import NonFiniteLoss
     from hvd_yolo.runlock import OutDirError, expect_start
     from hvd_yolo.shards.format import ShardError, error_text
-    from hvd_yolo.train import NonFiniteLoss
 
     trust_unsealed(args.trust_checkpoint)
     if args.fresh and args.resume:
         raise UsageError("--fresh starts over, --resume continues: give one of them")
     expect_start(args.resume, args.fresh)  # checked by rank 0 under the out_dir lock
     if dist.elastic_launch():  # horovodrun --min-np/--max-np: the loop survives lost/new workers
-        from hvd_yolo.elastic import train
+        from hvd_yolo.loop.elastic import train
     else:
-        from hvd_yolo.train import train
+        from hvd_yolo.loop.fixed import train
     try:
         summary = train(cfg, resume=args.resume, timeline=args.timeline)
     except ShardError as e:  # corrupt or missing data: named, no traceback; mpirun ends the others

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hvd_yolo.config import ON_CORRUPT
 from hvd_yolo.shards.format import (
     CorruptSample,
     ShardError,
@@ -42,8 +43,6 @@ from hvd_yolo.shards.format import (
     load_manifest,
     read_index,
 )
-
-ON_CORRUPT = ("skip", "error")
 
 
 class ShardDataset(Dataset):

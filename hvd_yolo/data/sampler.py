@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
-TAILS = ("pad", "drop")
+from hvd_yolo.config import TAILS
+
 BLOCK_SIZE = 32  # samples per block: a few dozen keeps reads shard-local and dealing balanced
 MIN_BLOCKS_PER_RANK = 4  # smaller blocks when the data is small, so ranks' shares stay mixed
 

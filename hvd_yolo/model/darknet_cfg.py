@@ -312,8 +312,7 @@ def cfg_text(model: YOLOv3, width: int = 416, height: int | None = None) -> str:
     """The Darknet cfg of ``model`` (Darknet's anchor convention: one sorted list, per-[yolo]
     masks; the largest-stride output holds the last indices)."""
     height = height or width
-    n_out = model.anchors.shape[0]
-    flat = [(float(w), float(h)) for s in reversed(range(n_out)) for w, h in model.anchors[s].tolist()]
+    flat = [(float(w), float(h)) for scale in reversed(model.anchors) for w, h in scale]
     a = model.num_anchors
     anchors = ",  ".join(f"{w:g},{h:g}" for w, h in flat)
     out = ["[net]", "batch=1", "subdivisions=1", f"width={width}", f"height={height}",

@@ -14,8 +14,9 @@ input pixels and, as in Darknet and ultralytics, the same at every input size; t
 those of the official cfgs (``DEFAULT_ANCHORS``), ``build_model(..., anchors=...)`` sets others
 (``model.anchors`` in a config; ``hvd-yolo anchors`` computes them from a dataset).
 
-(One module, ~400 lines, on purpose: the layer list in cfg order, the forward over it and the
-activation-checkpoint segments cut from it are one definition of the network.)
+Over 350 lines on purpose: one job, YOLOv3 and YOLOv3-tiny; the layer list in cfg order, the
+forward over it and the activation-checkpoint segments cut from it are one definition of the
+network.
 """
 
 from __future__ import annotations
@@ -29,26 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as checkpoint_segment
 
-# The official Darknet cfgs' COCO anchors (pixels, at 416), per output scale, large stride first.
-# cfg/yolov3.cfg: anchors 10,13 16,30 33,23 30,61 62,45 59,119 116,90 156,198 373,326.
-YOLOV3_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
-    ((116, 90), (156, 198), (373, 326)),  # stride 32, mask 6,7,8
-    ((30, 61), (62, 45), (59, 119)),  # stride 16, mask 3,4,5
-    ((10, 13), (16, 30), (33, 23)),  # stride 8, mask 0,1,2
-)
-# cfg/yolov3-tiny.cfg: anchors 10,14 23,27 37,58 81,82 135,169 344,319 with masks 3,4,5 and
-# 0,1,2, which the published yolov3-tiny.weights were trained with. (Forks differ: the cfg of
-# ultralytics' Darknet-format yolov3 repository, and AlexeyAB's yolov4-tiny.cfg, use mask 1,2,3
-# for the stride-16 head, (23,27) (37,58) (81,82): set model.anchors for weights trained so.)
-YOLOV3_TINY_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
-    ((81, 82), (135, 169), (344, 319)),  # stride 32, mask 3,4,5
-    ((10, 14), (23, 27), (37, 58)),  # stride 16, mask 0,1,2
-)
-DEFAULT_ANCHORS = {"yolov3": YOLOV3_ANCHORS, "yolov3-tiny": YOLOV3_TINY_ANCHORS}
-MODEL_NAMES = ("yolov3", "yolov3-tiny")
-# Activation checkpointing: none; the backbone's residual blocks (tiny: its conv+maxpool stages);
-# all: those and the neck/heads too (segments ending at each 3x3 conv and at the last layer).
-CHECKPOINT_MODES = ("none", "backbone", "all")
+# The model's names, modes and official anchors (and their check) live in config.
+from hvd_yolo.config import CHECKPOINT_MODES, check_anchors, resolve_anchors
+
 MAX_STRIDE = 32
 WH_LOG_CLAMP = math.log(1000.0)  # exp(t) is clamped to 1000x the anchor (avoids inf early on)
 LEAKY_SLOPE = 0.1
@@ -390,46 +374,6 @@ def box_from_raw(t_xy: torch.Tensor, t_wh: torch.Tensor, cell_xy: torch.Tensor,
     xy = (t_xy.sigmoid() + cell_xy) * stride
     wh = t_wh.clamp(max=WH_LOG_CLAMP).exp() * anchor_wh
     return torch.cat((xy - wh / 2, xy + wh / 2), -1)
-
-
-def check_anchors(anchors: Sequence[Sequence[Sequence[float]]], num_scales: int | None = None
-                  ) -> list[list[tuple[float, float]]]:
-    """``anchors`` as a list (one entry per output) of lists of ``(w, h)`` floats; ValueError
-    unless every scale has the same number of pairs, every value is a positive finite number
-    and (when given) there are ``num_scales`` scales."""
-    shape_error = ValueError(
-        f"anchors must be, per output scale, a list of [w, h] pairs in input pixels, e.g. "
-        f"[[[81, 82], [135, 169]], [[10, 14], [23, 27]]]; got {anchors!r}")
-    out: list[list[tuple[float, float]]] = []
-    try:
-        for scale in anchors:
-            pairs = [tuple(float(v) for v in pair) for pair in scale]
-            if any(len(pair) != 2 for pair in pairs):
-                raise shape_error
-            out.append(pairs)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise shape_error from None
-    if not out or not all(out):
-        raise ValueError(f"anchors: every scale needs at least one [w, h] pair; got {anchors!r}")
-    if num_scales is not None and len(out) != num_scales:
-        raise ValueError(f"anchors: {len(out)} scales given, the model has {num_scales} outputs")
-    counts = [len(s) for s in out]
-    if len(set(counts)) != 1:
-        raise ValueError(f"anchors: every scale needs the same number of anchors, got {counts}")
-    bad = [p for s in out for p in s if not all(math.isfinite(v) and v > 0 for v in p)]
-    if bad:
-        raise ValueError(f"anchors: widths and heights must be positive pixels, got {bad[0]}")
-    return out
-
-
-def resolve_anchors(name: str, anchors: Sequence[Sequence[Sequence[float]]] | None
-                    ) -> list[list[tuple[float, float]]]:
-    """The anchors ``name`` is built with: ``anchors`` checked (``check_anchors``), or the
-    official default when it is None or empty."""
-    if name not in DEFAULT_ANCHORS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    default = DEFAULT_ANCHORS[name]
-    return check_anchors(anchors if anchors else default, len(default))
 
 
 def anchors_in_weights(weights: dict) -> list[list[tuple[float, float]]] | None:
