@@ -312,6 +312,7 @@ def cfg_text(model: YOLOv3, width: int = 416, height: int | None = None) -> str:
     """The Darknet cfg of ``model`` (Darknet's anchor convention: one sorted list, per-[yolo]
     masks; the largest-stride output holds the last indices)."""
     height = height or width
+    n_out = len(model.anchors)
     flat = [(float(w), float(h)) for scale in reversed(model.anchors) for w, h in scale]
     a = model.num_anchors
     anchors = ",  ".join(f"{w:g},{h:g}" for w, h in flat)
