@@ -33,14 +33,17 @@ def imported_modules(path: Path) -> set[str]:
 # The layers, bottom to top: a module may import from its own layer and the layers below it,
 # never from one above (function-level imports count). Every module of the package is in one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # no hvd_yolo imports: the version, the config dataclasses, COCO scoring (pycocotools), the
-    # out_dir lock, the stall watchdog, the mpirun line, the simulated cluster
-    ("base", ("__init__.py", "config.py", "metrics.py", "runlock.py", "stall.py", "launch.py",
-              "cluster.py")),
+    # no hvd_yolo imports above this layer: the version, the config dataclasses (with the model's
+    # choices and official anchors), COCO scoring and matched pairs (pycocotools), figures, the
+    # out_dir lock, output guards, stop signals, progress lines, the stall watchdog, the mpirun
+    # line, the simulated cluster, emulated regimes and the scaling model
+    ("base", ("__init__.py", "config.py", "metrics.py", "matches.py", "plots.py", "runlock.py",
+              "outputs.py", "sigterm.py", "progress.py", "stall.py", "launch.py", "cluster.py",
+              "regime.py", "scaling.py")),
     ("shards", ("shards/",)),  # source datasets -> shards (offline)
     ("data", ("data/",)),  # shards -> batches (online)
     # the network, its loss and decoding; checkpoint files (which rebuild a model)
-    ("model", ("model/", "checkpoint.py")),
+    ("model", ("model/", "checkpoint.py", "export.py")),
     ("comm", ("comm/",)),  # Horovod and the GradSync the loop steps
     # the training loop and what it runs: optimizer and LR, evaluation
     ("loop", ("loop/", "optim.py", "evaluate.py")),

@@ -27,6 +27,10 @@ sha256 of its canonical JSON without that key), so edited class names or counts 
 Its shard entries must be plain file names inside the dataset folder, each listed once; every
 reader applies ``check_dataset`` (the structural checks, from the index tables) when it opens a
 dataset.
+
+Over 350 lines on purpose: one job, the shard format; each dataset's name, dtype and digest is
+written down once here and both the writers and the readers import it, so a split would copy
+the table layout.
 """
 
 from __future__ import annotations
