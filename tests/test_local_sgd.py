@@ -147,6 +147,10 @@ def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_p
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
     assert_close(weights(ref / "checkpoints" / "last.pt"), weights(cut / "checkpoints" / "last.pt"),
                  1e-4)
+    # each rank's count of averages went beside the checkpoint, and came back on the resume
+    comm = cut / "checkpoints" / "comm"
+    assert {p.name for p in comm.iterdir()} >= {"step-00000008.rank0.pt", "step-00000008.rank1.pt"}
+    assert "restarts from zero" not in res.output, res.output
 
 
 @pytest.mark.parametrize("keys, message", [
