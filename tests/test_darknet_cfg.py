@@ -19,24 +19,11 @@ from hvd_yolo.model.darknet_cfg import CfgError, cfg_text, read_cfg
 from hvd_yolo.model.darknet_io import save_darknet_weights
 from hvd_yolo.model.yolov3 import build_model
 from tests.fixtures.datagen import write_image
+from tests.fixtures.models import randomised_model
 from tests.fixtures.official import official_tiny
 
 torch.set_num_threads(1)
 OFFICIAL_TINY_ANCHORS = [[(81, 82), (135, 169), (344, 319)], [(10, 14), (23, 27), (37, 58)]]
-
-
-def _randomised(name: str, classes: int, seed: int, anchors=None):
-    """A model whose every parameter and BN statistic is distinct random data."""
-    torch.manual_seed(seed)
-    model = build_model(name, classes, anchors=anchors)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def _decoded(model, raw: list[torch.Tensor], size: int) -> list[np.ndarray]:
@@ -147,7 +134,7 @@ def test_detect_takes_the_darknet_pair_directly(official, tmp_path, capsys):
 def test_exported_pair_reads_in_opencv_and_back(name, classes, size, tmp_path):
     anchors = ([[(70, 60), (120, 150), (300, 280)], [(12, 18), (25, 30), (40, 50)]]
                if name == "yolov3-tiny" else None)
-    model = _randomised(name, classes, seed=5, anchors=anchors)
+    model = randomised_model(name, classes, seed=5, anchors=anchors)
     cfg, weights = tmp_path / "m.cfg", tmp_path / "m.weights"
     cfg.write_text(cfg_text(model, size))
     save_darknet_weights(model, weights)
@@ -207,7 +194,7 @@ def test_cfg_cut_short_names_what_is_missing(tmp_path):
 
 
 def test_import_refuses_a_bad_pair_in_one_line(tmp_path, capsys):
-    model = _randomised("yolov3-tiny", 3, seed=1)
+    model = randomised_model("yolov3-tiny", 3, seed=1)
     cfg, weights = tmp_path / "m.cfg", tmp_path / "m.weights"
     cfg.write_text(cfg_text(model, 416).replace("[maxpool]", "[maxpoool]", 1))
     save_darknet_weights(model, weights, cutoff=15)
@@ -236,7 +223,7 @@ def test_eval_scores_a_pair_as_its_imported_checkpoint(tmp_path):
 
     shards = synthetic_shards(tmp_path / "data", 6, seed=2, shards=1, size=64)
     names = ShardDataset(shards).class_names
-    model = _randomised("yolov3-tiny", len(names), seed=3)
+    model = randomised_model("yolov3-tiny", len(names), seed=3)
     cfg, weights = tmp_path / "m.cfg", tmp_path / "m.weights"
     cfg.write_text(cfg_text(model, 64))
     save_darknet_weights(model, weights)

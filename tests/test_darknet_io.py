@@ -15,30 +15,17 @@ from hvd_yolo.model.darknet_io import (
     save_darknet_weights,
 )
 from hvd_yolo.model.yolov3 import build_model
+from tests.fixtures.models import randomised_model
 
 torch.set_num_threads(1)
 
 
-def _randomised(name: str, classes: int, seed: int):
-    """A model whose every parameter and BN statistic is distinct random data."""
-    torch.manual_seed(seed)
-    model = build_model(name, classes)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 def test_tiny_round_trip_gives_identical_outputs(tmp_path):
-    src = _randomised("yolov3-tiny", 3, seed=1)
+    src = randomised_model("yolov3-tiny", 3, seed=1)
     path = tmp_path / "tiny.weights"
     n = save_darknet_weights(src, path, seen=123_456_789_012)
     assert n == darknet_float_count(src) and path.stat().st_size == 20 + 4 * n
-    dst = _randomised("yolov3-tiny", 3, seed=2)
+    dst = randomised_model("yolov3-tiny", 3, seed=2)
     header = load_darknet_weights(dst, path)
     assert (header.major, header.minor, header.revision, header.seen) == (0, 2, 0, 123_456_789_012)
     x = torch.rand(2, 3, 160, 224)
@@ -50,7 +37,7 @@ def test_tiny_round_trip_gives_identical_outputs(tmp_path):
 
 
 def test_yolov3_round_trip(tmp_path):
-    src = _randomised("yolov3", 2, seed=3)
+    src = randomised_model("yolov3", 2, seed=3)
     path = tmp_path / "yolov3.weights"
     save_darknet_weights(src, path)
     dst = build_model("yolov3", 2)
@@ -86,7 +73,7 @@ def test_file_layout_follows_darknet_order(tmp_path):
 
 
 def test_old_header_with_int32_seen(tmp_path):
-    src = _randomised("yolov3-tiny", 2, seed=4)
+    src = randomised_model("yolov3-tiny", 2, seed=4)
     path = tmp_path / "old.weights"
     n = save_darknet_weights(src, path, seen=4321, version=(0, 1, 0))
     assert path.stat().st_size == 16 + 4 * n
@@ -99,7 +86,7 @@ def test_old_header_with_int32_seen(tmp_path):
 
 @pytest.mark.parametrize("delta", [-1, 1, -1000])
 def test_file_not_consumed_exactly_is_an_error(tmp_path, delta):
-    src = _randomised("yolov3-tiny", 3, seed=5)
+    src = randomised_model("yolov3-tiny", 3, seed=5)
     good = tmp_path / "good.weights"
     n = save_darknet_weights(src, good)
     bad = tmp_path / "bad.weights"
@@ -121,7 +108,7 @@ def test_truncated_mid_float_and_header(tmp_path):
 
 
 def test_backbone_file_loads_into_model_with_other_classes(tmp_path):
-    src = _randomised("yolov3-tiny", 80, seed=6)
+    src = randomised_model("yolov3-tiny", 80, seed=6)
     path = tmp_path / "yolov3-tiny.conv.15"
     n = save_darknet_weights(src, path, cutoff=15)
     assert n == darknet_float_count(src, 15)
@@ -138,7 +125,7 @@ def test_backbone_file_loads_into_model_with_other_classes(tmp_path):
 
 
 def test_darknet53_backbone_cutoff_74(tmp_path):
-    src = _randomised("yolov3", 80, seed=7)
+    src = randomised_model("yolov3", 80, seed=7)
     path = tmp_path / "darknet53.conv.74"
     save_darknet_weights(src, path, cutoff=74)
     assert path.stat().st_size == 162_482_580  # the published darknet53.conv.74
@@ -150,7 +137,7 @@ def test_darknet53_backbone_cutoff_74(tmp_path):
 
 def test_wrong_class_count_is_diagnosed(tmp_path):
     path = tmp_path / "coco.weights"
-    save_darknet_weights(_randomised("yolov3-tiny", 80, seed=8), path)
+    save_darknet_weights(randomised_model("yolov3-tiny", 80, seed=8), path)
     with pytest.raises(ValueError, match="matches yolov3-tiny with 80 classes"):
         load_darknet_weights(build_model("yolov3-tiny", 3), path)
 
@@ -188,7 +175,7 @@ def _trained(out):
 
 
 def test_train_starts_from_80_class_weights_on_two_ranks(shards, tmp_path):
-    src = _randomised("yolov3-tiny", 80, seed=11)
+    src = randomised_model("yolov3-tiny", 80, seed=11)
     path = tmp_path / "coco80.weights"
     save_darknet_weights(src, path)
     res = _train(shards, tmp_path / "out", path, np=2)
@@ -211,7 +198,7 @@ def test_train_starts_from_80_class_weights_on_two_ranks(shards, tmp_path):
 
 
 def test_train_starts_from_a_backbone_only_file(shards, tmp_path):
-    src = _randomised("yolov3-tiny", 80, seed=12)
+    src = randomised_model("yolov3-tiny", 80, seed=12)
     path = tmp_path / "yolov3-tiny.conv.15"
     save_darknet_weights(src, path, cutoff=15)
     res = _train(shards, tmp_path / "out", path, np=1)
@@ -226,7 +213,7 @@ def test_train_starts_from_a_backbone_only_file(shards, tmp_path):
 
 def test_train_refuses_weights_of_another_layout_in_one_line(shards, tmp_path):
     path = tmp_path / "yolov3.weights"
-    save_darknet_weights(_randomised("yolov3", 3, seed=13), path)
+    save_darknet_weights(randomised_model("yolov3", 3, seed=13), path)
     res = _train(shards, tmp_path / "out", path, np=1)
     errors = [ln for ln in res.output.splitlines() if ": error:" in ln]
     assert res.returncode == 2 and len(errors) == 1, res.output

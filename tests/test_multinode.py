@@ -17,6 +17,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from hvd_yolo import cluster
 from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv
 from tests.fixtures import datagen
 from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.models import simulated_cluster
 from tests.fixtures.train_runs import losses
 from tests.mpi_harness import JobResult, run_argv, run_cli
 
@@ -36,14 +38,8 @@ N1, N2 = cluster.hostname(NAME, 1), cluster.hostname(NAME, 2)
 
 
 @pytest.fixture(scope="module")
-def sim() -> dict:
-    missing = cluster.missing_requirements()
-    if missing:
-        pytest.skip("no simulated cluster here, missing: " + "; ".join(missing))
-    cluster.down(NAME)
-    info = cluster.up(cluster.Spec(name=NAME, nodes=2, slots=2, link="10gbit", subnet=SUBNET))
-    yield info
-    cluster.down(NAME)
+def sim() -> Iterator[dict]:
+    yield from simulated_cluster(cluster.Spec(name=NAME, nodes=2, slots=2, link="10gbit", subnet=SUBNET))
 
 
 @pytest.fixture(scope="module")

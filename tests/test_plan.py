@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hvd_yolo import cluster, scaling
 from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv
+from tests.fixtures.models import simulated_cluster
 from tests.mpi_harness import run_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,14 +22,8 @@ LINK = "200mbit"
 
 
 @pytest.fixture(scope="module")
-def sim() -> dict:
-    missing = cluster.missing_requirements()
-    if missing:
-        pytest.skip("no simulated cluster here, missing: " + "; ".join(missing))
-    cluster.down(NAME)
-    info = cluster.up(cluster.Spec(name=NAME, nodes=2, slots=1, link=LINK, subnet=SUBNET))
-    yield info
-    cluster.down(NAME)
+def sim() -> Iterator[dict]:
+    yield from simulated_cluster(cluster.Spec(name=NAME, nodes=2, slots=1, link=LINK, subnet=SUBNET))
 
 
 @pytest.mark.mpi
