@@ -30,7 +30,7 @@ def _decoded(model, raw: list[torch.Tensor], size: int) -> list[np.ndarray]:
     """Our raw maps in OpenCV's Darknet-region layout: rows (y, x, anchor), columns centre x/y
     and w/h as fractions of the input, objectness, objectness x class probability."""
     out = []
-    for r, anchors in zip(raw, model.anchors):
+    for r, anchors in zip(raw, model.anchor_wh):
         _, a, h, w, n = r.shape
         t = r[0].permute(1, 2, 0, 3).reshape(-1, n)
         gy, gx, ga = (g.reshape(-1) for g in torch.meshgrid(
@@ -99,7 +99,7 @@ def test_import_then_export_gives_back_the_official_files(official, tmp_path, ca
     assert "yolov3-tiny, 80 classes" in out and "10x14 23x27 37x58" in out
     model, state = restore_model(ckpt)  # the checkpoint reader of detect and eval
     assert state["class_names"][:3] == ["person", "bicycle", "car"]
-    assert model.anchors.tolist() == [[list(map(float, a)) for a in s]
+    assert model.anchor_wh.tolist() == [[list(map(float, a)) for a in s]
                                       for s in OFFICIAL_TINY_ANCHORS]
     code, out, err = _main(["model", "export", "--checkpoint", str(ckpt),
                             "--out", str(tmp_path / "exp" / "tiny.weights")], capsys)
@@ -140,7 +140,7 @@ def test_exported_pair_reads_in_opencv_and_back(name, classes, size, tmp_path):
     save_darknet_weights(model, weights)
     spec = read_cfg(cfg)
     assert (spec.name, spec.num_classes, spec.width) == (name, classes, size)
-    assert torch.tensor(spec.anchors).tolist() == model.anchors.tolist()
+    assert torch.tensor(spec.anchors).tolist() == model.anchor_wh.tolist()
     worst = _opencv_agrees(model, cfg, weights, size)
     print(f"{name} {classes} classes at {size}: largest difference to OpenCV {worst:.2e}")
 

@@ -156,7 +156,7 @@ def import_pair(args: argparse.Namespace) -> int:
     print(f"{out}: {state['model_name']}, {len(state['class_names'])} classes (names: "
           f"{dk['names']}), input {dk['width']}x{dk['height']}, {count_parameters(model):,} "
           f"parameters, {dk['seen']:,} images seen")
-    for i, scale in enumerate(model.anchors.tolist()):
+    for i, scale in enumerate(model.anchors):
         print(f"  output {i}: stride {model.strides[i]:>2}  anchors "
               + " ".join(f"{w:g}x{h:g}" for w, h in scale))
     return 0
