@@ -235,7 +235,7 @@ def test_a_batch_larger_than_the_data_is_one_line(data: dict[str, Path], tmp_pat
     proc = hvd_yolo(*train_args(data["shards"], tmp_path / "run", "--set", "optim.batch_size=100",
                                 "--set", "data.workers=0", size=64))
     line = one_error(proc, 2, "hvd-yolo train: error: ")
-    assert "fewer than one step of batch_size 100" in line
+    assert "fewer than one step of optim.batch_size 100" in line
 
 
 def test_a_used_out_dir_needs_resume_or_fresh(data: dict[str, Path], tmp_path: Path) -> None:
