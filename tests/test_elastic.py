@@ -184,6 +184,8 @@ def kill_and_re_add(nodes: dict, shards: Path, out: Path, *extra: str) -> tuple[
                  proc, 90, "a step on 3 ranks again")
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
+        if nodes["cluster"]:  # the next test of this module gets node 3 back whatever happened
+            cluster.start_node(nodes["cluster"], 3)
         raise
     output = finish(proc, 240)
     (out.parent / "horovodrun.txt").write_text(output)
