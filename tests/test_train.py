@@ -193,9 +193,6 @@ def test_uneven_dataset_finishes_on_two_ranks(shards: Path, tmp_path: Path) -> N
 
 
 # ------------------------------------------------------------------ signals (Slurm time limit)
-@pytest.mark.xfail(reason="known regression after the loop/ split: a DataLoader worker of "
-                          "rank 1 dies on the signal and the rank exits non-zero; not yet fixed",
-                   strict=False)
 def test_sigterm_checkpoints_on_rank0_and_every_rank_exits(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, out, "--set", "optim.epochs=50"))
