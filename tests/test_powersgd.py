@@ -72,6 +72,37 @@ def test_a_gradient_of_rank_r_is_transmitted_exactly_and_counted() -> None:
     assert got[0]["digest"] == got[1]["digest"], got
 
 
+def test_a_step_cut_short_by_an_elastic_reset_leaves_nothing_behind() -> None:
+    """A step whose backward ran (its first-round allreduces in flight) but never reached
+    synchronize(), as when a rank dies mid-step: after discard_step() the next step's update is
+    exactly a fresh PowerSGDSync's for the same gradients. Before discard_step existed the stale
+    handles were waited for and the hooks, counting past ``accumulate``, started nothing: the
+    update was the dead step's (here), or the ranks hung (in an elastic run)."""
+    res = run_python(SETUP.replace("RANK", "2").replace("START", "0").replace("ACC", "1") + """
+    g = torch.Generator().manual_seed(30 + ctx.rank)
+    cut = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    backward_with(cut)  # the step cut short: allreduces started, no synchronize()
+    for handle, _, _ in opt.pending.values():
+        dist.wait(handle)  # (the reset ends them: Horovod restarts)
+    opt.discard_step()
+    backward_with(grads)
+    opt.synchronize()
+    after = [p.grad.clone() for p in model.parameters()]
+    # the same gradients through a fresh PowerSGDSync on a model of the same shape
+    model = torch.nn.Conv2d(32, 64, 3)
+    fresh = PowerSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                         rank=2, start_step=0, accumulate=1, seed=0)
+    backward_with(grads)
+    fresh.synchronize()
+    gap = max(float((a - p.grad).abs().max()) for a, p in zip(after, model.parameters()))
+    print("result=" + json.dumps({"gap": gap}), flush=True)
+    """, np=2, timeout=120)
+    got = {r: json.loads(v) for r, v in res.values("result").items()}
+    assert sorted(got) == [0, 1], res.output
+    assert all(got[r]["gap"] == 0.0 for r in (0, 1)), got
+
+
 def test_error_feedback_carries_what_compression_left_out() -> None:
     """Full-rank gradients at rank 1 over 6 steps (the first uncompressed: start_step 1): the
     updates applied plus the ranks' mean residual add up to the sum of the mean true gradients

@@ -50,6 +50,14 @@ class GradSync:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()  # (Horovod's DistributedOptimizer takes no arguments)
 
+    def discard_step(self) -> None:
+        """Forget a step cut short (an elastic reset after a rank died mid-step), every rank
+        before the new world's first step: its gradients, and whatever it had in flight. The
+        next step's backward would otherwise add to the partial gradients."""
+        # torch's own zero_grad: Horovod's refuses while its (stale) handles are held; they
+        # are cleared by the optimizer state's restore
+        torch.optim.Optimizer.zero_grad(self.optimizer, set_to_none=True)
+
     def after_step(self) -> None:
         """After the update (every rank): local SGD averages the weights when a period ends."""
 

@@ -154,6 +154,15 @@ class PowerSGDSync(GradSync):
             self.passes[name] = 0
         self.steps += 1
 
+    def discard_step(self) -> None:
+        """Also drop the cut-short step's first-round allreduces and backward-pass counts: a
+        stale handle would be waited for, and a count past ``accumulate`` would never start
+        its gradient's allreduce (the ranks would hang in the next step)."""
+        super().discard_step()
+        self.pending.clear()
+        for name in self.passes:
+            self.passes[name] = 0
+
     def comm_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """This rank's error feedback and the warm-started Q (the same on every rank)."""
         return {"q": dict(self.q), "error": dict(self.error)}

@@ -59,8 +59,10 @@ class ElasticDriver:
         self.parts, self.world, self.progress = parts, world, Progress()
         self.figures: dict[str, Any] | None = None
         self.log_path = parts.out_dir / "ranks" / "elastic.jsonl"
-        # (world id, step, world size) of the last commit, and this rank's communication state
+        # (world id, step, world size) of the last commit, and this rank's communication state;
+        # the same of the commit under way (it becomes the last once every rank reached it)
         self.comm_saved: tuple[tuple[str | None, int, int], dict[str, Any]] | None = None
+        self.comm_pending: tuple[tuple[str | None, int, int], dict[str, Any]] | None = None
         ema = parts.ema
         extra: dict[str, Any] = {"ema_model": ema.ema} if ema is not None else {}
         self.state = hvd_elastic.ElasticState(
@@ -75,6 +77,7 @@ class ElasticDriver:
                                     "world_id": self.world.world_id, "t": time.time()}) + "\n")
 
     def on_commit(self) -> None:
+        self.comm_saved = self.comm_pending
         # the samples read twice so far in this deal (rank 0 alone: it deals every rank's share)
         to = self.state.sampler
         padded = (self.world.sampler.padded(to["offset"])
@@ -88,8 +91,8 @@ class ElasticDriver:
         state.epoch, state.step, state.best_map = epoch, progress.step, progress.best_map
         state.sampler = sampler_state
         state.ema_updates = ema.updates if ema is not None else 0
-        self.comm_saved = ((self.world.world_id, progress.step, self.world.ctx.size),
-                           copy.deepcopy(self.parts.sync.comm_state_dict()))
+        self.comm_pending = ((self.world.world_id, progress.step, self.world.ctx.size),
+                             copy.deepcopy(self.parts.sync.comm_state_dict()))
         state.commit()
 
     def restore_comm_state(self, ctx: dist.DistContext) -> None:
@@ -150,6 +153,7 @@ class ElasticDriver:
                                  first=plan.first, done=state.step >= plan.stop_at)
         if parts.ema is not None:
             parts.ema.updates = state.ema_updates
+        parts.sync.discard_step()  # a step a dead rank cut short leaves nothing behind
         parts.sync.start_at(state.step)
         self.restore_comm_state(ctx)
         self.world.watch.close()
