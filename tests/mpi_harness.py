@@ -7,12 +7,15 @@ so a hang fails fast and shows where each rank was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +132,36 @@ def run_python(code: str, np: int = 2, **kwargs) -> JobResult:
 def run_cli(args: list[str], np: int = 2, **kwargs) -> JobResult:
     """Run ``hvd-yolo ARGS`` on every rank."""
     return run_job([str(VENV_BIN / "hvd-yolo"), *args], np=np, **kwargs)
+
+
+def _drained(proc: subprocess.Popen) -> str:
+    out = proc.communicate()[0] or ""
+    return out if isinstance(out, str) else out.decode(errors="replace")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str,
+             proc: subprocess.Popen | None = None) -> float:
+    """Poll ``cond`` until it holds; returns the time (``time.time()``) it did. Fails, with the
+    job's output, when ``proc`` ends first or at the deadline (then the job's process group is
+    killed first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return time.time()
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}:\n"
+                                 + _drained(proc)[-4000:])
+        time.sleep(0.1)
+    if proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"no {what} within {timeout:g} s:\n" + _drained(proc)[-4000:])
+    raise AssertionError(f"no {what} within {timeout:g} s")
+
+
+def log_lines(path: Path) -> int:
+    """Lines in a (rank or metrics) log so far; 0 before it exists."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0

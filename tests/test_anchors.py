@@ -28,11 +28,8 @@ from tests.fixtures.train_runs import train_args
 TINY = [[list(map(float, p)) for p in s] for s in DEFAULT_ANCHORS["yolov3-tiny"]]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """12 drawn-shapes images of mixed sizes and aspect ratios in 2 shards."""
-    return synthetic_shards(tmp_path_factory.mktemp("anchors"), 12, seed=5, shards=2,
-                            size_range=(96, 160))
+# 12 drawn-shapes images of mixed sizes and aspect ratios in 2 shards.
+SHARDS = {"images": 12, "seed": 5, "shards": 2, "size_range": (96, 160)}
 
 
 def hvd_yolo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

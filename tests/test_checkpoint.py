@@ -24,6 +24,12 @@ def state(step: int) -> dict:
             "optimizer": {}, "config": {}, "class_names": ["a"], "sampler": {"epoch": 0, "offset": 0}}
 
 
+
+def written(path: Path, seconds_ago: float) -> None:
+    """Date ``path`` (and its links) ``seconds_ago``: file order without sleeping."""
+    t = time.time() - seconds_ago
+    os.utime(path, (t, t))
+
 def test_checkpoint_round_trip_is_verified(tmp_path: Path) -> None:
     path = checkpoint.save(state(3), tmp_path, 3, keep_last=2)
     assert checkpoint.verify(path) is True
@@ -89,7 +95,7 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> No
     ckpt = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         checkpoint.save(state(step), ckpt, step, keep_last=3)
-        time.sleep(0.01)
+        written(ckpt / f"step-{step:08d}.pt", 10 - step)
     flip(ckpt / "last.pt")  # last.pt is step-3's data: both are bad now
     with pytest.warns(UserWarning, match=r"last\.pt: corrupted checkpoint.*resuming from .*"
                       r"step-00000002\.pt instead"):
@@ -108,7 +114,7 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path: Path) -> No
 def test_resume_auto_takes_a_step_file_newer_than_last_pt(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints"
     checkpoint.save(state(2), ckpt, 2, keep_last=3)
-    time.sleep(0.01)
+    written(ckpt / "step-00000002.pt", 10)
     checkpoint.atomic_save(state(4), ckpt / "step-00000004.pt")  # killed before last.pt's link
     path, loaded = checkpoint.load_resume("auto", tmp_path)
     assert path.name == "step-00000004.pt" and loaded["step"] == 4
@@ -133,7 +139,7 @@ def test_last_and_best_are_links_to_the_step_file(tmp_path: Path) -> None:
 def test_pruning_keeps_the_newest_after_a_resume_re_derived_a_smaller_step(tmp_path: Path) -> None:
     for step in (4, 5, 6):
         checkpoint.save(state(step), tmp_path, step, keep_last=3)
-        time.sleep(0.01)
+        written(tmp_path / f"step-{step:08d}.pt", 10 - step)
     checkpoint.save(state(2), tmp_path, 2, keep_last=3)  # resumed on another world size
     names = sorted(p.name for p in tmp_path.glob("step-*.pt"))
     assert names == ["step-00000002.pt", "step-00000005.pt", "step-00000006.pt"], names

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from hvd_yolo.data.synthetic import write_yolo_dataset
 from hvd_yolo.shards.convert import ConversionError, StrictError, convert_dataset
 from hvd_yolo.shards.verify import verify_shards
 from tests.fixtures import datagen
-from tests.mpi_harness import VENV_BIN, run_cli
+from tests.mpi_harness import VENV_BIN, run_cli, wait_for
 
 HVD_YOLO = str(VENV_BIN / "hvd-yolo")  # the entry point users run
 
@@ -86,12 +85,10 @@ def test_a_killed_conversion_leaves_nothing_behind_after_the_next_one(tmp_path: 
     proc = subprocess.Popen([sys.executable, "-m", "hvd_yolo.cli", "convert", "yolo", str(src),
                              str(out), "--shards", "4", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.converting-*")) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: list(tmp_path.glob(".out.converting-*")), 120,
+             "the conversion's temporary folder", proc)
     proc.kill()  # kill -9 while it converts
     proc.wait(timeout=30)
-    assert list(tmp_path.glob(".out.converting-*")), "the conversion ended before the kill"
     # a conversion into the same folder that is still running is left alone (its folder is locked)
     busy = tmp_path / ".out.converting-busy"
     busy.mkdir()
@@ -150,9 +147,8 @@ def test_two_conversions_into_one_new_folder_the_second_fails_naming_the_first(
                              str(out), "--shards", "2", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob(".out.converting-*")) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: list(tmp_path.glob(".out.converting-*")), 120,
+                 "the slow conversion's temporary folder", proc)
         os.kill(proc.pid, signal.SIGSTOP)
         assert proc.poll() is None, "the slow conversion ended before it could be frozen"
         first = [HVD_YOLO, "convert", "yolo", str(fast), str(out),

@@ -145,12 +145,8 @@ def test_wrong_class_count_is_diagnosed(tmp_path):
 # ----------------------------------------------------------------- model.weights in `hvd-yolo train`
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """8 small synthetic images (3 classes) in 2 shards."""
-    from tests.fixtures.datagen import synthetic_shards
-
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 8, seed=5, shards=2, size=64)
+# 8 small synthetic images (3 classes) in 2 shards.
+SHARDS = {"images": 8, "seed": 5, "shards": 2, "size": 64}
 
 
 def _train(shards, out, weights, np: int):

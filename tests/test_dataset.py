@@ -17,19 +17,13 @@ from torch.utils.data import DataLoader
 
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import ShardSampler
-from hvd_yolo.data.synthetic import write_yolo_dataset
 from hvd_yolo.shards.convert import convert_dataset
 from hvd_yolo.shards.format import ShardError
 from tests.fixtures import datagen
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: Any) -> Path:
-    base = tmp_path_factory.mktemp("ds")
-    src = write_yolo_dataset(base / "yolo", 14, seed=11, size=None, size_range=(40, 72),
-                             image_format="png")
-    convert_dataset("yolo", src, base / "shards", shards=4)
-    return base / "shards"
+# 14 PNG images of mixed small sizes in 4 shards
+SHARDS = {"images": 14, "seed": 11, "shards": 4, "size": None, "size_range": (40, 72),
+          "image_format": "png"}
 
 
 def test_sample_contract_and_pixels(shards: Path) -> None:

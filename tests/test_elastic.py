@@ -11,6 +11,7 @@ trajectory. Where namespaces cannot be made, three names of this machine stand f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,8 +26,8 @@ import psutil
 import pytest
 
 from hvd_yolo import cluster
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, read_jsonl
+from tests.mpi_harness import wait_for
 
 pytestmark = pytest.mark.mpi
 
@@ -59,10 +60,7 @@ def nodes() -> dict:
     yield {"names": ["localhost", "127.0.0.1", host], "cluster": None, "net": ["--iface", "lo"]}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("elastic_data"), SAMPLES, seed=5, shards=3,
-                            size_range=(64, 96))
+SHARDS = {"images": SAMPLES, "seed": 5, "shards": 3, "size_range": (64, 96)}
 
 
 def start_job(nodes: dict, shards: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -102,18 +100,6 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
             output = proc.communicate()[0]
     assert proc.returncode == 0, output[-4000:]
     return output
-
-
-def wait_for(cond, proc: subprocess.Popen, timeout: float, what: str) -> float:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return time.time()
-        if proc.poll() is not None:
-            raise AssertionError(f"horovodrun ended (rc {proc.returncode}) before {what}:\n"
-                                 + proc.communicate()[0][-4000:])
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events(out: Path) -> list[dict]:
@@ -162,8 +148,8 @@ def kill_and_re_add(nodes: dict, shards: Path, out: Path, *extra: str) -> tuple[
     list_hosts(out, names)
     proc = start_job(nodes, shards, out, *extra)
     try:
-        wait_for(lambda: any(c["world"] == 3 and c["step"] >= 3 for c in commits(out)), proc,
-                 120, "3 steps on 3 ranks")
+        wait_for(lambda: any(c["world"] == 3 and c["step"] >= 3 for c in commits(out)), 120,
+                 "3 steps on 3 ranks", proc)
         list_hosts(out, names[:2])  # the admin takes the node out of the list
         if nodes["cluster"]:
             cluster.kill_node(nodes["cluster"], 3)  # node 3 dies: its sshd and its worker
@@ -176,14 +162,15 @@ def kill_and_re_add(nodes: dict, shards: Path, out: Path, *extra: str) -> tuple[
                     pass
         t_kill = time.time()
         t_shrunk = wait_for(lambda: any(c["world"] == 2 and c["t"] > t_kill for c in commits(out)),
-                            proc, 90, "a step on 2 ranks")
+                            90, "a step on 2 ranks", proc)
         if nodes["cluster"]:
             cluster.start_node(nodes["cluster"], 3)  # the node is back (its sshd answers)
         list_hosts(out, names)  # and listed again
         wait_for(lambda: any(c["world"] == 3 and c["t"] > t_shrunk for c in commits(out)),
-                 proc, 90, "a step on 3 ranks again")
+                 90, "a step on 3 ranks again", proc)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if nodes["cluster"]:  # the next test of this module gets node 3 back whatever happened
             cluster.start_node(nodes["cluster"], 3)
         raise

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hvd_yolo import checkpoint, cli
-from tests.fixtures.datagen import synthetic_shards, write_image
+from tests.fixtures.datagen import write_image
 from tests.fixtures.train_runs import train_args
 from tests.mpi_harness import VENV_BIN, run_argv
 
@@ -38,10 +38,7 @@ def evil_checkpoint(path: Path, marker: Path, sealed: bool = False) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 8, seed=4, shards=2,
-                            size_range=(64, 96))
+SHARDS = {"images": 8, "seed": 4, "shards": 2, "size_range": (64, 96)}
 
 
 def hvd_yolo(*args: str) -> tuple[int, str]:

@@ -18,15 +18,15 @@ from hvd_yolo import checkpoint, cli
 from hvd_yolo.config import Config
 from hvd_yolo.model.yolov3 import build_model
 from hvd_yolo.shards.format import manifest_digest
-from tests.fixtures.datagen import coco, synthetic_shards
+from tests.conftest import ShardSets
+from tests.fixtures.datagen import coco
 from tests.fixtures.train_runs import train_args
 from tests.mpi_harness import VENV_BIN, run_argv
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 6, seed=4, shards=3,
-                            size_range=(64, 96))
+def good(shard_sets: ShardSets) -> Path:
+    return shard_sets.get(6, seed=4, shards=3, size_range=(64, 96))
 
 
 @pytest.fixture(scope="module")

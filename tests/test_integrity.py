@@ -19,17 +19,14 @@ from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.shards.format import CorruptSample, ShardError
 from hvd_yolo.shards.verify import verify_shards
 from hvd_yolo.shards.writer import SampleRecord, write_manifest, write_shard
-from tests.fixtures.datagen import flip_image_bytes, image_bytes, synthetic_shards
+from tests.fixtures.datagen import flip_image_bytes, image_bytes
 from tests.mpi_harness import run_cli
 
 BAD = 5  # the sample whose JPEG bytes get flipped (shard 1, index 1 with 8 samples in 4 shards)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 small images in 4 shards: 2 ranks x batch 2 read each sample once per epoch."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 8, seed=4, shards=4,
-                            size_range=(64, 96))
+# 8 small images in 4 shards: 2 ranks x batch 2 read each sample once per epoch.
+SHARDS = {"images": 8, "seed": 4, "shards": 4, "size_range": (64, 96)}
 
 
 def copy(shards: Path, tmp_path: Path) -> Path:

@@ -1,10 +1,12 @@
 """docker/k8s/*.yaml (Kubeflow MPI Operator MPIJobs), checked without a cluster.
 
 Both files parse and carry what the operator's v2beta1 API requires; the launcher of
-mpijob.yaml runs exactly the mpirun line hvd_yolo/launch.py builds for that job (its ranks,
-the operator's hostfile, GPU or CPU, and the environment the pod has: the image's ENV plus the
-container's env), the hvd-yolo arguments parse with the train command's own parser and keep
-`--resume auto`, and the elastic file's horovodrun arguments parse with Horovod's parser.
+mpijob.yaml runs the image's mpi/mpirun.sh (which relays a pod's SIGTERM to the ranks) with
+this job's ranks, the operator's hostfile, GPU or CPU and a stop grace shorter than the pod's,
+and it prints the mpirun line hvd_yolo/launch.py builds for them in the pod's environment (the
+image's ENV plus the container's env); the hvd-yolo arguments parse with the train command's
+own parser and keep `--resume auto`, and the elastic file's horovodrun arguments parse with
+Horovod's parser.
 """
 
 from __future__ import annotations
@@ -75,11 +77,34 @@ def pod_env(job: dict, role: str) -> dict[str, str]:
     return {**image_env(c["image"]), **{e["name"]: str(e["value"]) for e in c.get("env", [])}}
 
 
+MPIRUN_SH = "/opt/hvd_yolo/mpi/mpirun.sh"  # the image's checkout (WORKDIR /opt/hvd_yolo)
+# mpi/mpirun.sh's options that take a value (the others are flags)
+MPIRUN_SH_VALUED = {"-np", "-n", "--np", "--hostfile", "-H", "--cpus-per-rank", "--network",
+                    "--iface", "--ssh-port", "--term-grace", "--mpirun-arg"}
+
+
 def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(launcher part, hvd-yolo arguments) of a launcher command."""
+    """(launcher part, hvd-yolo arguments) of a launcher command: ``... hvd-yolo ARGS``, or
+    ``mpi/mpirun.sh OPTIONS ARGS`` (ARGS start at its first non-option, as the script reads)."""
+    if argv[0].endswith("mpi/mpirun.sh"):
+        i = 1
+        while i < len(argv) and argv[i].startswith("-") and argv[i] != "--":
+            i += 2 if argv[i] in MPIRUN_SH_VALUED else 1
+        return argv[:i], argv[i + (i < len(argv) and argv[i] == "--"):]
     assert "hvd-yolo" in argv, f"the launcher does not run hvd-yolo: {argv}"
     i = argv.index("hvd-yolo")
     return argv[:i], argv[i + 1:]
+
+
+def options(launcher: list[str]) -> dict[str, str | bool]:
+    """mpi/mpirun.sh's options of a launcher part: value, or True for a flag."""
+    found, i = {}, 1
+    while i < len(launcher):
+        if launcher[i] in MPIRUN_SH_VALUED:
+            found[launcher[i]], i = launcher[i + 1], i + 2
+        else:
+            found[launcher[i]], i = True, i + 1
+    return found
 
 
 # ------------------------------------------------------------------ both files
@@ -151,58 +176,55 @@ def test_train_arguments_parse_resume_auto_and_live_on_volumes(path: Path) -> No
     assert "persistentVolumeClaim" in claims[out["name"]], "checkpoints need a persistent volume"
 
 
-# ------------------------------------------------------------------ mpijob.yaml: the mpirun line
-def test_mpirun_line_is_launch_pys_line_for_this_job(monkeypatch: pytest.MonkeyPatch) -> None:
+# ------------------------------------------------------------------ mpijob.yaml: the launcher
+def test_launcher_runs_mpirun_sh_for_this_job() -> None:
+    """The image's mpi/mpirun.sh (a pod's SIGTERM reaches every rank at once as SIGUSR1), with
+    the job's ranks, the operator's hostfile, GPU when the workers have GPUs, and a stop grace
+    that ends before Kubernetes kills the launcher."""
     job = load(MPIJOB)
-    line, _ = split_command(container(job, "Launcher")["command"])
+    launcher, _ = split_command(container(job, "Launcher")["command"])
+    assert launcher[0] == MPIRUN_SH, launcher
+    opts = options(launcher)
     np = replica(job, "Worker")["replicas"] * job["spec"]["slotsPerWorker"]
-    grace = None
-    if "odls_base_sigkill_timeout" in line:
-        grace = int(line[line.index("odls_base_sigkill_timeout") + 1])
-        pod_grace = replica(job, "Launcher")["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert grace < pod_grace, "Kubernetes would SIGKILL mpirun before the ranks' grace ends"
-    # launch.py reads the environment and the user: make them the launcher pod's (root).
-    for name in list(os.environ):
-        monkeypatch.delenv(name)
-    for name, value in pod_env(job, "Launcher").items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MPIRUN", "mpirun")
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: name)
-    expected = launch.mpirun_argv(np, hostfile=OPERATOR_HOSTFILE, gpu=uses_gpu(job),
-                                  term_grace=grace)
-    assert line == expected, ("docker/k8s/mpijob.yaml's mpirun line differs from "
-                              f"hvd_yolo/launch.py's:\n yaml:   {line}\n launch: {expected}")
+    assert opts.get("-np") == str(np) and opts.get("--hostfile") == OPERATOR_HOSTFILE, opts
+    assert ("--gpu" in opts) == uses_gpu(job) and ("--cpu" in opts) != uses_gpu(job), opts
+    pod_grace = replica(job, "Launcher")["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < int(opts["--term-grace"]) < pod_grace, "Kubernetes would kill the launcher first"
 
 
-def test_header_names_the_mpirun_sh_options_that_print_this_line(tmp_path: Path) -> None:
-    """The file's header shows the mpi/mpirun.sh options of its line: they print it (with a
-    stand-in for the operator's hostfile, which mpirun.sh wants to read)."""
+def test_launcher_prints_launch_pys_line_for_this_job(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's own command with --dry-run prints, in the pod's environment, the line
+    hvd_yolo/launch.py builds for the job (with a stand-in for the operator's hostfile, which
+    mpirun.sh reads)."""
     if os.geteuid() != 0 or shutil.which("mpirun") is None:
         pytest.skip("mpi/mpirun.sh prints the pod's line (root, mpirun present) only as root "
                     "with Open MPI installed")
     job = load(MPIJOB)
-    m = re.search(r"^#\s+mpi/mpirun\.sh (.*) train \.\.\.$", MPIJOB.read_text(), flags=re.M)
-    assert m, "the header should show the mpi/mpirun.sh options of the launcher's line"
-    line, args = split_command(container(job, "Launcher")["command"])
-    env = pod_env(job, "Launcher")
-    env["PATH"] = f"{env['PATH']}:{os.environ['PATH']}"  # mpirun of this machine
+    launcher, args = split_command(container(job, "Launcher")["command"])
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("hvd-yolo-worker-0.hvd-yolo slots=4\n")
-    options = [str(hostfile) if o == OPERATOR_HOSTFILE else o for o in shlex.split(m.group(1))]
-    out = subprocess.run([str(REPO / "mpi" / "mpirun.sh"), "--dry-run", *options, "--", *args],
+    opts = [str(hostfile) if o == OPERATOR_HOSTFILE else o for o in launcher[1:]]
+    env = pod_env(job, "Launcher")
+    env["PATH"] = f"{env['PATH']}:{os.environ['PATH']}"  # mpirun of this machine
+    out = subprocess.run([str(REPO / "mpi" / "mpirun.sh"), "--dry-run", *opts, "--", *args],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     printed = shlex.split(out.stdout.strip().splitlines()[-1])
-    # mpirun.sh exports HVD_YOLO_LAUNCH for the signal relay it runs itself; the pod runs plain
-    # mpirun, which relays nothing, so that marker is not part of the pod's line.
-    at = printed.index("HVD_YOLO_LAUNCH")
-    assert printed[at - 1] == "-x"
-    printed = printed[:at - 1] + printed[at + 1:]
-    printed = [OPERATOR_HOSTFILE if a == str(hostfile) else a for a in printed]
-    printed[0] = Path(printed[0]).name  # mpirun and hvd-yolo as found on PATH in the pod
-    printed[len(line)] = Path(printed[len(line)]).name
-    assert printed == [*line, "hvd-yolo", *args]
+    # launch.py in the pod's environment (mpirun.sh adds HVD_YOLO_LAUNCH: its relay is on)
+    for name in list(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in {**pod_env(job, "Launcher"), "HVD_YOLO_LAUNCH": "mpirun.sh",
+                        "HDF5_USE_FILE_LOCKING": "FALSE", "MPIRUN": "mpirun"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: name)
+    np = replica(job, "Worker")["replicas"] * job["spec"]["slotsPerWorker"]
+    expected = launch.mpirun_argv(np, hostfile=str(hostfile), gpu=uses_gpu(job),
+                                  term_grace=int(options(launcher)["--term-grace"]))
+    printed[0] = Path(printed[0]).name  # mpirun as found on PATH
+    assert printed[:len(expected)] == expected, (printed, expected)
+    assert Path(printed[len(expected)]).name == "hvd-yolo" and printed[len(expected) + 1:] == args
 
 
 # ------------------------------------------------------------------ mpijob-elastic.yaml

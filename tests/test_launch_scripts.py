@@ -14,13 +14,13 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ShardSets
 from tests.fixtures.datagen import synthetic_shards
-from tests.mpi_harness import JobResult, run_argv
+from tests.mpi_harness import JobResult, log_lines, run_argv, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MPIRUN_SH = REPO / "mpi" / "mpirun.sh"
@@ -230,15 +230,9 @@ def start_training(argv: list[str], out: Path, steps: int) -> subprocess.Popen:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=REPO, start_new_session=True)
-    log = out / "ranks" / "rank0.jsonl"
-    for _ in range(3000):
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before the signal:\n{proc.communicate()[0]}")
-        if log.is_file() and len(log.read_text().splitlines()) >= steps:
-            return proc
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"no {steps} steps in 300 s:\n{proc.communicate()[0]}")
+    wait_for(lambda: log_lines(out / "ranks" / "rank0.jsonl") >= steps, 300, f"{steps} steps",
+             proc)
+    return proc
 
 
 def stop(proc: subprocess.Popen, timeout: float = 150) -> str:
@@ -310,9 +304,8 @@ def test_launch_scripts_pass_shellcheck() -> None:
 
 # ------------------------------------------------------------------ a short training run
 @pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("launch_data"), 8, seed=5, shards=2,
-                            size_range=(96, 128))
+def tiny_shards(shard_sets: ShardSets) -> Path:
+    return shard_sets.get(8, seed=5, shards=2, size_range=(96, 128))
 
 
 def short_training(shards: Path, out: Path) -> list[str]:

@@ -12,16 +12,11 @@ import torch
 
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_cli, run_job
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 40, seed=5, shards=3,
-                            size_range=(96, 128))
+# 40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks.
+SHARDS = {"images": 40, "seed": 5, "shards": 3, "size_range": (96, 128)}
 
 
 def args(shards: Path, out: Path, *extra: str) -> list[str]:

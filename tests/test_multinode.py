@@ -25,10 +25,9 @@ import pytest
 from hvd_yolo import cluster
 from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv
 from tests.fixtures import datagen
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.models import simulated_cluster
 from tests.fixtures.train_runs import losses
-from tests.mpi_harness import JobResult, run_argv, run_cli
+from tests.mpi_harness import JobResult, run_argv, run_cli, wait_for
 
 pytestmark = pytest.mark.mpi
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +41,7 @@ def sim() -> Iterator[dict]:
     yield from simulated_cluster(cluster.Spec(name=NAME, nodes=2, slots=2, link="10gbit", subnet=SUBNET))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("mn_data"), 8, seed=11, shards=2,
-                            size_range=(96, 128))
+SHARDS = {"images": 8, "seed": 11, "shards": 2, "size_range": (96, 128)}
 
 
 def on_login(argv: list[str], timeout: float = 180, check: bool = True) -> JobResult:
@@ -195,10 +191,7 @@ def test_a_killed_node_ends_the_job_and_the_run_resumes_on_the_node_left(
                             start_new_session=True)
     try:
         ckpt = out / "checkpoints" / "step-00000002.pt"
-        deadline = time.monotonic() + 240
-        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert ckpt.exists(), "no step-2 checkpoint in time:\n" + _drain(proc)
+        wait_for(ckpt.exists, 240, "step-2 checkpoint", proc)
         cluster.kill_node(NAME, 2)  # its sshd, Open MPI daemon and rank
         t0 = time.monotonic()
         try:

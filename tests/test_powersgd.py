@@ -13,7 +13,6 @@ import pytest
 from hvd_yolo import checkpoint
 from hvd_yolo.comm.powersgd import matrix_shape, wire_elements
 from hvd_yolo.launch import hvd_yolo_argv
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, kill_after_checkpoint, losses, resumed_line, train_args
 from tests.mpi_harness import mpirun_argv, run_job, run_python
 
@@ -144,11 +143,8 @@ def test_error_feedback_carries_what_compression_left_out() -> None:
 # ------------------------------------------------------------------ through `hvd-yolo train`
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 40, seed=5, shards=3,
-                            size_range=(96, 128))
+# 40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks.
+SHARDS = {"images": 40, "seed": 5, "shards": 3, "size_range": (96, 128)}
 
 
 @pytest.mark.slow

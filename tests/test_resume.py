@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,16 @@ import torch
 
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
-from tests.fixtures.datagen import synthetic_shards
+from tests.conftest import ShardSets
 from tests.fixtures.train_runs import flip, kill_after_checkpoint, losses, resumed_line
 from tests.fixtures.train_runs import train_args as run_args
-from tests.mpi_harness import mpirun_argv, run_argv, run_cli
+from tests.mpi_harness import mpirun_argv, run_argv, run_cli, wait_for
 
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 40, seed=5, shards=3,
-                            size_range=(96, 128))
+# 40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks.
+SHARDS = {"images": 40, "seed": 5, "shards": 3, "size_range": (96, 128)}
 
 
 def train_args(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -167,12 +163,7 @@ def test_a_second_run_into_a_busy_out_dir_fails_at_once(shards: Path, tmp_path: 
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         log = out / "ranks" / "rank0.jsonl"
-        deadline = time.time() + 300
-        while not log.exists() and time.time() < deadline and first.poll() is None:
-            time.sleep(0.2)
-        if not log.exists():
-            first.kill()
-            pytest.fail("the first run did not start training:\n" + first.communicate()[0].decode())
+        wait_for(log.exists, 300, "first step of the first run", first)
         before = log.read_text()
         res = run_cli(train_args(shards, out, "--set", "run.max_steps=1"), np=2, timeout=300,
                       check=False)
@@ -186,18 +177,17 @@ def test_a_second_run_into_a_busy_out_dir_fails_at_once(shards: Path, tmp_path: 
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-        first.communicate()
+        first.wait()
 
 
 # ------------------------------------------------------------------ another world size
 def test_two_rank_checkpoint_resumes_on_one_rank_with_the_unread_samples(
-        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+        shard_sets: ShardSets, tmp_path: Path) -> None:
     """13 images: 2 ranks get 7 each (one padded), 1 rank 13, so the two worlds' epochs differ
     in length. 2 steps of batch 2 on 2 ranks read 8 samples; the 5 unread are re-dealt to the
     1-rank world: 2 whole batches of its 6, so the epoch goes on at step 4 (a fraction taken
     over the new world's epoch length, or the old offset, would read some samples twice)."""
-    data = synthetic_shards(tmp_path_factory.mktemp("data13"), 13, seed=3, shards=3,
-                            size_range=(96, 128))
+    data = shard_sets.get(13, seed=3, shards=3, size_range=(96, 128))
     out = tmp_path / "run"
     run_cli(train_args(data, out, "--set", "run.max_steps=2"), np=2, timeout=300)
     res = run_cli(train_args(data, out, "--set", "run.max_steps=8", "--resume", "auto"), np=1,

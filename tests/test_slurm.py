@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import read_jsonl
 from tests.slurm.cluster import SlurmCluster, SlurmUnavailable, ensure_packages
 
 pytestmark = pytest.mark.mpi
@@ -81,10 +81,6 @@ def wait_completed(slurm: SlurmCluster, job_id: int, workdir: Path, timeout: flo
     return info
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 # ------------------------------------------------------------------ Horovod allreduce job
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
 def test_sbatch_runs_a_two_task_horovod_allreduce(slurm: SlurmCluster, tmp_path: Path,
@@ -132,10 +128,6 @@ def test_convert_sbatch_writes_shards_from_two_tasks(slurm: SlurmCluster, tmp_pa
 
 
 # ------------------------------------------------------------------ hvd-yolo train
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_shards(tmp_path_factory.mktemp("slurm_data"), 13, seed=5, shards=3,
-                            size_range=(96, 144))
 
 
 def write_config(path: Path, shards: Path, out: Path, val: bool, epochs: int) -> Path:
@@ -184,11 +176,12 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm: SlurmCluster
 
     # Requeued: Slurm holds a requeued job back ~2 min (BeginTime) so that the new launch's
     # credential is younger than the old run's revocation (1 s granularity). Wait until the job
-    # is pending again, then a few seconds, and let it start at once instead.
+    # is pending again and the clock is 2 whole seconds past that, and let it start at once.
     slurm.wait_for(lambda: slurm.job(job_id).get("Restarts") == "1"
                    and slurm.job(job_id)["JobState"] == "PENDING", 180,
                    f"job {job_id} to be requeued", job_id)
-    time.sleep(3)
+    requeued = int(time.time())
+    slurm.wait_for(lambda: int(time.time()) >= requeued + 2, 10, "2 s past the requeue", job_id)
     slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
     info = wait_completed(slurm, job_id, work, timeout=300)
     report = job_report(slurm, info, work)

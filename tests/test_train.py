@@ -8,24 +8,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from hvd_yolo.launch import hvd_yolo_argv
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import read_jsonl, train_args
-from tests.mpi_harness import mpirun_argv, run_cli, run_python
+from tests.mpi_harness import log_lines, mpirun_argv, run_cli, run_python, wait_for
 
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """13 small synthetic images in 3 shards: 13 is not divisible by ranks x batch."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 13, seed=3, shards=3,
-                            size_range=(96, 144))
+# 13 small synthetic images in 3 shards: 13 is not divisible by ranks x batch.
+SHARDS = {"images": 13, "seed": 3, "shards": 3, "size_range": (96, 144)}
 
 
 # ------------------------------------------------------------------ allreduce correctness
@@ -198,10 +193,7 @@ def test_sigterm_checkpoints_on_rank0_and_every_rank_exits(shards: Path, tmp_pat
     argv = mpirun_argv(2) + hvd_yolo_argv(*train_args(shards, out, "--set", "optim.epochs=50"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = out / "ranks" / "rank0.jsonl"
-    deadline = time.time() + 300
-    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: log_lines(out / "ranks" / "rank0.jsonl") >= 3, 300, "3 steps", proc)
     # As Slurm does at the time limit: SIGTERM to every task of the step.
     ranks = subprocess.run(["pgrep", "-f", f"run.out_dir={out}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]

@@ -19,18 +19,12 @@ import pytest
 
 from hvd_yolo import config
 from hvd_yolo.launch import hvd_yolo_argv
-from tests.fixtures.datagen import synthetic_shards
 from tests.fixtures.train_runs import WEIGHTS_AT_SAVE, read_jsonl, train_args
-from tests.mpi_harness import describe_failure, mpirun_argv, run_cli, run_job
+from tests.mpi_harness import describe_failure, log_lines, mpirun_argv, run_cli, run_job, wait_for
 
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """13 small synthetic images in 3 shards."""
-    return synthetic_shards(tmp_path_factory.mktemp("data"), 13, seed=5, shards=3,
-                            size_range=(96, 144))
 
 
 def rank_steps(out: Path, rank: int) -> list[dict]:
@@ -124,9 +118,7 @@ def test_a_frozen_rank_ends_the_job_naming_it(shards: Path, tmp_path: Path) -> N
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     frozen = None
     try:
-        log, deadline = out / "ranks" / "rank1.jsonl", time.time() + 300
-        while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: log_lines(out / "ranks" / "rank1.jsonl") >= 3, 300, "3 steps", proc)
         frozen = rank_pid(out, 1, proc.pid)
         assert frozen is not None, "rank 1 not found"
         os.kill(frozen, signal.SIGSTOP)

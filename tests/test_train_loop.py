@@ -5,7 +5,6 @@ Every run goes through the command line under mpirun (tests/mpi_harness.py, with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,10 @@ import torch
 
 from hvd_yolo.data.synthetic import write_yolo_dataset
 from hvd_yolo.shards.convert import convert_dataset
-from tests.fixtures.datagen import synthetic_shards
+from tests.fixtures.train_runs import read_jsonl
 from tests.mpi_harness import run_cli
 
 pytestmark = pytest.mark.mpi
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def step_records(out: Path) -> list[dict]:
@@ -33,11 +28,8 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "dist.threads=1", *extra]
 
 
-@pytest.fixture(scope="module")
-def eight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 synthetic images in 2 shards of 4: 2 ranks x 2 images x accumulate 2 is all of them."""
-    return synthetic_shards(tmp_path_factory.mktemp("eight"), 8, seed=5, shards=2,
-                            size_range=(64, 112))
+# 8 synthetic images in 2 shards of 4: 2 ranks x 2 images x accumulate 2 is all of them
+SHARDS = {"images": 8, "seed": 5, "shards": 2, "size_range": (64, 112)}
 
 
 # ------------------------------------------------------------------ accumulation through Horovod
@@ -50,7 +42,7 @@ COMMON = ("--set", "input.multiscale=true", "--set", "input.min_size=64",
 
 
 @pytest.fixture(scope="module")
-def accumulation_runs(eight: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def accumulation_runs(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same 3 optimizer steps two ways: 2 ranks x batch 2 x accumulate 2 (backward passes
     per step in Horovod's DistributedOptimizer) and 1 rank x batch 8.
 
@@ -63,10 +55,10 @@ def accumulation_runs(eight: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """
     tmp = tmp_path_factory.mktemp("accumulation")
     two, one = tmp / "two_ranks", tmp / "one_rank"
-    run_cli(train_args(eight, two, *COMMON, "--set", "optim.batch_size=2",
+    run_cli(train_args(shards, two, *COMMON, "--set", "optim.batch_size=2",
                        "--set", "optim.accumulate=2", "--set", "optim.lr=0.005"),
             np=2, timeout=400)
-    run_cli(train_args(eight, one, *COMMON, "--set", "optim.batch_size=8",
+    run_cli(train_args(shards, one, *COMMON, "--set", "optim.batch_size=8",
                        "--set", "optim.lr=0.02"), np=1, timeout=400)
     return two, one
 
@@ -115,10 +107,10 @@ def test_logged_loss_is_the_mean_of_the_accumulation_window(
 
 
 # ------------------------------------------------------------------ logging
-def test_log_every_zero_logs_the_last_step_only(eight: Path, tmp_path: Path) -> None:
+def test_log_every_zero_logs_the_last_step_only(shards: Path, tmp_path: Path) -> None:
     """``run.log_every=0`` turns periodic metric lines off (it divided by zero)."""
     out = tmp_path / "run"
-    run_cli(train_args(eight, out, "--set", "input.size=64", "--set", "optim.batch_size=4",
+    run_cli(train_args(shards, out, "--set", "input.size=64", "--set", "optim.batch_size=4",
                        "--set", "run.log_every=0", "--set", "run.max_steps=3",
                        "--set", "optim.epochs=5"), np=1, timeout=300)
     assert [r["step"] for r in step_records(out)] == [3]
@@ -126,7 +118,7 @@ def test_log_every_zero_logs_the_last_step_only(eight: Path, tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------ start-up checks
-def test_validation_classes_that_differ_from_training_fail_at_start(eight: Path,
+def test_validation_classes_that_differ_from_training_fail_at_start(shards: Path,
                                                                     tmp_path: Path) -> None:
     """A validation set converted with another class list (renamed, reordered) is refused by
     every rank before the first step, naming both data sets and the classes that differ
@@ -136,12 +128,12 @@ def test_validation_classes_that_differ_from_training_fail_at_start(eight: Path,
     val = tmp_path / "val"
     convert_dataset("yolo", src, val, shards=1)
     out = tmp_path / "run"
-    res = run_cli(train_args(eight, out, "--set", f"data.val={val}", "--set", "input.size=64",
+    res = run_cli(train_args(shards, out, "--set", f"data.val={val}", "--set", "input.size=64",
                              "--set", "optim.batch_size=2"), np=2, timeout=300, check=False)
     assert res.returncode != 0 and not res.timed_out, res.output
     line = next((t for t in res.rank_lines(0) if t.startswith("hvd-yolo train: error:")), None)
     assert line is not None, res.output
-    assert f"data.val={val}" in line and f"data.train={eight}" in line, line
+    assert f"data.val={val}" in line and f"data.train={shards}" in line, line
     assert "class 1 is 'square' in training, 'triangle' here" in line, line
     assert "class 2 is 'triangle' in training, 'cone' here" in line, line
     assert "Traceback" not in res.output, res.output
