@@ -15,6 +15,7 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.checkpoint import CheckpointError
 from hvd_yolo.runlock import OutDirBusy, OutDirError, OutDirLock
+from tests.fixtures.disks import tmpfs
 from tests.fixtures.train_runs import flip
 
 
@@ -188,13 +189,7 @@ def test_an_unwritable_out_dir_is_named(tmp_path: Path) -> None:
 def test_a_full_disk_is_one_line_and_last_pt_stays(tmp_path: Path) -> None:
     """A 1 MiB tmpfs: the first checkpoint fits, the second does not (needs root to mount;
     skipped with the reason otherwise)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                         capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up: {res.stderr.strip() or res.returncode}")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
         ckpt = disk / "checkpoints"
         checkpoint.save(state(1), ckpt, 1, keep_last=2)  # 16 KB of weights
         big = {**state(2), "model": {"w": torch.zeros(512, 1024)}}  # 2 MB
@@ -206,5 +201,3 @@ def test_a_full_disk_is_one_line_and_last_pt_stays(tmp_path: Path) -> None:
         assert "MB are free; the checkpoints already there (last.pt) are unchanged" in msg
         assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt", "step-00000001.pt"]
         assert checkpoint.load(ckpt / "last.pt")["step"] == 1
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)

@@ -22,6 +22,7 @@ from hvd_yolo.data.synthetic import write_yolo_dataset
 from hvd_yolo.shards.convert import ConversionError, StrictError, convert_dataset
 from hvd_yolo.shards.verify import verify_shards
 from tests.fixtures import datagen
+from tests.fixtures.disks import tmpfs
 from tests.mpi_harness import VENV_BIN, run_cli, wait_for
 
 HVD_YOLO = str(VENV_BIN / "hvd-yolo")  # the entry point users run
@@ -53,14 +54,8 @@ def test_failed_overwrite_keeps_the_old_dataset(tmp_path: Path) -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 2 MiB tmpfs: a disk that fills up (needs root; skipped with the reason otherwise)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up: {res.stderr.strip() or res.returncode}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+    with tmpfs(tmp_path / "disk", "2m") as mnt:
+        yield mnt
 
 
 @pytest.mark.mpi
@@ -169,14 +164,8 @@ def test_two_conversions_into_one_new_folder_the_second_fails_naming_the_first(
 def mount_point(tmp_path: Path):
     """An empty tmpfs mounted at tmp_path/volume (a Docker/Kubernetes volume); skipped, with
     the reason, where mounting is not allowed."""
-    mnt = tmp_path / "volume"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip() or res.returncode}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+    with tmpfs(tmp_path / "volume", "64m") as mnt:
+        yield mnt
 
 
 def test_convert_into_a_mount_point_swaps_its_contents(tmp_path: Path, mount_point: Path,
