@@ -8,7 +8,7 @@ equal to pycocotools' arrays), ``f1_confidence`` and ``confusion_matrix``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,17 @@ def _ranked(tables: dict[str, np.ndarray], cat: int) -> np.ndarray:
     return m[np.argsort(-m[:, 2], kind="mergesort")]
 
 
+def _with_ground_truth(tables: dict[str, np.ndarray], category_ids: Sequence[int]
+                       ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """``(k, ground-truth boxes, ranked rows)`` of each category that has ground truth (the
+    others are left at their "none" value by the callers)."""
+    pos = tables["positives"]
+    for k, cat in enumerate(category_ids):
+        npig = pos[pos[:, 1] == cat, 2].sum()
+        if npig > 0:
+            yield k, float(npig), _ranked(tables, cat)
+
+
 def precision_recall(tables: dict[str, np.ndarray], category_ids: Sequence[int]
                      ) -> dict[str, np.ndarray]:
     """COCO's interpolated precision from merged matched pairs: ``precision [T, R, K]`` at
@@ -172,12 +183,7 @@ def precision_recall(tables: dict[str, np.ndarray], category_ids: Sequence[int]
     T, R, K = len(IOU_THRESHOLDS), len(RECALL_POINTS), len(category_ids)
     precision, scores = -np.ones((T, R, K)), -np.ones((T, R, K))
     recall = -np.ones((T, K))
-    pos = tables["positives"]
-    for k, cat in enumerate(category_ids):
-        npig = pos[pos[:, 1] == cat, 2].sum()
-        if npig == 0:
-            continue
-        m = _ranked(tables, cat)
+    for k, npig, m in _with_ground_truth(tables, category_ids):
         for t in range(T):
             out = m[:, 4 + t]  # ignored rows (-1) stay, counted neither way, as in COCO
             tp = np.cumsum(out == 1).astype(float)
@@ -204,12 +210,7 @@ def f1_confidence(tables: dict[str, np.ndarray], category_ids: Sequence[int],
     conf = np.linspace(0.0, 1.0, points)
     K = len(category_ids)
     p, r = np.full((K, points), np.nan), np.full((K, points), np.nan)
-    pos = tables["positives"]
-    for k, cat in enumerate(category_ids):
-        npig = pos[pos[:, 1] == cat, 2].sum()
-        if npig == 0:
-            continue
-        m = _ranked(tables, cat)
+    for k, npig, m in _with_ground_truth(tables, category_ids):
         m = m[m[:, 4 + iou_index] >= 0]
         tp = np.concatenate([[0.0], np.cumsum(m[:, 4 + iou_index] == 1)])
         n = np.searchsorted(-m[:, 2], -conf, side="right")  # detections with score >= c
