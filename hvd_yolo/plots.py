@@ -148,25 +148,36 @@ def _legend_cols(n: int) -> int:
     return 1 if n <= 12 else 2
 
 
+def _class_curves(path: Path, x: np.ndarray, lines: list[tuple[np.ndarray, str]],
+                  mean: tuple[np.ndarray, str] | None, labels: tuple[str, str, str],
+                  legend_loc: str) -> Path:
+    """One curve per class (thin) and their mean (thick) against ``x`` on a unit square;
+    ``labels``: x label, y label, title."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    for y, label in lines:
+        ax.plot(x, y, lw=1, label=label)
+    if mean is not None:
+        ax.plot(x, mean[0], lw=3, color="#1f3b70", label=mean[1])
+    ax.set(xlabel=labels[0], ylabel=labels[1], xlim=(0, 1), ylim=(0, 1.02), title=labels[2])
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=8, ncol=_legend_cols(len(lines) + 1))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def pr_curve(out: Path, pr: dict[str, np.ndarray], names: Sequence[str]) -> list[Path]:
     """``pr_curve.png`` and ``pr_curve.csv``: COCO's interpolated precision at IoU 0.5 against
     recall, per class and the mean over classes with ground truth."""
     p = pr["precision"][0]  # [R, K] at IoU 0.5
     valid = (p > -1).all(0)
     mean = p[:, valid].mean(1) if valid.any() else np.full(len(matches.RECALL_POINTS), np.nan)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    for k, name in enumerate(names):
-        if valid[k]:
-            ax.plot(matches.RECALL_POINTS, p[:, k], lw=1, label=f"{name} {p[:, k].mean():.3f}")
-    ax.plot(matches.RECALL_POINTS, mean, lw=3, color="#1f3b70",
-            label=f"all classes {np.mean(mean):.3f} mAP@0.5")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-           title="precision-recall curve (IoU 0.5, COCO interpolation)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8, ncol=_legend_cols(int(valid.sum()) + 1))
-    fig.tight_layout()
-    png = _save(fig, out / "pr_curve.png")
+    png = _class_curves(
+        out / "pr_curve.png", matches.RECALL_POINTS,
+        [(p[:, k], f"{name} {p[:, k].mean():.3f}") for k, name in enumerate(names) if valid[k]],
+        (mean, f"all classes {np.mean(mean):.3f} mAP@0.5"),
+        ("recall", "precision", "precision-recall curve (IoU 0.5, COCO interpolation)"),
+        "lower left")
     csv_path = out / "pr_curve.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -181,22 +192,15 @@ def f1_curve(path: Path, f1: dict[str, np.ndarray], names: Sequence[str]) -> Pat
     """F1 against the confidence threshold, per class and the mean over classes."""
     conf, curves = f1["confidence"], f1["f1"]
     valid = ~np.isnan(curves).all(1)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    for k, name in enumerate(names):
-        if valid[k]:
-            ax.plot(conf, curves[k], lw=1, label=name)
+    mean = None
     if valid.any():
-        mean = curves[valid].mean(0)
-        best = int(np.argmax(mean))
-        ax.plot(conf, mean, lw=3, color="#1f3b70",
-                label=f"all classes: F1 {mean[best]:.2f} at confidence {conf[best]:.3f}")
-    ax.set(xlabel="confidence threshold", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02),
-           title="F1 against confidence (IoU 0.5)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8, ncol=_legend_cols(int(valid.sum()) + 1))
-    fig.tight_layout()
-    return _save(fig, path)
+        m = curves[valid].mean(0)
+        best = int(np.argmax(m))
+        mean = (m, f"all classes: F1 {m[best]:.2f} at confidence {conf[best]:.3f}")
+    return _class_curves(path, conf, [(curves[k], name) for k, name in enumerate(names)
+                                      if valid[k]],
+                         mean, ("confidence threshold", "F1", "F1 against confidence (IoU 0.5)"),
+                         "best")
 
 
 def confusion(out: Path, matrix: np.ndarray, names: Sequence[str], iou: float,
