@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -42,7 +41,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv  # noqa: E402
+from benchmarks.train_run import train_run  # noqa: E402
+from hvd_yolo.launch import hvd_yolo_argv  # noqa: E402
 
 CACHE = Path(os.environ.get("HVD_YOLO_CACHE", Path.home() / ".cache" / "hvd_yolo"))
 DEEPFOREST = "deepforest==2.1.0"
@@ -189,20 +189,12 @@ def train(run: str, seed: int, info: dict[str, Any], out: Path, args: argparse.N
             "run.progress": False, "dist.threads": 1}
     if info["weights"][run]:
         sets["model.weights"] = info["weights"][run]
-    argv = mpirun_argv(args.np) + hvd_yolo_argv("train", *[f"--set={k}={v}"
-                                                            for k, v in sets.items()])
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"{run} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    ev = [x for x in lines if x.get("type") == "eval"][-1]
-    loaded = next((ln.split(": ", 1)[1] for ln in proc.stdout.splitlines()
+    res = train_run(sets, args.np, f"{run} seed {seed}")
+    ev = res.last("eval")
+    loaded = next((ln.split(": ", 1)[1] for ln in res.stdout.splitlines()
                    if "model.weights" in ln), "")
     return {"run": run, "seed": seed, "steps": ev["step"], "mAP": ev["mAP"],
-            "mAP50": ev["mAP50"], "wall_s": round(wall, 1), "weights": loaded}
+            "mAP50": ev["mAP50"], "wall_s": res.wall_s, "weights": loaded}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

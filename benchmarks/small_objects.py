@@ -18,18 +18,16 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.train_run import train_run  # noqa: E402
 from hvd_yolo.data.synthetic import write_yolo_dataset  # noqa: E402
-from hvd_yolo.launch import hvd_yolo_argv, mpirun_argv  # noqa: E402
 from hvd_yolo.shards.convert import convert_dataset  # noqa: E402
 
 # (label, train size or None for multi-scale, evaluation size)
@@ -57,18 +55,12 @@ def train(label: str, size: int | None, eval_size: int, train: Path, val: Path, 
             "run.progress": False, "dist.threads": 1}
     if size is None:
         sets |= {"input.multiscale": True, "input.min_size": 320, "input.max_size": 608}
-    argv = mpirun_argv(2) + hvd_yolo_argv("train", *[f"--set={k}={v}" for k, v in sets.items()])
-    start = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - start
-    if res.returncode != 0:
-        raise RuntimeError(f"{label}: hvd-yolo train failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in records if r["type"] == "eval"][-1]
-    steps = max(r["step"] for r in records if r["type"] == "step")
+    res = train_run(sets, 2, label, timeout=args.timeout)
+    final = res.last("eval")
+    steps = max(r["step"] for r in res.records if r["type"] == "step")
     figures = {k: final.get(k) for k in ("mAP", "mAP50", "AP_small", "AP_medium", "AP_large")}
     return {"setting": label, "train_size": size or "320-608", "eval_size": eval_size,
-            "steps": steps, "wall_s": round(wall, 1),  # NaN (no object of that size): null
+            "steps": steps, "wall_s": res.wall_s,  # NaN (no object of that size): null
             **{k: None if v is None or math.isnan(v) else v for k, v in figures.items()}}
 
 
