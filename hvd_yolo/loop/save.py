@@ -4,6 +4,7 @@ due, which saves first, else save) and :func:`finish` (the summary, the watch an
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,16 @@ def end_epoch(parts: Parts, world: World, progress: Progress, epoch: int,
     cfg = parts.cfg
     epoch_done = batches_done >= world.plan.batches_per_epoch
     last_epoch = epoch + 1 == cfg.optim.epochs or progress.done
+    figures = None
     if world.eval_loader is not None and epoch_done and (
             (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
-        return evaluate_epoch(parts, world, progress, epoch)
-    save_checkpoint(parts, world, progress, epoch + 1 if epoch_done else epoch,
-                    0 if epoch_done else batches_done)
-    return None
+        figures = evaluate_epoch(parts, world, progress, epoch)
+    else:
+        save_checkpoint(parts, world, progress, epoch + 1 if epoch_done else epoch,
+                        0 if epoch_done else batches_done)
+    # the next logged img/s counts training only, not this evaluation or save
+    progress.t_last, progress.images_since = time.perf_counter(), 0
+    return figures
 
 
 def finish(parts: Parts, world: World, progress: Progress, figures: dict[str, Any] | None,
