@@ -12,7 +12,8 @@ own time is left out), the final mAP, and the time to the first evaluation at or
     python -m benchmarks.time_to_accuracy [--regime h100:10gbit] [--epochs 8] [--size 128]
         [--modes fp16,powersgd_r4,local_k4,fp32] [--target 0.5] [--seed 0]
 
-Writes benchmarks/results/time_to_accuracy.json (``--json``).
+Writes benchmarks/results/time_to_accuracy.json (``--json``) and, beside it, a plot of each
+mode's mAP@0.5 against training time (``.png``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,28 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    """mAP@0.5 of each mode's evaluations against its training seconds, the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for name, r in result["modes"].items():
+        if not r.get("rc"):
+            ax.plot([e["train_s"] for e in r["evals"]], [e["mAP50"] for e in r["evals"]],
+                    marker="o", label=name)
+    ax.axhline(result["target"], ls="--", color="grey", lw=1)
+    ax.set(xlabel="training time (s, evaluations excluded)", ylabel="validation mAP@0.5",
+           title=f"time to accuracy at emulated {result['regime']['regime']} (2 nodes)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--regime", default="h100:10gbit")
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down(cb.NAME)
     result["load_after"] = os.getloadavg()
     args.json.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.json.with_suffix(".png"))
     print(table(result))
     return 0
 
