@@ -188,6 +188,7 @@ def train(run: str, seed: int, info: dict[str, Any], out: Path, args: argparse.N
     sets = {"data.train": info["train"]["shards"], "data.val": info["val"]["shards"],
             "data.workers": 1, "model.name": "yolov3-tiny", "optim.epochs": args.epochs,
             "optim.batch_size": args.batch_size, "optim.warmup_steps": args.warmup,
+            "optim.name": args.optim, "optim.lr": args.lr,
             "input.size": args.size, "eval.every": 0, "run.out_dir": out, "run.seed": seed,
             "run.progress": False, "dist.threads": 1}
     if info["weights"][run]:
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=320, help="input size (tiles are 416 px)")
     p.add_argument("--batch-size", type=int, default=4, help="images per rank per step")
     p.add_argument("--warmup", type=int, default=20, help="LR warm-up steps")
+    p.add_argument("--optim", default="sgd", help="optim.name (sgd, adamw)")
+    p.add_argument("--lr", type=float, default=0.01, help="optim.lr (per rank; x world size)")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
               "data": {k: {kk: vv for kk, vv in v.items() if kk != "shards"}
                        for k, v in info.items() if k in ("train", "val")},
               "epochs": args.epochs, "batch_per_rank": args.batch_size, "np": args.np,
+              "optim": args.optim, "lr": args.lr,
               "tile": TILE, "input_size": args.size, "host": platform.node(), "runs": rows,
               **({"anchors": info["anchors"]} if "anchors" in info else {})}
     if not args.no_write:
