@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -211,7 +210,8 @@ def fit_anchors(info: dict[str, Any], size: int, work: Path) -> dict[str, Any]:
                                         "yolov3-tiny", "--size", str(size), "--json", str(path)),
                           capture_output=True, text=True, check=True)
     print(proc.stdout, flush=True)
-    return {**json.loads(path.read_text()), "report": proc.stdout}
+    found = json.loads(path.read_text().replace(str(work), "<work>"))
+    return {**found, "report": proc.stdout.replace(str(work), "<work>")}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -271,12 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
     md = table(rows)
     print(md)
-    result = {"command": "python -m benchmarks.finetune " + " ".join(argv or sys.argv[1:]),
+    command = " ".join(argv or sys.argv[1:]).replace(f"--out {args.out}", "").strip()
+    result = {"command": "python -m benchmarks.finetune " + command,
               "data": {k: {kk: vv for kk, vv in v.items() if kk != "shards"}
                        for k, v in info.items() if k in ("train", "val")},
               "epochs": args.epochs, "batch_per_rank": args.batch_size, "np": args.np,
               "optim": args.optim, "lr": args.lr,
-              "tile": TILE, "input_size": args.size, "host": platform.node(), "runs": rows,
+              "tile": TILE, "input_size": args.size, "runs": rows,
               **({"anchors": info["anchors"]} if "anchors" in info else {})}
     if not args.no_write:
         write_results(args.name, result, md)
