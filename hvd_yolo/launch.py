@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     line.add_argument("--term-grace", type=int)
     line.add_argument("--extra", action="append", default=[])
     line.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("tcp-links", help="print TCP_LINKS (mpi/horovodrun.sh's MPI line)")
     args = p.parse_args(argv)
+    if args.what == "tcp-links":
+        print(TCP_LINKS or "")
+        return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     os.environ.update(network_env(args.network, args.iface))
     out = mpirun_argv(args.np, hostfile=args.hostfile, hosts=args.hosts, network=args.network,

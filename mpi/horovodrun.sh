@@ -134,6 +134,10 @@ if [ "$controller" = mpi ]; then
     mpi_args="$mpi_args --oversubscribe"
   fi
   [ -n "$network" ] && mpi_args="$mpi_args --mca btl tcp,self"
+  # TCP connections per peer pair: one serialises the two directions (launch.TCP_LINKS)
+  links=$("$(package_python "$root")" "$root/hvd_yolo/launch.py" tcp-links) \
+    || die "could not read TCP_LINKS from $root/hvd_yolo/launch.py"
+  [ -n "$links" ] && mpi_args="$mpi_args --mca btl_tcp_links $links"
   [ -n "$iface" ] && mpi_args="$mpi_args --mca btl_tcp_if_include $iface --mca oob_tcp_if_include $iface"
   [ -n "$mpi_args" ] && argv+=(--mpi-args="${mpi_args# }")
 fi

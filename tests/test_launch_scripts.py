@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hvd_yolo import launch
 from tests.conftest import ShardSets
 from tests.fixtures.datagen import synthetic_shards
 from tests.mpi_harness import JobResult, log_lines, run_argv, wait_for
@@ -168,7 +169,8 @@ def test_horovodrun_script_names_a_host_ssh_cannot_reach(tmp_path: Path) -> None
 def test_horovodrun_line_defaults_and_options() -> None:
     argv = dry_run(HOROVODRUN_SH, "-np", "2", "--cpu", "--exec", "python", "x.py")
     assert argv[0].endswith("horovodrun") and argv[1:5] == ["-np", "2", "-H", "localhost:2"]
-    assert "--mpi" in argv and "--mpi-args=--mca mpi_yield_when_idle 1" in argv
+    assert "--mpi" in argv and (f"--mpi-args=--mca mpi_yield_when_idle 1 --mca btl_tcp_links "
+                                f"{launch.TCP_LINKS}") in argv  # one TCP connection serialises
     argv = dry_run(HOROVODRUN_SH, "-np", "4", "--gloo", "--hostfile", str(REPO / "mpi" /
                    "hostfile.example"), "--iface", "eth0", "--ssh-port", "2222",
                    "train", "--config", "c.yaml")
