@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hvd_yolo.config import Config, ConfigError
-from hvd_yolo.data.augment import AugmentedDataset, collate, hold_stop_signals, ignore_stop_signals
+from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals, start_workers
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.matches import match_images, merge_matches
@@ -279,9 +279,7 @@ def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext) -> DataLoa
 def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,
                  step: int = 0) -> Iterator[tuple[torch.Tensor, list]]:
     """The loader's (images in [0, 1], metas), marking progress for the stall watch."""
-    with hold_stop_signals():  # no stop signal reaches a worker before it ignores them
-        batches = iter(loader)
-    for i, b in enumerate(batches):
+    for i, b in enumerate(start_workers(loader)):  # stop signals held while workers start
         if watch is not None:
             watch.progress(f"evaluating batch {i}", step)
         yield b["images"].to(device).float().div_(255), b["metas"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo.data.augment import hold_stop_signals, ignore_stop_signals
+from hvd_yolo.data.augment import ignore_stop_signals, start_workers
 
 torch.set_num_threads(1)
 WINDOW_S = 1.5
@@ -30,14 +30,10 @@ def slow_ignore(worker_id: int) -> None:
 
 
 def start_and_signal(sig: signal.Signals, held: bool) -> list[int]:
-    """Start a 2-worker loader (inside ``hold_stop_signals`` if ``held``), send ``sig`` to
+    """Start a 2-worker loader (with ``start_workers`` if ``held``), send ``sig`` to
     each worker before its ``worker_init_fn`` is done, and read every batch."""
     loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=slow_ignore)
-    if held:
-        with hold_stop_signals():
-            batches = iter(loader)
-    else:
-        batches = iter(loader)
+    batches = start_workers(loader) if held else iter(loader)
     for w in batches._workers:  # noqa: SLF001 - the worker processes of this iterator
         os.kill(w.pid, sig)
     return [int(x) for b in batches for x in b]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,13 @@ def ignore_stop_signals(_worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader: Iterable[Any]) -> Iterator[Any]:
+    """``iter(loader)`` with its new workers' stop signals held until they ignore them
+    (:func:`hold_stop_signals`): how the training loop and the evaluation start a loader."""
+    with hold_stop_signals():
+        return iter(loader)
 
 
 @contextlib.contextmanager

@@ -59,10 +59,8 @@ class ElasticDriver:
         self.parts, self.world, self.progress = parts, world, Progress()
         self.figures: dict[str, Any] | None = None
         self.log_path = parts.out_dir / "ranks" / "elastic.jsonl"
-        # (world id, step, world size) of the last commit, and this rank's communication state;
-        # the same of the commit under way (it becomes the last once every rank reached it)
+        # (world id, step, world size) of the last commit, and this rank's communication state
         self.comm_saved: tuple[tuple[str | None, int, int], dict[str, Any]] | None = None
-        self.comm_pending: tuple[tuple[str | None, int, int], dict[str, Any]] | None = None
         ema = parts.ema
         extra: dict[str, Any] = {"ema_model": ema.ema} if ema is not None else {}
         self.state = hvd_elastic.ElasticState(
@@ -77,7 +75,9 @@ class ElasticDriver:
                                     "world_id": self.world.world_id, "t": time.time()}) + "\n")
 
     def on_commit(self) -> None:
-        self.comm_saved = self.comm_pending
+        """Every rank, once every rank has reached the commit and it is saved."""
+        self.comm_saved = ((self.world.world_id, self.progress.step, self.world.ctx.size),
+                           copy.deepcopy(self.parts.sync.comm_state_dict()))
         # the samples read twice so far in this deal (rank 0 alone: it deals every rank's share)
         to = self.state.sampler
         padded = (self.world.sampler.padded(to["offset"])
@@ -91,8 +91,6 @@ class ElasticDriver:
         state.epoch, state.step, state.best_map = epoch, progress.step, progress.best_map
         state.sampler = sampler_state
         state.ema_updates = ema.updates if ema is not None else 0
-        self.comm_pending = ((self.world.world_id, progress.step, self.world.ctx.size),
-                             copy.deepcopy(self.parts.sync.comm_state_dict()))
         state.commit()
 
     def restore_comm_state(self, ctx: dist.DistContext) -> None:

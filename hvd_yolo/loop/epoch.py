@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.comm import horovod as dist
-from hvd_yolo.data.augment import hold_stop_signals
+from hvd_yolo.data.augment import start_workers
 from hvd_yolo.loop import events
 from hvd_yolo.loop.logs import append_jsonl
 from hvd_yolo.loop.run import Parts, Progress, World
@@ -86,8 +86,7 @@ def run_epoch(parts: Parts, world: World, progress: Progress, epoch: int,
     parts.loader.sampler.set_epoch(epoch)  # keeps a resumed offset for the resumed epoch
     bar = progress_bar(parts, world, progress, epoch)
     train_mode(parts.model, cfg.model.freeze_bn)
-    with hold_stop_signals():  # no stop signal reaches a worker before it ignores them
-        batches = iter(parts.loader)
+    batches = start_workers(parts.loader)  # no stop signal reaches a worker before it ignores them
     done, corrupt = progress.first, 0  # a checkpoint at the epoch's last batch: nothing left
     for first in range(progress.first, world.plan.batches_per_epoch, acc):
         window = take_step(parts, world, progress, epoch, batches, first)
