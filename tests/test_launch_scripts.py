@@ -391,4 +391,6 @@ def test_network_option_makes_mpi_tcp_only_and_sets_gloos_interface() -> None:
     argv = dry_run(HOROVODRUN_SH, "-np", "2", "--mpi", "-H", "a:1,b:1", "--network",
                    "127.0.0.0/8", "--exec", "true")
     assert "--network-interfaces lo" in " ".join(argv)
-    assert "--mca btl tcp,self --mca btl_tcp_if_include lo" in " ".join(argv)
+    for part in ("--mca btl tcp,self", "--mca btl_tcp_if_include lo",
+                 "--mca oob_tcp_if_include lo"):
+        assert part in " ".join(argv), f"{part!r} missing from {' '.join(argv)}"
