@@ -133,9 +133,10 @@ class DistConfig:
     # bytes of each average; always done before a checkpoint)
     local_sync_momentum: bool = False
     powersgd_rank: int = 4  # dist.compression=powersgd: rank r of each compressed gradient matrix
-    # dist.compression=powersgd: plain fp32 gradient allreduce before this optimizer step (the
-    # LR warm-up's, by default)
+    # dist.compression=powersgd: whole-gradient allreduce before this optimizer step (the LR
+    # warm-up's, by default), in dist.powersgd_warmup_compression (none: fp32 | fp16)
     powersgd_start_step: int = 100
+    powersgd_warmup_compression: str = "fp16"
     op: str = "average"  # average | adasum (LR not scaled by world size; needs optim.clip_grad=0)
     sync_bn: bool = False  # BatchNorm statistics over all ranks (Horovod SyncBatchNorm)
     threads: int | None = None  # CPU threads per rank (default cores // local ranks)
@@ -195,6 +196,8 @@ class Config:
             raise ConfigError(f"input.min_size={self.input.min_size} > input.max_size={self.input.max_size}")
         checks = {
             "dist.compression": (self.dist.compression, set(COMPRESSIONS)),
+            "dist.powersgd_warmup_compression": (self.dist.powersgd_warmup_compression,
+                                                 set(COMPRESSIONS) - {"powersgd"}),
             "dist.op": (self.dist.op, set(OPS)),
             "dist.sync": (self.dist.sync, set(SYNCS)),
             "optim.name": (self.optim.name, set(OPTIMIZERS)),

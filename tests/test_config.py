@@ -80,6 +80,8 @@ def test_ranges_and_choices() -> None:
     assert error("data.workers=-1") == "data.workers=-1: must be >= 0"
     assert ("dist.compression='fp8': must be one of ['fp16', 'none', 'powersgd']"
             in error("dist.compression=fp8"))
+    assert ("dist.powersgd_warmup_compression='powersgd': must be one of ['fp16', 'none']"
+            in error("dist.powersgd_warmup_compression=powersgd"))
     assert "data.on_corrupt='ignore'" in error("data.on_corrupt=ignore")
     assert "optim.name='lamb'" in error("optim.name=lamb")
     assert "unknown key(s) ['lr_max']" in error("optim.lr_max=1")

@@ -27,7 +27,8 @@ SETUP = """
     torch.manual_seed(0)
     model = torch.nn.Conv2d(32, 64, 3)  # weight [64, 32, 3, 3] -> M [64, 288]; bias uncompressed
     opt = PowerSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
-                            rank=RANK, start_step=START, accumulate=ACC, seed=0)
+                            rank=RANK, start_step=START, accumulate=ACC, seed=0,
+                            warmup_compression="WARMUP")
 
     def backward_with(grads):
         # real backward passes (the hooks start the allreduces) whose gradient is grads
@@ -38,6 +39,12 @@ SETUP = """
     def digest(t):
         return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
 """
+
+
+def setup(rank: int, start: int, acc: int, warmup: str = "none") -> str:
+    """SETUP for a PowerSGDSync of this rank, start step, accumulation and warm-up compression."""
+    return (SETUP.replace("RANK", str(rank)).replace("START", str(start))
+            .replace("ACC", str(acc)).replace("WARMUP", warmup))
 
 
 def test_shapes_worth_compressing() -> None:
@@ -52,7 +59,7 @@ def test_a_gradient_of_rank_r_is_transmitted_exactly_and_counted() -> None:
     """Each rank's gradient is rank 1, so their mean has rank 2 <= r = 4: PowerSGD's update is
     the exact mean (to float rounding), the bias is averaged as is, every rank gets the same
     bytes, and the counted payload is P + Q + bias (what wire_elements says)."""
-    res = run_python(SETUP.replace("RANK", "4").replace("START", "0").replace("ACC", "2") + """
+    res = run_python(setup(4, 0, 2) + """
     g = torch.Generator().manual_seed(10 + ctx.rank)
     grads = [(torch.randn(64, 1, generator=g) @ torch.randn(1, 288, generator=g)).view(64, 32, 3, 3),
              torch.randn(64, generator=g)]
@@ -77,7 +84,7 @@ def test_a_step_cut_short_by_an_elastic_reset_leaves_nothing_behind() -> None:
     exactly a fresh PowerSGDSync's for the same gradients. Before discard_step existed the stale
     handles were waited for and the hooks, counting past ``accumulate``, started nothing: the
     update was the dead step's (here), or the ranks hung (in an elastic run)."""
-    res = run_python(SETUP.replace("RANK", "2").replace("START", "0").replace("ACC", "1") + """
+    res = run_python(setup(2, 0, 1) + """
     g = torch.Generator().manual_seed(30 + ctx.rank)
     cut = [torch.randn(p.shape, generator=g) for p in model.parameters()]
     grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
@@ -102,12 +109,41 @@ def test_a_step_cut_short_by_an_elastic_reset_leaves_nothing_behind() -> None:
     assert all(got[r]["gap"] == 0.0 for r in (0, 1)), got
 
 
+@pytest.mark.parametrize("warmup", ["fp16", "none"])
+def test_the_warm_up_averages_whole_gradients_in_its_compression(warmup: str) -> None:
+    """Before start_step every gradient is averaged whole: with warmup_compression=fp16 (the
+    default) as fp16 on the wire (half the bytes, the mean to fp16 rounding), with none as the
+    exact fp32 mean; the same update on both ranks either way."""
+    res = run_python(setup(2, 1, 1, warmup) + """
+    g = torch.Generator().manual_seed(40 + ctx.rank)
+    grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    backward_with(grads)
+    opt.synchronize()
+    mean = [dist.allreduce_mean(t, "test.mean").float() for t in grads]
+    err = max(float((p.grad - m).abs().max() / m.abs().max()) for p, m in zip(model.parameters(), mean))
+    print("result=" + json.dumps({"err": err, "bytes": opt.bytes_sent,
+          "dtype": str(model.weight.grad.dtype),
+          "digest": [digest(p.grad) for p in model.parameters()]}), flush=True)
+    """, np=2, timeout=120)
+    got = {r: json.loads(v) for r, v in res.values("result").items()}
+    assert sorted(got) == [0, 1], res.output
+    width = 2 if warmup == "fp16" else 4
+    for r in (0, 1):
+        assert got[r]["bytes"] == width * (64 * 32 * 3 * 3 + 64), got[r]
+        assert got[r]["dtype"] == "torch.float32", got[r]
+        if warmup == "fp16":
+            assert 1e-6 < got[r]["err"] < 2e-3, got[r]  # fp16 rounding, no more
+        else:
+            assert got[r]["err"] < 1e-6, got[r]
+    assert got[0]["digest"] == got[1]["digest"], got
+
+
 def test_error_feedback_carries_what_compression_left_out() -> None:
     """Full-rank gradients at rank 1 over 6 steps (the first uncompressed: start_step 1): the
     updates applied plus the ranks' mean residual add up to the sum of the mean true gradients
     (error feedback's telescoping sum); the updates are lossy (not the mean) and identical on
     both ranks, step by step."""
-    res = run_python(SETUP.replace("RANK", "1").replace("START", "1").replace("ACC", "1") + """
+    res = run_python(setup(1, 1, 1) + """
     g = torch.Generator().manual_seed(20 + ctx.rank)
     true_sum = [torch.zeros_like(p) for p in model.parameters()]
     sent_sum = [torch.zeros_like(p) for p in model.parameters()]

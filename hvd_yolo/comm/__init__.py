@@ -30,7 +30,8 @@ def build(cfg: DistConfig, optimizer: torch.optim.Optimizer, model: torch.nn.Mod
         from hvd_yolo.comm.powersgd import PowerSGDSync
 
         return PowerSGDSync(optimizer, model.named_parameters(), cfg.powersgd_rank,
-                            cfg.powersgd_start_step, accumulate, seed=seed)
+                            cfg.powersgd_start_step, accumulate, seed=seed,
+                            warmup_compression=cfg.powersgd_warmup_compression)
     from hvd_yolo.comm.allreduce import AllreduceSync
 
     return AllreduceSync(optimizer, model, cfg.compression, accumulate, cfg.op)

@@ -207,7 +207,7 @@ def nonfinite_ranks(stop: bool, bad_batch: int | None, name: str) -> tuple[bool,
 def compressor(name: str) -> Any:
     """Horovod's compressor for a name of ``config.COMPRESSIONS`` (the one table)."""
     # powersgd is its own GradSync (hvd_yolo.comm.powersgd): its factors and the tensors it leaves
-    # uncompressed go through plain fp32 allreduces.
+    # uncompressed go through plain fp32 allreduces, its warm-up through this table.
     table = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
              "powersgd": hvd.Compression.none}
     assert set(table) == set(COMPRESSIONS), "config.COMPRESSIONS and this table must agree"

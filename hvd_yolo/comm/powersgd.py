@@ -13,9 +13,11 @@ rank-``r`` factors instead of ``out*in*k*k`` numbers, with error feedback and a 
 
 Tensors where rank r would not save at least ``MIN_RATIO`` x the bytes (biases, BatchNorm,
 small convs) are averaged uncompressed (fp32), also started from their backward hooks. Before
-``start_step`` every gradient goes uncompressed, as in torch's PowerSGD hook
-(``start_powerSGD_iter``). Horovod's ``Compressor`` cannot keep per-tensor state or run two
-rounds, hence this GradSync instead of ``hvd.DistributedOptimizer``. The error feedback is
+``start_step`` every gradient is averaged whole, as in torch's PowerSGD hook
+(``start_powerSGD_iter``), in ``warmup_compression``: fp16 by default (half the bytes of the
+warm-up, which otherwise dominates a short run's communication), ``none`` for fp32.
+Horovod's ``Compressor`` cannot keep per-tensor state or run two rounds, hence this GradSync
+instead of ``hvd.DistributedOptimizer``. The error feedback is
 this rank's own; it and Q are :meth:`PowerSGDSync.comm_state_dict`. With
 AMP (CUDA) the factors and the error feedback are in the loss scale's units; a scale change
 leaves the error one step in the old units.
@@ -68,15 +70,17 @@ class PowerSGDSync(GradSync):
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Iterable[tuple[str, torch.nn.Parameter]], rank: int = 4,
-                 start_step: int = 0, accumulate: int = 1, seed: int = 0) -> None:
+                 start_step: int = 0, accumulate: int = 1, seed: int = 0,
+                 warmup_compression: str = "fp16") -> None:
         super().__init__(optimizer)
         self.rank, self.start_step, self.accumulate = rank, start_step, accumulate
+        self.warmup_compression = warmup_compression
         self.params = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.shapes = {n: matrix_shape(p.shape, rank) for n, p in self.params}
         self.q: dict[str, torch.Tensor] = {}
         self.error: dict[str, torch.Tensor] = {}
         self.passes: dict[str, int] = {n: 0 for n, _ in self.params}
-        # name -> (handle, M or None): the first round of this step, in flight
+        # name -> (handle, M or None, the tensor on the wire): this step's first round, in flight
         self.pending: dict[str, tuple[int, torch.Tensor | None, torch.Tensor]] = {}
         self.seed = seed
         self.index = {n: i for i, (n, _) in enumerate(self.params)}
@@ -104,10 +108,14 @@ class PowerSGDSync(GradSync):
             p.grad = torch.zeros_like(p)
         shape = self.shapes[name]
         if shape is None or not self.compressing():
-            # Horovod: an uncompressed gradient averaged in place (fp32)
-            self.pending[name] = (dist.allreduce_async_(p.grad, f"powersgd.grad.{name}"), None,
-                                  p.grad)
-            self.bytes_sent += p.grad.numel() * p.grad.element_size()
+            # Horovod: the whole gradient averaged, in place (fp32), or as an fp16 copy during
+            # the warm-up with warmup_compression=fp16 (Horovod's fp16 compressor's cast)
+            wire = p.grad
+            if not self.compressing():
+                wire = dist.compressor(self.warmup_compression).compress(p.grad)[0]
+            self.pending[name] = (dist.allreduce_async_(wire, f"powersgd.grad.{name}"), None,
+                                  wire)
+            self.bytes_sent += wire.numel() * wire.element_size()
             return
         m = p.grad.reshape(shape).float()
         if name in self.error:
@@ -130,6 +138,8 @@ class PowerSGDSync(GradSync):
             handle, m, pm = self.pending.pop(name)
             dist.wait(handle)  # Horovod: the first round (P, or the whole gradient)
             if m is None:
+                if pm is not p.grad:  # the fp16 copy: back into the fp32 gradient
+                    p.grad.copy_(pm)
                 continue
             pm = orthonormalize(pm)
             qm = m.t() @ pm
