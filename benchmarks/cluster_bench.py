@@ -294,13 +294,23 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
                      rounds: int, work: Path, launcher: str = "gloo",
                      nodes: int = 2) -> dict[str, Any]:
     """``bench train`` (``common``) once alone on one node ("single": the efficiency baseline)
-    and once per config on 2 nodes, in alternating order for ``rounds`` rounds; the medians of
-    ``KEEP`` per config, with each round's img/s."""
+    and once per config on ``nodes`` nodes, in alternating order for ``rounds`` rounds; the
+    medians of ``KEEP`` per config, with each round's img/s. With more nodes than this
+    machine's cores the baseline is one rank on every node at once, nothing sent (a rank's
+    speed when the ranks share the cores as in the run): "single" is their mean."""
     names = ["single", *configs]
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    shared = nodes > (os.cpu_count() or 1)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             out = work / f"{section}_{name}_r{r}.json"
+            if name == "single" and shared:
+                rec = single_on_every_node(common, nodes, work / f"{section}_single_r{r}")
+                if rec:
+                    per[name].append(rec)
+                print(f"  {section} single ({nodes} at once) round {r}: "
+                      f"{rec['img_per_sec_total'] if rec else 'failed'}", flush=True)
+                continue
             if name == "single":  # one rank on one node (no link)
                 argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), 1)
             elif name.startswith("shm_"):  # 2 ranks of this machine: shared memory, no link
@@ -322,6 +332,33 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
             result[name]["rounds"] = len(recs)
             result[name]["img_per_sec_rounds"] = [rec["img_per_sec_total"] for rec in recs]
     return result
+
+
+def single_on_every_node(common: list[str], nodes: int, stem: Path) -> dict[str, Any] | None:
+    """``bench train`` as one rank on each of ``nodes`` nodes at once (no collective between
+    them): ``KEEP`` of one rank, img/s the mean over the nodes; None if one failed."""
+    procs = []
+    for k in range(1, nodes + 1):
+        out, log = Path(f"{stem}_n{k}.json"), open(f"{stem}_n{k}.log", "w")
+        argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), k)
+        procs.append((out, log, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                 cwd=ROOT, start_new_session=True,
+                                                 env={**os.environ, "OMP_NUM_THREADS": "1"})))
+    recs = []
+    for out, log, proc in procs:
+        try:
+            rc = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        log.close()
+        if rc == 0 and out.exists():
+            recs.append(json.loads(out.read_text()))
+    if len(recs) < nodes:
+        return None
+    rec = {k: recs[0].get(k) for k in KEEP}
+    rec["img_per_sec_total"] = statistics.mean(x["img_per_sec_total"] for x in recs)
+    return rec
 
 
 COMM_CONFIGS = {  # name -> bench train options (section comm)

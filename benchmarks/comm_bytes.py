@@ -1,8 +1,9 @@
 """Bytes one rank puts into allreduces per optimizer step, by synchronisation mode, for a model
 (default YOLOv3, 80 classes, whose parameter shapes do not depend on the input size):
 fp32 and fp16 gradients, PowerSGD at ranks 1 and 4 (hvd_yolo.comm.powersgd's own split into
-compressed and uncompressed tensors), local SGD every k steps (parameters and BatchNorm
-statistics in fp32, amortised over k; with the momentum: twice the parameters).
+compressed and uncompressed tensors), local SGD every k steps (the change of the parameters
+and BatchNorm statistics in fp16, the default, or them in fp32; with the momentum, which is
+averaged in fp32, 4 bytes per parameter more; amortised over k).
 
     .venv/bin/python benchmarks/comm_bytes.py [--model yolov3] [--json PATH]
 
@@ -29,8 +30,9 @@ def table(model_name: str, classes: int = 80) -> dict:
     for r in (1, 4):
         rows[f"powersgd_rank{r}"] = 4 * sum(wire_elements(p.shape, r) for p in params)
     for k in (4, 16):
-        rows[f"local_sgd_k{k}"] = 4 * (n + buffers) / k
-        rows[f"local_sgd_k{k}_momentum"] = 4 * (2 * n + buffers) / k
+        rows[f"local_sgd_k{k}"] = 2 * (n + buffers) / k
+        rows[f"local_sgd_k{k}_fp32"] = 4 * (n + buffers) / k
+        rows[f"local_sgd_k{k}_momentum"] = (2 * (n + buffers) + 4 * n) / k
     compressed = [p for p in params if matrix_shape(p.shape, 4) is not None]
     return {
         "model": model_name, "classes": classes, "parameters": n, "gradient_tensors": len(params),

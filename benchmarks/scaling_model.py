@@ -125,36 +125,65 @@ def validate_published(overlap: float, fraction: float) -> list[dict]:
     return rows
 
 
+def regime_runs(record: dict) -> dict[str, dict]:
+    """cluster.json's runs of every mode at an emulated rate: ``comm_regime*`` sections."""
+    return {k: v for k, v in record.items()
+            if k.startswith("comm_regime") and isinstance(v, dict) and "single" in v}
+
+
+def link_fraction(record: dict, launcher: str, nodes: int) -> float | None:
+    """The fraction of the link Horovod's 16 MiB allreduce moved on ``nodes`` nodes, measured
+    apart from the training runs: under mpirun, the launch line's 4 connections at 25 Mbit/s
+    (mpi section); under Gloo, the nodes section's sweep at 1 Gbit/s."""
+    if launcher == "mpi":
+        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get("links4", {})
+    else:
+        v = record.get("nodes", {}).get(str(nodes), {})
+    return v.get("sizes", {}).get(str(16 << 20), {}).get("link_fraction")
+
+
+def local_width(comm: dict, params: float) -> int:
+    """Bytes per number of the run's local SGD average (4: fp32 weights, as before the fp16
+    change was sent; 2: the fp16 change), from its measured bytes per step (k=4)."""
+    local = comm.get("local_k4", {}).get("allreduce_bytes_per_step")
+    return 2 if not local else max(2, min(4, round(local * 4 / params)))
+
+
 def validate_measured(record: dict, overlap: float) -> list[dict]:
-    """Check (a): the measured 2-node img/s per mode at the emulated rate (comm_regime) against
-    the model fed with inputs measured apart from them: one rank's compute time (its own run in
-    the same rounds), the link fraction of Horovod's allreduce at 25 Mbit/s (mpi section,
-    16 MiB, the launch line's 4 connections), the fp32 overlap share (train section); PowerSGD's
-    extra compute per step is its measured compute time minus one rank's."""
-    comm, mpi = record.get("comm_regime", {}), record.get("mpi", {}).get("2x25mbit", {})
-    if "single" not in comm or "links4" not in mpi:
-        return []
+    """Check (a): the measured img/s per mode of every run at an emulated rate (``comm_regime*``)
+    against the model fed with inputs measured apart from them: one rank's compute time (its
+    own run in the same rounds; with more nodes than cores, every node's rank at once), the
+    link fraction of Horovod's 16 MiB allreduce on as many nodes with the same launcher
+    (:func:`link_fraction`), the fp32 overlap share (train section); PowerSGD's extra compute
+    per step is its measured compute time minus one rank's."""
     from hvd_yolo.cluster import rate_bps
 
-    frac = mpi["links4"]["sizes"][str(16 << 20)]["link_fraction"]
-    single = comm["single"]
-    params = comm["fp16_sync"]["allreduce_bytes_per_step"] / 2
-    compute = single["compute_time_mean_s"]
-    x = scaling.Inputs(compute_s=compute, backward_s=compute * 2 / 3, params=int(params),
-                       batch=int(single["batch"]), alpha_s=0.0, cycle_s=5e-3,
-                       bw=rate_bps(comm["link"]) / 8 * frac, overlap=overlap,
-                       powersgd_bytes=comm.get("powersgd_r4", {}).get(
-                           "allreduce_bytes_per_step", 0.0),
-                       powersgd_compute_s=max(0.0, comm.get("powersgd_r4", {}).get(
-                           "compute_time_mean_s", compute) - compute), local_steps=4)
     rows = []
-    for name, mode in (("fp32_sync", "fp32"), ("fp16_sync", "fp16"),
-                       ("powersgd_r4", "powersgd"), ("local_k4", "local")):
-        if name in comm:
-            pred = scaling.predict(x, comm.get("nodes", 2), (mode,))[mode]["img_per_sec"]
-            got = comm[name]["img_per_sec_total"]
-            rows.append({"config": name, "mode": mode, "measured": got, "model": pred,
-                         "error": pred / got - 1})
+    for run, comm in regime_runs(record).items():
+        nodes = comm.get("nodes", 2)
+        frac = link_fraction(record, comm.get("launcher", "gloo"), nodes)
+        if frac is None:
+            continue
+        single = comm["single"]
+        params = comm["fp16_sync"]["allreduce_bytes_per_step"] / 2
+        compute = single["compute_time_mean_s"]
+        x = scaling.Inputs(compute_s=compute, backward_s=compute * 2 / 3, params=int(params),
+                           batch=int(single["batch"]), alpha_s=0.0, cycle_s=5e-3,
+                           bw=rate_bps(comm["link"]) / 8 * frac, overlap=overlap,
+                           powersgd_bytes=comm.get("powersgd_r4", {}).get(
+                               "allreduce_bytes_per_step", 0.0),
+                           powersgd_compute_s=max(0.0, comm.get("powersgd_r4", {}).get(
+                               "compute_time_mean_s", compute) - compute), local_steps=4,
+                           local_width=local_width(comm, params))
+        for name, mode in (("fp32_sync", "fp32"), ("fp16_sync", "fp16"),
+                           ("powersgd_r4", "powersgd"), ("local_k4", "local")):
+            if name in comm:
+                pred = scaling.predict(x, nodes, (mode,))[mode]["img_per_sec"]
+                got = comm[name]["img_per_sec_total"]
+                rows.append({"run": run, "nodes": nodes, "link": comm["link"],
+                             "launcher": comm.get("launcher", "gloo"), "link_fraction": frac,
+                             "config": name, "mode": mode, "measured": got, "model": pred,
+                             "error": pred / got - 1})
     return rows
 
 
@@ -239,12 +268,11 @@ def measured_markdown(rec: dict) -> str:
                 lines.append(f"| {case} | {cfg} | " + " | ".join(cells)
                              + f" | {per.get('load_before', ['?'])[0]:.1f} |")
         lines.append("")
-    comm = rec.get("comm_regime", {})
-    if comm and "single" in comm:
+    for run, comm in regime_runs(rec).items():
         reg = comm.get("regime") or {}
         lines += [f"## Modes at {reg.get('regime', comm.get('link'))} ({comm.get('link')}), "
                   f"{comm.get('nodes', 2)} nodes, {comm.get('model')} {comm.get('size')} batch "
-                  f"{comm.get('batch')}, launcher {comm.get('launcher', 'gloo')}", "",
+                  f"{comm.get('batch')}, launcher {comm.get('launcher', 'gloo')} (`{run}`)", "",
                   "| mode | img/s (rounds) | vs fp32 | vs fp16 | efficiency | MB/step |",
                   "|---|---|---|---|---|---|"]
         f32 = comm.get("fp32_sync", {}).get("img_per_sec_total")
@@ -252,7 +280,8 @@ def measured_markdown(rec: dict) -> str:
         for name, r in comm.items():
             if not isinstance(r, dict) or "img_per_sec_total" not in r:
                 continue
-            rounds = ", ".join(f"{x:.2f}" for x in r["img_per_sec_rounds"])
+            rounds = ", ".join(f"{x:.2f}" for x in r["img_per_sec_rounds"]) \
+                if "img_per_sec_rounds" in r else "median round"
             v32 = f"{r['img_per_sec_total'] / f32:.2f}" if f32 and name != "single" else ""
             v16 = f"{r['img_per_sec_total'] / f16:.2f}" if f16 and name != "single" else ""
             eff = f"{r['efficiency']:.2f}" if "efficiency" in r else ""
@@ -281,14 +310,16 @@ def markdown(m: dict) -> str:
                      f"{r['error']:+.2f} |")
     lines += ["", f"Sources: {m['sources']}.", ""]
     if m["measured"]:
-        lines += ["## (a) The measured 2-node points at the emulated H100 + 10 GbE rate", "",
+        lines += ["## (a) The measured points at the emulated H100 + 10 GbE rate", "",
                   "Inputs measured apart from these runs (see validate_measured): one rank's "
-                  "compute, the 25 Mbit/s link fraction of Horovod's allreduce, the overlap "
-                  "share, PowerSGD's extra compute.", "",
-                  "| config | measured img/s | model img/s | error |", "|---|---|---|---|"]
+                  "compute, the link fraction of Horovod's 16 MiB allreduce with the run's "
+                  "launcher on as many nodes, the overlap share, PowerSGD's extra compute.", "",
+                  "| run | nodes | link | launcher | link fraction | config | measured img/s "
+                  "| model img/s | error |", "|---|---|---|---|---|---|---|---|---|"]
         for r in m["measured"]:
-            lines.append(f"| {r['config']} | {r['measured']:.2f} | {r['model']:.2f} | "
-                         f"{r['error']:+.0%} |")
+            lines.append(f"| {r['run']} | {r['nodes']} | {r['link']} | {r['launcher']} | "
+                         f"{r['link_fraction']:.2f} | {r['config']} | {r['measured']:.2f} | "
+                         f"{r['model']:.2f} | {r['error']:+.0%} |")
         lines.append("")
     lines += ["## Projection: YOLOv3 416, batch 32 per H100 (254 img/s), efficiency", "",
               "| link | nodes | fp32 | fp16 | PowerSGD r4 | local SGD k4 | fp16, 8 GPUs/node flat "

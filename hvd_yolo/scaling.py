@@ -14,8 +14,9 @@ One allreduce of S bytes in R fused rounds on n nodes:
 ``compute + max((1 - overlap) t_ar, t_ar - backward)``: the part overlap cannot hide, or what
 does not fit under backward. PowerSGD sends its P round from the backward hooks (overlapped like
 the gradients) and its Q round after (never hidden), and adds its own compute. Local SGD does
-no gradient collective; every k steps it averages the fp32 weights after the step (not hidden),
-so each step pays 1/k of it. Hierarchical allreduce (g GPUs per node): reduce-scatter and
+no gradient collective; every k steps it averages the weights after the step (not hidden): each
+rank's change in fp16 (``local_width`` 2, the default) or the fp32 weights (4), so each step
+pays 1/k of it. Hierarchical allreduce (g GPUs per node): reduce-scatter and
 allgather inside the node at ``intra_bw``, the ring between nodes only, so the per-hop latency is
 paid 2(n-1) times instead of 2(ng-1), and each node's link carries the gradient once.
 """
@@ -46,6 +47,7 @@ class Inputs:
     powersgd_bytes: float = 0.0  # bytes per step at the chosen rank (P and Q rounds together)
     powersgd_compute_s: float = 0.0  # PowerSGD's own compute per step (QR, products)
     local_steps: int = 4
+    local_width: int = 2  # bytes per number of local SGD's average (fp16 change; 4: fp32 weights)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -101,7 +103,7 @@ def step_s(x: Inputs, nodes: int, mode: str) -> float:
         return (x.compute_s + x.powersgd_compute_s + exposed_s(t_p, x.backward_s, x.overlap)
                 + t_q)
     if mode == "local":
-        nbytes = 4 * x.params
+        nbytes = x.local_width * x.params
         t_avg = _flat(x, nodes, nbytes, rounds_of(nbytes, x.fusion_bytes))
         return x.compute_s + t_avg / x.local_steps
     raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")

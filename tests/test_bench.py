@@ -36,6 +36,10 @@ def _check_common(r: dict, np: int, iterations: int = 2) -> None:
     assert len(r["step_time_s"]) == iterations
     assert math.isfinite(r["img_per_sec_per_rank"]) and r["img_per_sec_per_rank"] > 0
     assert r["img_per_sec_total"] == pytest.approx(np * r["img_per_sec_per_rank"])
+    # Throughput is all the timed images over all the timed steps' time (not the mean of the
+    # steps' rates, which overstates uneven steps such as local SGD's averaging ones).
+    assert r["img_per_sec_per_rank"] == pytest.approx(
+        r["batch"] * r["accumulate"] * iterations / sum(r["step_time_s"]))
     # Gradients were averaged: every rank holds bitwise the same weights after the steps.
     assert r["weights_max_abs_diff"] == 0.0
 
@@ -70,8 +74,8 @@ def test_bench_train_no_overlap_accumulate(tmp_path, backend):
 def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
     """PowerSGD rank 1 (from the first step) and local SGD every 2 steps report the payload
     their optimizers sent over the timed steps: PowerSGD's is exactly its P, Q and
-    uncompressed tensors per step; local SGD's is one fp32 average of the parameters and
-    BatchNorm statistics every 2 steps."""
+    uncompressed tensors per step; local SGD's is one average of the parameters and BatchNorm
+    statistics every 2 steps: fp32, or their change in fp16."""
     from hvd_yolo.comm.powersgd import wire_elements
     from hvd_yolo.model.yolov3 import build_model
 
@@ -82,10 +86,12 @@ def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
     assert ps["allreduce_bytes_per_step"] == 4 * sum(wire_elements(p.shape, 1)
                                                      for p in model.parameters())
     assert ps["allreduce_bytes_per_step"] < ps["parameters"] / 10  # < 1/20 of fp16's bytes
-    local = _train(tmp_path, "--sync", "local", "--local-steps", "2")
-    assert local["allreduce_bytes_counted"] and local["local_steps"] == 2
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    assert local["allreduce_bytes_per_step"] == 4 * (ps["parameters"] + buffers) / 2
+    for compression, width in (("none", 4), ("fp16", 2)):  # the weights; the change in fp16
+        local = _train(tmp_path, "--sync", "local", "--local-steps", "2",
+                       "--compression", compression)
+        assert local["allreduce_bytes_counted"] and local["local_steps"] == 2
+        assert local["allreduce_bytes_per_step"] == width * (ps["parameters"] + buffers) / 2
 
 
 @pytest.mark.mpi

@@ -4,6 +4,7 @@ each, and a run killed with -9 resumes on the uninterrupted run's trajectory."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from hvd_yolo import checkpoint
 from hvd_yolo.launch import hvd_yolo_argv
 from tests.fixtures.train_runs import kill_after_checkpoint, losses, resumed_line, train_args
-from tests.mpi_harness import mpirun_argv, run_cli, run_job
+from tests.mpi_harness import mpirun_argv, run_cli, run_job, run_python
 
 # 40 small images in 3 shards: 10 steps of batch 2 per epoch on 2 ranks.
 SHARDS = {"images": 40, "seed": 5, "shards": 3, "size_range": (96, 128)}
@@ -60,6 +61,69 @@ def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+
+
+CHANGES = """
+    import hashlib, json, torch
+    from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.comm.local_sgd import LocalSGDSync, model_tensors
+
+    ctx = dist.init(threads=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
+    opt = LocalSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model, local_steps=2,
+                       compression="COMPRESSION")
+    dist.broadcast_state(model)
+    opt.start_at(0)  # as the loop does, after the broadcast
+    g = torch.Generator().manual_seed(50 + ctx.rank)
+    out = []
+    for step in range(1, 7):
+        model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
+        opt.synchronize()
+        opt.step()
+        opt.zero_grad()
+        before = [t.clone() for t in model_tensors(model)]
+        exact = [dist.allreduce_mean(t, f"test.exact.{i}").float() for i, t in enumerate(before)]
+        start = [s.clone() for s in opt.start] if opt.start is not None else before
+        sent = opt.bytes_sent
+        if opt.after_step():
+            # how far from the exact fp32 mean, against how far the tensors moved since the
+            # previous average (what fp16 rounds), and how far apart the ranks were
+            err = max(float((t - e).abs().max()) for t, e in zip(model_tensors(model), exact))
+            moved = max(float((b - s).abs().max()) for b, s in zip(before, start))
+            apart = max(float((b - e).abs().max()) for b, e in zip(before, exact))
+            digest = hashlib.sha256(b"".join(t.numpy().tobytes()
+                                             for t in model_tensors(model))).hexdigest()
+            out.append({"step": step, "bytes": opt.bytes_sent - sent, "err": err,
+                        "moved": moved, "apart": apart, "digest": digest})
+    print("result=" + json.dumps({"averages": out,
+          "numel": sum(t.numel() for t in model_tensors(model))}), flush=True)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("compression", ["fp16", "none"])
+def test_averages_send_the_change_in_fp16_or_the_weights_in_fp32(compression: str) -> None:
+    """local_steps=2, on 2 real ranks: every average leaves both ranks the same tensors; with
+    compression=fp16 each average sends every rank's change since the last one (the first:
+    since start_at) as fp16, 2 bytes a number, and the tensors land within fp16 rounding of
+    that change (1e-3 of it) of the exact mean; with none, the weights in fp32 (4 bytes), the
+    exact mean."""
+    res = run_python(CHANGES.replace("COMPRESSION", compression), np=2, timeout=120)
+    got = {r: json.loads(v) for r, v in res.values("result").items()}
+    assert sorted(got) == [0, 1], res.output
+    width = 2 if compression == "fp16" else 4
+    for r in (0, 1):
+        averages = got[r]["averages"]
+        assert [a["step"] for a in averages] == [2, 4, 6], averages
+        for a in averages:
+            assert a["bytes"] == width * got[r]["numel"], a
+            assert a["apart"] > 1e-4, a  # each rank had stepped on its own gradients
+            if compression == "fp16":
+                assert 0 < a["err"] < 1e-3 * a["moved"], a
+            else:
+                assert a["err"] < 1e-6, a
+    assert [a["digest"] for a in got[0]["averages"]] == [a["digest"] for a in got[1]["averages"]]
 
 
 SPY = """

@@ -95,8 +95,11 @@ def test_step_time_per_mode_follows_the_bytes_sent() -> None:
     t_ar = 1e-3 + 2e-5 + 4e7 / 1e9
     assert scaling.step_s(x, 2, "fp32") == pytest.approx(1.0 + 0.5 * t_ar)
     assert scaling.step_s(x, 2, "fp16") < scaling.step_s(x, 2, "fp32")
-    # Local SGD pays a 1/k share of one fp32 weight average, never hidden.
-    assert scaling.step_s(x, 2, "local") == pytest.approx(1.0 + t_ar / 4)
+    # Local SGD pays a 1/k share of one average, never hidden: of the fp16 change (default),
+    # or of the fp32 weights.
+    t_half = 1e-3 + 2e-5 + 2e7 / 1e9
+    assert scaling.step_s(x, 2, "local") == pytest.approx(1.0 + t_half / 4)
+    assert scaling.step_s(inputs(local_width=4), 2, "local") == pytest.approx(1.0 + t_ar / 4)
     # A link too slow for backward to hide: everything beyond backward is exposed.
     slow = inputs(bw=1e7)
     t_ar = 1e-3 + 2e-5 + 4e7 / 1e7
