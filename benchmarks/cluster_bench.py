@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -337,25 +338,15 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
 def single_on_every_node(common: list[str], nodes: int, stem: Path) -> dict[str, Any] | None:
     """``bench train`` as one rank on each of ``nodes`` nodes at once (no collective between
     them): ``KEEP`` of one rank, img/s the mean over the nodes; None if one failed."""
-    procs = []
-    for k in range(1, nodes + 1):
-        out, log = Path(f"{stem}_n{k}.json"), open(f"{stem}_n{k}.log", "w")
-        argv = cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), k)
-        procs.append((out, log, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                 cwd=ROOT, start_new_session=True,
-                                                 env={**os.environ, "OMP_NUM_THREADS": "1"})))
-    recs = []
-    for out, log, proc in procs:
-        try:
-            rc = proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-        log.close()
-        if rc == 0 and out.exists():
-            recs.append(json.loads(out.read_text()))
-    if len(recs) < nodes:
+    outs = [Path(f"{stem}_n{k}.json") for k in range(1, nodes + 1)]
+    argvs = [cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), k)
+             for k, out in enumerate(outs, start=1)]
+    logs = [out.with_suffix(".log") for out in outs]
+    with ThreadPoolExecutor(nodes) as pool:  # run() waits: one thread per node, all at once
+        rcs = list(pool.map(run, argvs, [900] * nodes, logs))
+    if any(rc != 0 or not out.exists() for rc, out in zip(rcs, outs)):
         return None
+    recs = [json.loads(out.read_text()) for out in outs]
     rec = {k: recs[0].get(k) for k in KEEP}
     rec["img_per_sec_total"] = statistics.mean(x["img_per_sec_total"] for x in recs)
     return rec

@@ -86,14 +86,16 @@ class LocalSGDSync(GradSync):
         """Average the weights if this step ends a local period; returns whether it did."""
         if not self.due():
             return False
+        momentum = float_state(self.optimizer) if self.sync_momentum else []
         if self.compression == "fp16" and self.start is not None:
             self._average_change()
+            if momentum:
+                self._average(momentum)
         else:
-            self._average(model_tensors(self.model))
+            self._average(model_tensors(self.model) + momentum)
             if self.compression == "fp16":  # the next average sends the change from here
                 self.start = [t.clone() for t in model_tensors(self.model)]
-        if self.sync_momentum:
-            self._average(float_state(self.optimizer), count=False)
+        self.averages += 1
         return True
 
     def before_save(self, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
@@ -123,15 +125,15 @@ class LocalSGDSync(GradSync):
         if ema is not None:
             tensors += [t for t in ema.state_dict().values() if t.is_floating_point()]
         self._average(tensors)
+        self.averages += 1
         if self.start is not None:  # the next change is from here (as after a resume from it)
             for t, s in zip(model_tensors(self.model), self.start):
                 s.copy_(t)
 
-    def _average(self, tensors: list[torch.Tensor], count: bool = True) -> None:
+    def _average(self, tensors: list[torch.Tensor]) -> None:
         # Horovod: one grouped allreduce (fp32) averages all of them
         dist.grouped_allreduce_(tensors, "local_sgd.average", "none")
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        self.averages += count
 
     def _average_change(self) -> None:
         """The model's tensors = the last average + the ranks' average change since (fp16)."""
@@ -143,4 +145,3 @@ class LocalSGDSync(GradSync):
             t.copy_(s + c)
             s.copy_(t)  # the next change is from here
         self.bytes_sent += sum(c.numel() for c in change) * 2
-        self.averages += 1
