@@ -21,7 +21,7 @@ started from its login node like a real job. Sections:
              yolov3-tiny 320, batch 8; `yolov3 416 2` for the full model); --comm-shm adds
              each mode on 2 ranks of this machine over Open MPI's shared memory (shm_*).
   mpi        `hvd-yolo bench allreduce` under launch.mpirun_argv's line per Open MPI TCP setting
-             (--mpi-configs: btl_tcp_links 1/2/4/8, forced ring, socket buffers, busy-polling)
+             (--mpi-configs: Open MPI's defaults, the package's line, btl_tcp_links 2/4/8, ring, ...)
              on --mpi-cases NODESxRATE; the link fraction at 4, 16 (and 64) MiB.
   tbf        how closely the tbf-limited links hold 10-1000 Mbit/s: raw TCP, one way and both
              ways at once, bytes counted by the receiving interface.
@@ -64,19 +64,22 @@ SIZES_KIB = (64, 256, 1024, 4096, 16384, 65536)
 CYCLE_MS = 0.5
 
 
-# The Open MPI transport settings compared by the mpi section: name -> (TCP connections per
-# peer pair, extra mpirun arguments). "links1" is Open MPI's own default (one connection);
-# "_poll": without mpi_yield_when_idle (Open MPI busy-polls, as on GPU nodes).
-MPI_CONFIGS: dict[str, tuple[int, list[str]]] = {
-    "links1": (1, []),
-    "links2": (2, []),
-    "links4": (4, []),
-    "links8": (8, []),
-    "links4_ring": (4, ["--mca", "coll_tuned_use_dynamic_rules", "1",
-                        "--mca", "coll_tuned_allreduce_algorithm", "4"]),
-    "links4_sockbuf": (4, SOCKBUF),
-    "links1_poll": (1, []),
-    "links4_poll": (4, []),
+# The Open MPI transport settings compared by the mpi section: name -> mpirun_argv's TCP
+# options. "openmpi" is Open MPI's own defaults (one connection per peer pair, one put for
+# all of a large message); "line" is launch.TCP_MCA, the package's line; "_poll": without
+# mpi_yield_when_idle (Open MPI busy-polls, as on GPU nodes).
+RING = ["--mca", "coll_tuned_use_dynamic_rules", "1", "--mca", "coll_tuned_allreduce_algorithm", "4"]
+MPI_CONFIGS: dict[str, dict[str, Any]] = {
+    "openmpi": {"tcp_mca": {}},
+    "line": {},
+    "links2": {"tcp_mca": {}, "tcp_links": 2},
+    "links4": {"tcp_mca": {}, "tcp_links": 4},
+    "links8": {"tcp_mca": {}, "tcp_links": 8},
+    "links4_ring": {"tcp_mca": {}, "tcp_links": 4, "extra": RING},
+    "line_ring": {"extra": RING},
+    "links4_sockbuf": {"tcp_mca": {}, "tcp_links": 4, "extra": SOCKBUF},
+    "openmpi_poll": {"tcp_mca": {}},
+    "line_poll": {},
 }
 
 
@@ -89,9 +92,8 @@ def job_argv(launcher: str, np: int, hosts: str, args: list[str]) -> list[str]:
         inner = [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", hosts,
                  "--network-interfaces", cluster.IFACE, "--start-timeout", "60"]
     elif launcher.startswith("mpi:"):
-        links, extra = MPI_CONFIGS[launcher[4:]]
-        inner = mpirun_argv(np, hosts=hosts, network=SUBNET, tcp_links=links, extra=extra,
-                            gpu=launcher.endswith("_poll"))
+        inner = mpirun_argv(np, hosts=hosts, network=SUBNET, gpu=launcher.endswith("_poll"),
+                            **MPI_CONFIGS[launcher[4:]])
     else:
         inner = mpirun_argv(np, hosts=hosts, network=SUBNET,
                             extra=SOCKBUF if launcher == "mpi-sockbuf" else None)
@@ -385,6 +387,7 @@ def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     cluster.down(NAME)
     result.update(link=args.comm_link, model=args.comm_model, size=args.comm_size,
                   batch=args.comm_batch, nodes=args.comm_nodes, launcher=args.comm_launcher,
+                  mpi_config="line" if args.comm_launcher == "mpi" else None,
                   regime=regime_plan, load_before=load, load_after=os.getloadavg())
     if "single" in result:
         for name in configs:
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the comm section also on 2 ranks of this machine (shared memory)")
     p.add_argument("--mpi-cases", default="2x1gbit,4x1gbit,2x25mbit,4x25mbit",
                    help="the mpi section's NODESxRATE cases")
-    p.add_argument("--mpi-configs", default="links1,links2,links4,links4_ring",
+    p.add_argument("--mpi-configs", default="openmpi,links4,line",
                    help="the mpi section's transport settings (keys of MPI_CONFIGS)")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -131,12 +131,14 @@ def regime_runs(record: dict) -> dict[str, dict]:
             if k.startswith("comm_regime") and isinstance(v, dict) and "single" in v}
 
 
-def link_fraction(record: dict, launcher: str, nodes: int) -> float | None:
+def link_fraction(record: dict, comm: dict, nodes: int) -> float | None:
     """The fraction of the link Horovod's 16 MiB allreduce moved on ``nodes`` nodes, measured
-    apart from the training runs: under mpirun, the launch line's 4 connections at 25 Mbit/s
-    (mpi section); under Gloo, the nodes section's sweep at 1 Gbit/s."""
-    if launcher == "mpi":
-        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get("links4", {})
+    apart from the training run ``comm``: under mpirun, with the run's Open MPI TCP setting at
+    25 Mbit/s (mpi section; runs before ``mpi_config`` was recorded used 4 connections per
+    peer pair); under Gloo, the nodes section's sweep at 1 Gbit/s."""
+    if comm.get("launcher") == "mpi":
+        config = comm.get("mpi_config") or "links4"
+        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get(config, {})
     else:
         v = record.get("nodes", {}).get(str(nodes), {})
     return v.get("sizes", {}).get(str(16 << 20), {}).get("link_fraction")
@@ -161,7 +163,7 @@ def validate_measured(record: dict, overlap: float) -> list[dict]:
     rows = []
     for run, comm in regime_runs(record).items():
         nodes = comm.get("nodes", 2)
-        frac = link_fraction(record, comm.get("launcher", "gloo"), nodes)
+        frac = link_fraction(record, comm, nodes)
         if frac is None:
             continue
         single = comm["single"]

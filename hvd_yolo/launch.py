@@ -25,7 +25,11 @@ VENV_BIN = Path(sys.executable).parent
 FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "MKL_NUM_THREADS",
                  "CUDA_VISIBLE_DEVICES")
 FORWARD_PREFIXES = ("HOROVOD_", "NCCL_", "HVD_YOLO_", "TORCH_", "OMP_", "HDF5_", "PYTHON")
-TCP_LINKS: int | None = 4  # TCP connections per peer pair (benchmarks/NOTES.md: one serialises)
+# Open MPI's TCP transport (benchmarks/NOTES.md, "MPI at the link rate"). By default it sends
+# all of a large message past its first 192 KiB as one emulated-RDMA put, and the put request
+# of the opposite direction waits behind that on the pair's connection: the two directions
+# take turns (0.5 of the link). 128 KiB put fragments let them interleave (0.9-0.97).
+TCP_MCA: dict[str, str] = {"btl_tcp_rdma_pipeline_frag_size": "131072"}
 
 
 def is_subnet(network: str) -> bool:
@@ -40,7 +44,8 @@ def mpirun_argv(np: int | None = None, *, hostfile: str | None = None, hosts: st
                 network: str | None = None, iface: str | None = None,
                 cpus_per_rank: int | None = None, gpu: bool | None = None,
                 ssh_port: int | None = None, term_grace: int | None = None,
-                tag_output: bool = False, tcp_links: int | None = TCP_LINKS,
+                tag_output: bool = False, tcp_links: int | None = None,
+                tcp_mca: dict[str, str] | None = None,
                 extra: list[str] | None = None) -> list[str]:
     """``mpirun`` with Horovod's recommended options for this job (command not included).
 
@@ -73,7 +78,9 @@ def mpirun_argv(np: int | None = None, *, hostfile: str | None = None, hosts: st
         argv.append("--oversubscribe")
     if not gpu:  # CPU: Open MPI otherwise busy-polls, stealing the cores from compute
         argv += ["--mca", "mpi_yield_when_idle", "1"]
-    if tcp_links:
+    for key, value in (TCP_MCA if tcp_mca is None else tcp_mca).items():
+        argv += ["--mca", key, value]
+    if tcp_links:  # TCP connections per peer pair (Open MPI's default: 1)
         argv += ["--mca", "btl_tcp_links", str(tcp_links)]
     net = network or iface
     if net:
@@ -136,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     line.add_argument("--term-grace", type=int)
     line.add_argument("--extra", action="append", default=[])
     line.add_argument("command", nargs=argparse.REMAINDER)
-    sub.add_parser("tcp-links", help="print TCP_LINKS (mpi/horovodrun.sh's MPI line)")
+    sub.add_parser("tcp-mca", help="print TCP_MCA as --mca options (mpi/horovodrun.sh's line)")
     args = p.parse_args(argv)
-    if args.what == "tcp-links":
-        print(TCP_LINKS or "")
+    if args.what == "tcp-mca":
+        print(" ".join(f"--mca {key} {value}" for key, value in TCP_MCA.items()))
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     os.environ.update(network_env(args.network, args.iface))

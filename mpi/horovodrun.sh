@@ -134,10 +134,10 @@ if [ "$controller" = mpi ]; then
     mpi_args="$mpi_args --oversubscribe"
   fi
   [ -n "$network" ] && mpi_args="$mpi_args --mca btl tcp,self"
-  # TCP connections per peer pair: one serialises the two directions (launch.TCP_LINKS)
-  links=$("$(package_python "$root")" "$root/hvd_yolo/launch.py" tcp-links) \
-    || die "could not read TCP_LINKS from $root/hvd_yolo/launch.py"
-  [ -n "$links" ] && mpi_args="$mpi_args --mca btl_tcp_links $links"
+  # Open MPI's TCP settings that let both directions of a pair use the link (launch.TCP_MCA)
+  tcp_mca=$("$(package_python "$root")" "$root/hvd_yolo/launch.py" tcp-mca) \
+    || die "could not read TCP_MCA from $root/hvd_yolo/launch.py"
+  [ -n "$tcp_mca" ] && mpi_args="$mpi_args $tcp_mca"
   [ -n "$iface" ] && mpi_args="$mpi_args --mca btl_tcp_if_include $iface --mca oob_tcp_if_include $iface"
   [ -n "$mpi_args" ] && argv+=(--mpi-args="${mpi_args# }")
 fi
