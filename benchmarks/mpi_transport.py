@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Open MPI's TCP transport between simulated nodes: plain MPI_Allreduce vs Horovod's.
 
-    .venv/bin/python benchmarks/mpi_transport.py [--link 25mbit] [--links 1,4]
+    .venv/bin/python benchmarks/mpi_transport.py [--link 25mbit] [--settings openmpi,links4,line]
 
-On a 2-node simulated cluster (hvd_yolo.cluster), for each ``btl_tcp_links`` value: an
+On a 2-node simulated cluster (hvd_yolo.cluster), for each Open MPI TCP setting (keys of
+cluster_bench.MPI_CONFIGS: ``openmpi`` is Open MPI's defaults, ``line`` the package's line): an
 ``MPI_Allreduce`` of 4 and 16 MiB fp32 through mpi4py (out of place and in place, as Horovod
 calls it), then ``hvd.allreduce_`` of the same buffers (Horovod's MPI path, cycle 10 ms), each
 the median of 3 calls, as a fraction of the link rate (bytes x 2(n-1)/n / time). The mpirun
-line is launch.mpirun_argv's with ``tcp_links`` set. Prints one line per measurement and writes
-benchmarks/results/cluster/mpi_transport.json.
+line is launch.mpirun_argv's with the setting's TCP options. Prints one line per measurement
+and writes benchmarks/results/cluster/mpi_transport.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cluster_bench import MPI_CONFIGS  # noqa: E402
 from hvd_yolo import cluster  # noqa: E402
 from hvd_yolo.launch import mpirun_argv  # noqa: E402
 
@@ -69,7 +71,8 @@ PROBE = textwrap.dedent("""
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--link", default="25mbit")
-    p.add_argument("--links", default="1,4", help="btl_tcp_links values to compare")
+    p.add_argument("--settings", default="openmpi,links4,line",
+                   help="Open MPI TCP settings to compare (keys of cluster_bench.MPI_CONFIGS)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cluster" /
                                         "mpi_transport.json"))
     args = p.parse_args()
@@ -84,9 +87,9 @@ def main() -> int:
     cluster.down(NAME)
     cluster.up(cluster.Spec(name=NAME, nodes=2, link=args.link, subnet=SUBNET))
     try:
-        for links in (int(x) for x in args.links.split(",")):
+        for setting in args.settings.split(","):
             for which in ("mpi", "horovod"):
-                argv = mpirun_argv(2, hosts=hosts, network=SUBNET, tcp_links=links) + [
+                argv = mpirun_argv(2, hosts=hosts, network=SUBNET, **MPI_CONFIGS[setting]) + [
                     sys.executable, "-c", PROBE, str(rate), which]
                 proc = subprocess.run(cluster.exec_argv(NAME, argv), capture_output=True,
                                       text=True, timeout=600, cwd=ROOT,
@@ -94,8 +97,8 @@ def main() -> int:
                                            "OMP_NUM_THREADS": "1"})
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 got = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-500:]}
-                record["results"][f"links{links} {which}"] = got
-                print(f"btl_tcp_links {links} {which}: "
+                record["results"][f"{setting} {which}"] = got
+                print(f"{setting} {which}: "
                       + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                   for k, v in got.items()), flush=True)
     finally:

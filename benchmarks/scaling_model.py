@@ -60,7 +60,9 @@ HOROVOD_BENCH_SOURCE = (
     "https://github.com/tensorflow/docs/blob/master/site/en/r1/guide/performance/benchmarks.md")
 
 
-MPI_LINK_FRACTION = 0.93
+# The link fraction when cluster.json has no mpi section: mpi4py's MPI_Allreduce, 2 simulated
+# nodes at 25 Mbit/s, 16 MiB, one TCP connection per pair with 128 KiB put fragments.
+MPI_LINK_FRACTION = 0.90
 
 
 def train_overlap(record: dict) -> float:
@@ -218,11 +220,10 @@ def main() -> int:
     plan = json.loads(plans[0].read_text()) if plans else None
     overlap = plan["measured"]["overlap"] if plan else train_overlap(record)
     fwd = plan["measured"]["forward_share"] if plan else 1 / 3
-    # The link fraction of an MPI allreduce with the launch line's 4 TCP connections per peer
-    # (mpi4py, 2 simulated nodes at 25 Mbit/s, 16 MiB; benchmarks/NOTES.md): what a transport
-    # that keeps both directions busy reaches. NCCL on a GPU cluster does not go through
-    # Horovod's CPU path, whose 0.5 is reported beside.
-    fraction = MPI_LINK_FRACTION
+    # The link fraction of Horovod's 16 MiB allreduce under the package's mpirun line, 2 nodes
+    # at 25 Mbit/s (mpi section): what a transport that keeps both directions busy reaches.
+    fraction = link_fraction(record, {"launcher": "mpi", "mpi_config": "line"}, 2) \
+        or MPI_LINK_FRACTION
     model = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overlap": overlap,
              "link_fraction": fraction, "alpha_gpu_s": ALPHA_GPU_S,
              "published": validate_published(overlap, fraction),
@@ -300,8 +301,8 @@ def markdown(m: dict) -> str:
              f"{m['created']}. Inputs: the share of the fp32 allreduce that overlap hides, "
              f"{m['overlap']:.2f} (measured: `hvd-yolo plan` when a plan_*.json is here, else "
              "cluster.json's 2-node training section, overlap on vs off); the link fraction of "
-             f"an MPI allreduce with 4 TCP connections per peer, {m['link_fraction']:.2f} "
-             "(measured, benchmarks/NOTES.md); per-hop latency of a GPU cluster "
+             f"Horovod's 16 MiB allreduce under the package's mpirun line, {m['link_fraction']:.2f} "
+             "(measured: mpi section, 2 nodes at 25 Mbit/s); per-hop latency of a GPU cluster "
              f"{m['alpha_gpu_s'] * 1e6:.0f} us (assumed: not measurable here).", "",
              "## (b) Horovod's published 512-GPU benchmark (128 x 4 P100, 25 Gbit/s RoCE)", "",
              "| network | parameters | forward share (measured) | P100 img/s (published) | "
