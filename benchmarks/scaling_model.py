@@ -133,14 +133,14 @@ def regime_runs(record: dict) -> dict[str, dict]:
             if k.startswith("comm_regime") and isinstance(v, dict) and "single" in v}
 
 
-def link_fraction(record: dict, comm: dict, nodes: int) -> float | None:
+def link_fraction(record: dict, launcher: str, nodes: int,
+                  mpi_config: str = "links4") -> float | None:
     """The fraction of the link Horovod's 16 MiB allreduce moved on ``nodes`` nodes, measured
-    apart from the training run ``comm``: under mpirun, with the run's Open MPI TCP setting at
-    25 Mbit/s (mpi section; runs before ``mpi_config`` was recorded used 4 connections per
-    peer pair); under Gloo, the nodes section's sweep at 1 Gbit/s."""
-    if comm.get("launcher") == "mpi":
-        config = comm.get("mpi_config") or "links4"
-        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get(config, {})
+    apart from the training runs: under mpirun, with Open MPI TCP setting ``mpi_config`` at
+    25 Mbit/s (mpi section; runs before a comm run recorded its ``mpi_config`` used 4
+    connections per peer pair); under Gloo, the nodes section's sweep at 1 Gbit/s."""
+    if launcher == "mpi":
+        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get(mpi_config, {})
     else:
         v = record.get("nodes", {}).get(str(nodes), {})
     return v.get("sizes", {}).get(str(16 << 20), {}).get("link_fraction")
@@ -165,7 +165,8 @@ def validate_measured(record: dict, overlap: float) -> list[dict]:
     rows = []
     for run, comm in regime_runs(record).items():
         nodes = comm.get("nodes", 2)
-        frac = link_fraction(record, comm, nodes)
+        frac = link_fraction(record, comm.get("launcher", "gloo"), nodes,
+                             comm.get("mpi_config") or "links4")
         if frac is None:
             continue
         single = comm["single"]
@@ -222,8 +223,7 @@ def main() -> int:
     fwd = plan["measured"]["forward_share"] if plan else 1 / 3
     # The link fraction of Horovod's 16 MiB allreduce under the package's mpirun line, 2 nodes
     # at 25 Mbit/s (mpi section): what a transport that keeps both directions busy reaches.
-    fraction = link_fraction(record, {"launcher": "mpi", "mpi_config": "line"}, 2) \
-        or MPI_LINK_FRACTION
+    fraction = link_fraction(record, "mpi", 2, "line") or MPI_LINK_FRACTION
     model = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overlap": overlap,
              "link_fraction": fraction, "alpha_gpu_s": ALPHA_GPU_S,
              "published": validate_published(overlap, fraction),
