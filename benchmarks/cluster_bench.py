@@ -359,6 +359,9 @@ COMM_CONFIGS = {  # name -> bench train options (section comm)
     "fp16_sync": ["--compression", "fp16"],
     "powersgd_r4": ["--compression", "powersgd", "--powersgd-rank", "4"],
     "local_k4": ["--compression", "fp16", "--sync", "local", "--local-steps", "4"],
+    # timed from the second period: each times one landing and one sending per period
+    "local_k4_overlap": ["--compression", "fp16", "--sync", "local", "--local-steps", "4",
+                         "--local-overlap", "--warmup", "4", "--iterations", "8"],
 }
 
 

@@ -51,6 +51,7 @@ MODES = {
                                 "dist.powersgd_start_step=30",
                                 "dist.powersgd_warmup_compression=none"],
     "local_k4": ["dist.sync=local", "dist.local_steps=4"],
+    "local_k4_overlap": ["dist.sync=local", "dist.local_steps=4", "dist.local_overlap=true"],
 }
 
 

@@ -132,6 +132,9 @@ class DistConfig:
     # dist.sync=local: average the optimizer state (momentum) with the weights too (doubles the
     # bytes of each average; always done before a checkpoint)
     local_sync_momentum: bool = False
+    # dist.sync=local: each average travels while the next period trains and lands at its end
+    # (one period late; hides the average where a period's compute outlasts it)
+    local_overlap: bool = False
     powersgd_rank: int = 4  # dist.compression=powersgd: rank r of each compressed gradient matrix
     # dist.compression=powersgd: whole-gradient allreduce before this optimizer step (the LR
     # warm-up's, by default), in dist.powersgd_warmup_compression (none: fp32 | fp16)
@@ -325,6 +328,9 @@ def check_sync(d: DistConfig) -> None:
         raise ConfigError("dist.sync=local with dist.compression=powersgd: local SGD averages "
                           "weights, not gradients; use dist.compression=none or fp16 (its "
                           "warm-up gradient allreduce)")
+    if d.local_overlap and d.sync != "local":
+        raise ConfigError(f"dist.local_overlap=true with dist.sync={d.sync}: it overlaps local "
+                          f"SGD's weight averages; set dist.sync=local or drop it")
     if d.op == "adasum" and (d.sync == "local" or d.compression == "powersgd"):
         what = "dist.sync=local" if d.sync == "local" else "dist.compression=powersgd"
         raise ConfigError(f"dist.op=adasum with {what}: Adasum is Horovod's own optimizer; use "

@@ -126,6 +126,89 @@ def test_averages_send_the_change_in_fp16_or_the_weights_in_fp32(compression: st
     assert [a["digest"] for a in got[0]["averages"]] == [a["digest"] for a in got[1]["averages"]]
 
 
+OVERLAP = """
+    import hashlib, json, torch
+    from hvd_yolo.comm import horovod as dist
+    from hvd_yolo.comm.local_sgd import LocalSGDSync, model_tensors
+
+    def digest(tensors):
+        return hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+
+    ctx = dist.init(threads=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
+    opt = LocalSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model, local_steps=2,
+                       compression="COMPRESSION", overlap=True)
+    dist.broadcast_state(model)
+    opt.start_at(0)  # as the loop does, after the broadcast
+    g = torch.Generator().manual_seed(50 + ctx.rank)
+    out = []
+    for step in range(1, 9):
+        model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
+        opt.synchronize()
+        opt.step()
+        opt.zero_grad()
+        before = [t.clone() for t in model_tensors(model)]
+        start = [s.clone() for s in opt.start]
+        own = [c.clone() for c in opt.in_flight[2]] if opt.in_flight else None
+        # the exact fp32 mean of the ranks' changes in flight (what the average approximates)
+        exact = ([dist.allreduce_mean(c, f"test.exact.{step}.{i}") for i, c in enumerate(own)]
+                 if own else None)
+        sent = opt.bytes_sent
+        if not opt.after_step():
+            continue
+        rec = {"step": step, "bytes": opt.bytes_sent - sent, "landed": own is not None,
+               "anchor": digest(opt.start), "apart": max(float((a - b).abs().max()) for a, b in
+                   zip(before, [dist.allreduce_mean(t, f"test.w.{step}.{i}")
+                                for i, t in enumerate(before)]))}
+        if own:
+            # the tensors held alike moved by the average change; each rank's weights swapped
+            # its own change for it and kept the rest of what it learned
+            rec["err"] = max(float((s1 - s0 - e).abs().max())
+                             for s1, s0, e in zip(opt.start, start, exact))
+            rec["moved"] = max(float(e.abs().max()) for e in exact)
+            rec["kept"] = max(float(((t - s1) - (b - s0 - c)).abs().max()) for t, s1, b, s0, c
+                              in zip(model_tensors(model), opt.start, before, start, own))
+        out.append(rec)
+    opt.average_all()  # before a checkpoint: lands the average in flight, then averages all
+    print("result=" + json.dumps({"averages": out, "final": digest(model_tensors(model)),
+          "in_flight": opt.in_flight is not None,
+          "numel": sum(t.numel() for t in model_tensors(model))}), flush=True)
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("compression", ["fp16", "none"])
+def test_overlapped_averages_land_one_period_late_keeping_each_ranks_progress(
+        compression: str) -> None:
+    """dist.local_overlap, local_steps=2, on 2 real ranks: the average started at a period's
+    end lands at the next one's (steps 4, 6, 8, not 2): the tensors held alike become the
+    same on both ranks and move by the ranks' mean change (within fp16 rounding of it, or
+    exactly in fp32), each rank's weights keep what it learned meanwhile (1e-6), the ranks
+    stay apart between checkpoints, and average_all lands the last one and leaves them
+    identical."""
+    res = run_python(OVERLAP.replace("COMPRESSION", compression), np=2, timeout=120)
+    got = {r: json.loads(v) for r, v in res.values("result").items()}
+    assert sorted(got) == [0, 1], res.output
+    width = 2 if compression == "fp16" else 4
+    for r in (0, 1):
+        averages = got[r]["averages"]
+        assert [(a["step"], a["landed"]) for a in averages] == [
+            (2, False), (4, True), (6, True), (8, True)], averages
+        for a in averages:
+            assert a["bytes"] == width * got[r]["numel"], a
+            assert a["apart"] > 1e-4, a  # the ranks never hold the same weights between
+        for a in averages[1:]:
+            assert a["kept"] < 1e-6, a
+            if compression == "fp16":
+                assert 0 < a["err"] < 1e-3 * a["moved"], a
+            else:
+                assert a["err"] < 1e-6, a
+        assert not got[r]["in_flight"]
+    assert [a["anchor"] for a in got[0]["averages"]] == [a["anchor"] for a in got[1]["averages"]]
+    assert got[0]["final"] == got[1]["final"]
+
+
 SPY = """
 import sys
 from hvd_yolo.comm import local_sgd
@@ -164,23 +247,30 @@ def averages(res, rank: int) -> list[dict[str, str]]:
 
 
 @pytest.mark.mpi
-def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path,
-                                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ranks_agree_right_after_each_average_and_differ_between(shards: Path, tmp_path: Path,
+                                                                 overlap: bool) -> None:
     """local_steps=3 after 2 warm-up steps of gradient allreduce: averages at steps 5 and 8
     (and before the step-8 checkpoint); before each, the ranks' weights differ (each stepped on
-    its own gradients); right after, they are identical."""
+    its own gradients); right after, they are identical. Overlapped: the step-5 average (the
+    first after the warm-up, fp32 weights) leaves them identical too; the step-8 one only
+    starts (it would land at step 11), so they still differ; the checkpoint lands it and
+    averages everything: identical."""
     out = tmp_path / "run"
     res = run_job([sys.executable, "-c", SPY, *args(
         shards, out, "--set", "dist.sync=local", "--set", "dist.local_steps=3",
-        "--set", "dist.sync_warmup_steps=2", "--set", "run.max_steps=8")], np=2, timeout=300)
+        "--set", "dist.sync_warmup_steps=2", "--set", "run.max_steps=8",
+        "--set", f"dist.local_overlap={str(overlap).lower()}")], np=2, timeout=300)
     r0, r1 = averages(res, 0), averages(res, 1)
     assert [(a["kind"], a["step"]) for a in r0] == [("average", "5"), ("average", "8"),
                                                     ("save", "8")], res.output
     assert [(a["kind"], a["step"]) for a in r1] == [(a["kind"], a["step"]) for a in r0]
+    alike = [a["after"] == b["after"] for a, b in zip(r0, r1)]
+    assert alike == ([True, False, True] if overlap else [True, True, True]), (r0, r1)
     for a, b in zip(r0, r1):
-        assert a["after"] == b["after"], (a, b)
         if a["kind"] == "average":
             assert a["before"] != b["before"], (a, b)
+    assert ("sync local every 3 steps (overlapped)" in res.output) == overlap, res.output
     assert "sync local every 3 steps" in res.output
 
 
@@ -220,6 +310,7 @@ def test_killed_local_sgd_run_resumes_on_the_same_trajectory(shards: Path, tmp_p
      "dist.op=adasum with dist.compression=powersgd"),
     (["dist.sync=async"], "dist.sync='async': must be one of ['allreduce', 'local']"),
     (["dist.local_steps=0"], "dist.local_steps=0: must be >= 1"),
+    (["dist.local_overlap=true"], "dist.local_overlap=true with dist.sync=allreduce"),
 ])
 def test_combinations_without_meaning_are_refused_by_name(keys: list[str], message: str) -> None:
     from hvd_yolo import config

@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="local: each rank steps on its own gradients, weights averaged every "
                         "--local-steps steps (Horovod only, --overlap on)")
     p.add_argument("--local-steps", type=int, default=4, help="--sync local: steps per average")
+    p.add_argument("--local-overlap", action="store_true",
+                   help="--sync local: each average travels during the next period and lands "
+                        "at its end (dist.local_overlap); time whole periods after the first "
+                        "(--warmup >= --local-steps, --iterations a multiple of it)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="--compression powersgd: rank r")
     p.add_argument("--powersgd-start-step", type=int, default=0,
                    help="--compression powersgd: plain allreduce before this step (warm-up "
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "ddp" and (args.sync == "local" or args.compression == "powersgd"):
         raise UsageError("--sync local and --compression powersgd run on --backend horovod "
                          "(the DDP baseline has --compression none and fp16)")
+    if args.local_overlap and args.sync != "local":
+        raise UsageError("--local-overlap overlaps local SGD's averages: add --sync local")
     if args.sync == "local" and args.compression == "powersgd":
         raise UsageError("--sync local averages weights: use --compression none or fp16")
     if (args.sync == "local" or args.compression == "powersgd") and args.overlap == "off":
@@ -158,6 +164,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
 
             opt = build_sync(DistConfig(
                 compression=args.compression, sync=args.sync, local_steps=args.local_steps,
+                local_overlap=args.local_overlap,
                 powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step),
                 opt, model, accumulate=k, seed=args.seed)
         else:
@@ -279,6 +286,7 @@ def _summarize(args: argparse.Namespace, comm: BenchComm, model: torch.nn.Module
         "overlap": args.overlap,
         "sync": args.sync,
         "local_steps": args.local_steps if args.sync == "local" else None,
+        "local_overlap": args.local_overlap if args.sync == "local" else None,
         "powersgd_rank": args.powersgd_rank if args.compression == "powersgd" else None,
         "powersgd_start_step": (args.powersgd_start_step if args.compression == "powersgd"
                                 else None),

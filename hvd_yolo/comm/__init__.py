@@ -25,7 +25,7 @@ def build(cfg: DistConfig, optimizer: torch.optim.Optimizer, model: torch.nn.Mod
         from hvd_yolo.comm.local_sgd import LocalSGDSync
 
         return LocalSGDSync(optimizer, model, cfg.local_steps, cfg.sync_warmup_steps,
-                            cfg.local_sync_momentum, cfg.compression)
+                            cfg.local_sync_momentum, cfg.compression, cfg.local_overlap)
     if cfg.compression == "powersgd":
         from hvd_yolo.comm.powersgd import PowerSGDSync
 

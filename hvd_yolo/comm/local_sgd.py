@@ -17,6 +17,15 @@ model's tensors on each rank. "Held alike": after the last average or checkpoint
 start of the run or of a new elastic world (:meth:`LocalSGDSync.start_at`, which the loop
 calls right after the broadcast), so a resume continues exactly. The first average after a
 gradient warm-up is fp32: the warm-up leaves each rank its own BatchNorm statistics.
+
+With ``overlap`` (the delayed averaging of CoCoD-SGD, Shen et al., IJCAI 2019) an average
+does not stop the ranks: at a period's end each rank starts the allreduce of its
+change (fp16 or fp32) and goes on training; Horovod's background thread moves it during the
+next period. At that period's end the rank waits for it (by then long done where the period's
+compute outlasts the transfer), adds the average change to the tensors held alike, and swaps
+its own change for the average in its weights, keeping what it learned while the average was
+on the wire. So each average lands one period late, and the ranks never hold the same weights
+between checkpoints; :meth:`LocalSGDSync.average_all` first lands the one in flight.
 """
 
 from __future__ import annotations
@@ -50,21 +59,28 @@ class LocalSGDSync(GradSync):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                  local_steps: int = 4, warmup_steps: int = 0, sync_momentum: bool = False,
-                 compression: str = "fp16") -> None:
+                 compression: str = "fp16", overlap: bool = False) -> None:
         super().__init__(optimizer)
         self.model, self.local_steps, self.warmup_steps = model, local_steps, warmup_steps
-        self.sync_momentum, self.compression = sync_momentum, compression
+        self.sync_momentum, self.compression, self.overlap = sync_momentum, compression, overlap
         self.averages = 0  # weight averages taken (every rank)
-        # compression=fp16: the model's tensors every rank holds alike (after the last average,
-        # or at start_at); None when there are none (the warm-up, a discarded step)
+        # compression=fp16 or overlap: the model's tensors every rank holds alike (after the
+        # last average, or at start_at); None when there are none (the warm-up, a discarded step)
         self.start: list[torch.Tensor] | None = None
+        # overlap: the average in flight: its Horovod handle, the wire tensors it averages in
+        # place, and this rank's own change it carries (fp32)
+        self.in_flight: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def sends_change(self) -> bool:
+        """Whether an average sends the change since the tensors held alike (not the weights)."""
+        return self.compression == "fp16" or self.overlap
 
     def start_at(self, step: int) -> None:
         """The run's step; every rank holds the same tensors now (the loop calls this after the
         broadcast): the first change is from them, unless the warm-up comes first."""
         super().start_at(step)
-        self.start = None
-        if self.compression == "fp16" and step >= self.warmup_steps:
+        self.start, self.in_flight = None, None
+        if self.sends_change() and step >= self.warmup_steps:
             self.start = [t.clone() for t in model_tensors(self.model)]
 
     def synchronize(self) -> None:
@@ -87,14 +103,19 @@ class LocalSGDSync(GradSync):
         if not self.due():
             return False
         momentum = float_state(self.optimizer) if self.sync_momentum else []
-        if self.compression == "fp16" and self.start is not None:
-            self._average_change()
+        if self.start is None:  # the weights (the first average after a warm-up: fp32)
+            self._average(model_tensors(self.model) + momentum)
+            if self.sends_change():  # the next average sends the change from here
+                self.start = [t.clone() for t in model_tensors(self.model)]
+        elif self.overlap:
+            self._land_change()  # the last period's average, in flight since then
+            self._send_change()  # this period's, landing at the next period's end
             if momentum:
                 self._average(momentum)
         else:
-            self._average(model_tensors(self.model) + momentum)
-            if self.compression == "fp16":  # the next average sends the change from here
-                self.start = [t.clone() for t in model_tensors(self.model)]
+            self._average_change()
+            if momentum:
+                self._average(momentum)
         self.averages += 1
         return True
 
@@ -106,7 +127,7 @@ class LocalSGDSync(GradSync):
         """Also forget the last average: the elastic reset rolled the weights back to a
         commit (``start_at`` takes them, after the sync)."""
         super().discard_step()
-        self.start = None
+        self.start, self.in_flight = None, None
 
     def comm_state_dict(self) -> dict[str, torch.Tensor]:
         # A checkpoint follows an average of everything: the count is all that is this rank's.
@@ -116,11 +137,12 @@ class LocalSGDSync(GradSync):
         self.averages = int(state["averages"])
 
     def reset_comm_state(self) -> None:
-        self.averages, self.start = 0, None
+        self.averages, self.start, self.in_flight = 0, None, None
 
     def average_all(self, ema: torch.nn.Module | None = None) -> None:
         """Average the weights, buffers, optimizer state and ``ema``'s weights and buffers:
         before a checkpoint or an evaluation, so every rank holds the same model."""
+        self._land_change()
         tensors = model_tensors(self.model) + float_state(self.optimizer)
         if ema is not None:
             tensors += [t for t in ema.state_dict().values() if t.is_floating_point()]
@@ -145,3 +167,26 @@ class LocalSGDSync(GradSync):
             t.copy_(s + c)
             s.copy_(t)  # the next change is from here
         self.bytes_sent += sum(c.numel() for c in change) * 2
+
+    def _send_change(self) -> None:
+        """Start averaging this rank's change since the tensors held alike; return at once."""
+        own = [t - s for t, s in zip(model_tensors(self.model), self.start)]
+        wire = [c.half() if self.compression == "fp16" else c.clone() for c in own]
+        # Horovod: one grouped allreduce, started now; the background thread moves it while
+        # this rank trains the next period, and _land_change waits for it at that period's end
+        handle = dist.grouped_allreduce_async_(wire, "local_sgd.change")
+        self.in_flight = (handle, wire, own)
+        self.bytes_sent += sum(w.numel() * w.element_size() for w in wire)
+
+    def _land_change(self) -> None:
+        """The tensors held alike += the average change in flight; this rank's weights swap
+        their own change for it (what the rank learned since stays). Nothing if none."""
+        if self.in_flight is None:
+            return
+        handle, wire, own = self.in_flight
+        self.in_flight = None
+        dist.wait(handle)  # Horovod: the average started a period ago (every rank)
+        for t, s, w, c in zip(model_tensors(self.model), self.start, wire, own):
+            average = w.to(t.dtype)
+            s.add_(average)
+            t.add_(average - c)

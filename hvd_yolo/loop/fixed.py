@@ -26,7 +26,8 @@ def announce(parts: Parts, world: World) -> None:
           f"{cfg.optim.epochs} epochs, global batch "
           f"{cfg.optim.batch_size * ctx.size * cfg.optim.accumulate}, lr {plan.base_lr:g}, "
           f"op {cfg.dist.op}, compression {cfg.dist.compression}, sync {cfg.dist.sync}"
-          + (f" every {cfg.dist.local_steps} steps" if cfg.dist.sync == "local" else "") + "; "
+          + (f" every {cfg.dist.local_steps} steps" if cfg.dist.sync == "local" else "")
+          + (" (overlapped)" if cfg.dist.local_overlap else "") + "; "
           + (" ".join(f"{k}={v}" for k, v in parts.hvd_env.items()) or "Horovod defaults"),
           flush=True)
 
