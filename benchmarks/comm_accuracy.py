@@ -8,7 +8,8 @@ shapes, AdamW) once per mode, the final validation mAP of each against synchrono
         --json benchmarks/results/comm_accuracy_demo.json
 
 Modes: fp16 (the demo's default), none, powersgd_r1, powersgd_r4 (PowerSGD from the end of the
-demo's 30-step LR warm-up), local_k4, local_k16 (local SGD, weights averaged every k steps).
+demo's 30-step LR warm-up), local_k4, local_k16 (local SGD, weights averaged every k steps),
+local_k4_overlap (each average landing one period late, dist.local_overlap).
 The same data, seed and schedule in every run of a seed; one run per mode and seed. Writes the
 JSON (default benchmarks/results/comm_accuracy.json) after every run; results of other seeds
 are named MODE_seedN and kept.
@@ -34,6 +35,7 @@ MODES = {
                     "dist.powersgd_start_step=30"],
     "local_k4": ["dist.sync=local", "dist.local_steps=4"],
     "local_k16": ["dist.sync=local", "dist.local_steps=16"],
+    "local_k4_overlap": ["dist.sync=local", "dist.local_steps=4", "dist.local_overlap=true"],
 }
 
 

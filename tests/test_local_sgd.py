@@ -131,8 +131,11 @@ OVERLAP = """
     from hvd_yolo.comm import horovod as dist
     from hvd_yolo.comm.local_sgd import LocalSGDSync, model_tensors
 
+    def flat(tensors):
+        return torch.cat([t.flatten() for t in tensors])
+
     def digest(tensors):
-        return hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest()
+        return hashlib.sha256(flat(tensors).numpy().tobytes()).hexdigest()
 
     ctx = dist.init(threads=1)
     torch.manual_seed(0)
@@ -142,37 +145,36 @@ OVERLAP = """
     dist.broadcast_state(model)
     opt.start_at(0)  # as the loop does, after the broadcast
     g = torch.Generator().manual_seed(50 + ctx.rank)
-    out = []
+    out, sent = [], []
     for step in range(1, 9):
         model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
         opt.synchronize()
         opt.step()
         opt.zero_grad()
-        before = [t.clone() for t in model_tensors(model)]
-        start = [s.clone() for s in opt.start]
-        own = [c.clone() for c in opt.in_flight[2]] if opt.in_flight else None
+        before = flat(model_tensors(model))
+        start = flat(opt.start)
+        own = opt.in_flight.own.clone() if opt.in_flight else None
         # the exact fp32 mean of the ranks' changes in flight (what the average approximates)
-        exact = ([dist.allreduce_mean(c, f"test.exact.{step}.{i}") for i, c in enumerate(own)]
-                 if own else None)
-        sent = opt.bytes_sent
-        if not opt.after_step():
+        exact = dist.allreduce_mean(own, f"test.exact.{step}") if own is not None else None
+        mean = dist.allreduce_mean(before, f"test.mean.{step}")
+        bytes_before = opt.bytes_sent
+        due = opt.after_step()
+        sent.append(opt.bytes_sent - bytes_before)
+        if not due:
             continue
-        rec = {"step": step, "bytes": opt.bytes_sent - sent, "landed": own is not None,
-               "anchor": digest(opt.start), "apart": max(float((a - b).abs().max()) for a, b in
-                   zip(before, [dist.allreduce_mean(t, f"test.w.{step}.{i}")
-                                for i, t in enumerate(before)]))}
-        if own:
+        rec = {"step": step, "landed": own is not None, "anchor": digest(opt.start),
+               "apart": float((before - mean).abs().max())}
+        if own is not None:
             # the tensors held alike moved by the average change; each rank's weights swapped
             # its own change for it and kept the rest of what it learned
-            rec["err"] = max(float((s1 - s0 - e).abs().max())
-                             for s1, s0, e in zip(opt.start, start, exact))
-            rec["moved"] = max(float(e.abs().max()) for e in exact)
-            rec["kept"] = max(float(((t - s1) - (b - s0 - c)).abs().max()) for t, s1, b, s0, c
-                              in zip(model_tensors(model), opt.start, before, start, own))
+            rec["err"] = float((flat(opt.start) - start - exact).abs().max())
+            rec["moved"] = float(exact.abs().max())
+            rec["kept"] = float(((flat(model_tensors(model)) - flat(opt.start))
+                                 - (before - start - own)).abs().max())
         out.append(rec)
     opt.average_all()  # before a checkpoint: lands the average in flight, then averages all
-    print("result=" + json.dumps({"averages": out, "final": digest(model_tensors(model)),
-          "in_flight": opt.in_flight is not None,
+    print("result=" + json.dumps({"averages": out, "sent": sent,
+          "final": digest(model_tensors(model)), "in_flight": opt.in_flight is not None,
           "numel": sum(t.numel() for t in model_tensors(model))}), flush=True)
 """
 
@@ -182,21 +184,26 @@ OVERLAP = """
 def test_overlapped_averages_land_one_period_late_keeping_each_ranks_progress(
         compression: str) -> None:
     """dist.local_overlap, local_steps=2, on 2 real ranks: the average started at a period's
-    end lands at the next one's (steps 4, 6, 8, not 2): the tensors held alike become the
-    same on both ranks and move by the ranks' mean change (within fp16 rounding of it, or
-    exactly in fp32), each rank's weights keep what it learned meanwhile (1e-6), the ranks
-    stay apart between checkpoints, and average_all lands the last one and leaves them
-    identical."""
+    end goes in 2 slices, one at that step and one after the next, and lands at the next
+    period's end (steps 4, 6, 8, not 2): the tensors held alike become the same on both ranks
+    and move by the ranks' mean change (within fp16 rounding of it, or exactly in fp32), each
+    rank's weights keep what it learned meanwhile (1e-6), the ranks stay apart between
+    checkpoints, and average_all lands the last one and leaves them identical."""
     res = run_python(OVERLAP.replace("COMPRESSION", compression), np=2, timeout=120)
     got = {r: json.loads(v) for r, v in res.values("result").items()}
     assert sorted(got) == [0, 1], res.output
     width = 2 if compression == "fp16" else 4
     for r in (0, 1):
-        averages = got[r]["averages"]
+        averages, numel = got[r]["averages"], got[r]["numel"]
         assert [(a["step"], a["landed"]) for a in averages] == [
             (2, False), (4, True), (6, True), (8, True)], averages
+        # a slice every step from the first average on: half the change (2 bytes a number in
+        # fp16, 4 in fp32), so two steps carry one whole average
+        half = {width * ((numel + 1) // 2), width * (numel // 2)}
+        assert got[r]["sent"][0] == 0, got[r]["sent"]
+        assert all(b in half for b in got[r]["sent"][1:]), got[r]["sent"]
+        assert sum(got[r]["sent"][2:8]) == 3 * width * numel, got[r]["sent"]
         for a in averages:
-            assert a["bytes"] == width * got[r]["numel"], a
             assert a["apart"] > 1e-4, a  # the ranks never hold the same weights between
         for a in averages[1:]:
             assert a["kept"] < 1e-6, a

@@ -49,7 +49,8 @@ def test_plan_measures_the_link_and_predicts_every_mode(sim: dict, tmp_path: Pat
     assert m["mpi_tiny_allreduce_s"] is not None and m["alpha_s"] > 0
     assert 0 <= m["overlap"] <= 1 and 0 < m["forward_share"] < 1
     modes = rec["modes"]
-    assert {"fp32", "fp16", "powersgd", "local"} <= set(modes) and rec["recommended"] in modes
+    assert {"fp32", "fp16", "powersgd", "local", "local_overlap"} <= set(modes)
+    assert rec["recommended"] in modes
     for v in modes.values():
         assert v["img_per_sec"] > 0 and 0 < v["efficiency"] <= 1
     # Fewer bytes can only help in the model; PowerSGD sends fewer than fp16 here.
@@ -100,6 +101,12 @@ def test_step_time_per_mode_follows_the_bytes_sent() -> None:
     t_half = 1e-3 + 2e-5 + 2e7 / 1e9
     assert scaling.step_s(x, 2, "local") == pytest.approx(1.0 + t_half / 4)
     assert scaling.step_s(inputs(local_width=4), 2, "local") == pytest.approx(1.0 + t_ar / 4)
+    # Overlapped, the average travels during the next 4 steps' compute: hidden where it fits,
+    # and only what does not fit is paid (1/k per step).
+    assert scaling.step_s(x, 2, "local_overlap") == pytest.approx(1.0)
+    t_slow = 1e-3 + 2e-5 + 2e7 / 4e6
+    assert scaling.step_s(inputs(bw=4e6), 2, "local_overlap") == pytest.approx(
+        1.0 + (t_slow - 4.0) / 4)
     # A link too slow for backward to hide: everything beyond backward is exposed.
     slow = inputs(bw=1e7)
     t_ar = 1e-3 + 2e-5 + 4e7 / 1e7

@@ -199,6 +199,9 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         t1 = time.perf_counter()
         if args.backend == "horovod" and args.overlap == "on":
             opt.synchronize()
+            # Horovod: the small allreduce of the training loop's every step (the stop and
+            # non-finite decision): it queues behind whatever collective is still running
+            dist.nonfinite_ranks(False, None, "bench.decide")
         elif args.overlap == "off" and distributed:
             grads = [p.grad for p in params]
             if args.backend == "horovod":

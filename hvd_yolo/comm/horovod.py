@@ -247,15 +247,8 @@ def allreduce_async_(tensor: torch.Tensor, name: str) -> int:
 
 
 def wait(handle: int) -> torch.Tensor:
-    """Wait for an allreduce started by :func:`allreduce_async_` or
-    :func:`grouped_allreduce_async_`; returns its tensor (or tensors)."""
+    """Wait for an allreduce started by :func:`allreduce_async_`; returns its tensor."""
     return hvd.synchronize(handle)
-
-
-def grouped_allreduce_async_(tensors: list[torch.Tensor], name: str) -> int:
-    """Start averaging ``tensors`` over ranks in place, as one grouped call; returns the
-    handle :func:`wait` takes. Horovod's background thread moves them while this one computes."""
-    return hvd.grouped_allreduce_async_(tensors, name=name, op=hvd.Average)
 
 
 def grouped_allreduce_(tensors: list[torch.Tensor], name: str, compression_name: str = "none",

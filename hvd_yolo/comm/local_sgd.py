@@ -21,7 +21,9 @@ gradient warm-up is fp32: the warm-up leaves each rank its own BatchNorm statist
 With ``overlap`` (the delayed averaging of CoCoD-SGD, Shen et al., IJCAI 2019) an average
 does not stop the ranks: at a period's end each rank starts the allreduce of its
 change (fp16 or fp32) and goes on training; Horovod's background thread moves it during the
-next period. At that period's end the rank waits for it (by then long done where the period's
+next period, in ``local_steps`` slices, one started after each step (that thread runs one
+collective at a time: the step's own small ones would otherwise wait behind the whole
+average). At that period's end the rank waits for it (by then long done where the period's
 compute outlasts the transfer), adds the average change to the tensors held alike, and swaps
 its own change for the average in its weights, keeping what it learned while the average was
 on the wire. So each average lands one period late, and the ranks never hold the same weights
@@ -29,6 +31,8 @@ between checkpoints; :meth:`LocalSGDSync.average_all` first lands the one in fli
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +57,18 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
         b for b in model.buffers() if b.is_floating_point()]
 
 
+@dataclass
+class InFlight:
+    """An overlapped average on its way: this rank's change (flat, the model's dtype), the flat
+    wire buffer averaged in place (fp16 or a copy), its slices not started yet, and the
+    Horovod handles of those started."""
+
+    own: torch.Tensor
+    wire: torch.Tensor
+    unsent: list[torch.Tensor]
+    handles: list[int]
+
+
 class LocalSGDSync(GradSync):
     """Wraps a torch optimizer for ``dist.sync=local``; the loop calls ``synchronize()`` before
     the step and ``after_step()`` after it, on every rank."""
@@ -67,9 +83,7 @@ class LocalSGDSync(GradSync):
         # compression=fp16 or overlap: the model's tensors every rank holds alike (after the
         # last average, or at start_at); None when there are none (the warm-up, a discarded step)
         self.start: list[torch.Tensor] | None = None
-        # overlap: the average in flight: its Horovod handle, the wire tensors it averages in
-        # place, and this rank's own change it carries (fp32)
-        self.in_flight: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.in_flight: InFlight | None = None  # overlap: the average on its way
 
     def sends_change(self) -> bool:
         """Whether an average sends the change since the tensors held alike (not the weights)."""
@@ -101,6 +115,7 @@ class LocalSGDSync(GradSync):
     def after_step(self) -> bool:
         """Average the weights if this step ends a local period; returns whether it did."""
         if not self.due():
+            self._send_slice()  # overlap: the next slice of the average in flight
             return False
         momentum = float_state(self.optimizer) if self.sync_momentum else []
         if self.start is None:  # the weights (the first average after a warm-up: fp32)
@@ -169,24 +184,41 @@ class LocalSGDSync(GradSync):
         self.bytes_sent += sum(c.numel() for c in change) * 2
 
     def _send_change(self) -> None:
-        """Start averaging this rank's change since the tensors held alike; return at once."""
-        own = [t - s for t, s in zip(model_tensors(self.model), self.start)]
-        wire = [c.half() if self.compression == "fp16" else c.clone() for c in own]
-        # Horovod: one grouped allreduce, started now; the background thread moves it while
-        # this rank trains the next period, and _land_change waits for it at that period's end
-        handle = dist.grouped_allreduce_async_(wire, "local_sgd.change")
-        self.in_flight = (handle, wire, own)
-        self.bytes_sent += sum(w.numel() * w.element_size() for w in wire)
+        """Start averaging this rank's change since the tensors held alike (its first slice
+        now, one more after each following step); return at once."""
+        tensors = model_tensors(self.model)
+        own = torch.cat([(t - s).flatten() for t, s in zip(tensors, self.start)])
+        wire = own.half() if self.compression == "fp16" else own.clone()
+        self.in_flight = InFlight(own, wire, list(wire.chunk(self.local_steps)), [])
+        self._send_slice()
+
+    def _send_slice(self) -> None:
+        """Start the next slice of the average in flight, if one is left."""
+        flight = self.in_flight
+        if flight is None or not flight.unsent:
+            return
+        part = flight.unsent.pop(0)
+        # Horovod: one slice of the average, in place, started now: Horovod's background thread
+        # runs one collective at a time, so the next step's own (the stop and non-finite
+        # decision) queues behind this slice alone, not behind the whole average
+        flight.handles.append(dist.allreduce_async_(part, f"local_sgd.change.{len(flight.handles)}"))
+        self.bytes_sent += part.numel() * part.element_size()
 
     def _land_change(self) -> None:
         """The tensors held alike += the average change in flight; this rank's weights swap
         their own change for it (what the rank learned since stays). Nothing if none."""
-        if self.in_flight is None:
+        flight = self.in_flight
+        if flight is None:
             return
-        handle, wire, own = self.in_flight
+        while flight.unsent:  # (an average of everything mid-period: the rest goes now)
+            self._send_slice()
         self.in_flight = None
-        dist.wait(handle)  # Horovod: the average started a period ago (every rank)
-        for t, s, w, c in zip(model_tensors(self.model), self.start, wire, own):
-            average = w.to(t.dtype)
-            s.add_(average)
-            t.add_(average - c)
+        for handle in flight.handles:
+            dist.wait(handle)  # Horovod: the slices started since the period's end (every rank)
+        average, at = flight.wire.to(flight.own.dtype), 0
+        for t, s in zip(model_tensors(self.model), self.start):
+            a = average[at:at + t.numel()].view_as(t)
+            c = flight.own[at:at + t.numel()].view_as(t)
+            s.add_(a)
+            t.add_(a - c)
+            at += t.numel()

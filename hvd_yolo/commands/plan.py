@@ -26,6 +26,8 @@ from hvd_yolo.cli import UsageError, write_json
 MODES_TEXT = {"fp32": "fp32 gradients", "fp16": "fp16 gradients (dist.compression=fp16)",
               "powersgd": "PowerSGD (dist.compression=powersgd)",
               "local": "local SGD (dist.sync=local)",
+              "local_overlap": "local SGD, averages overlapped (dist.sync=local, "
+                               "dist.local_overlap=true)",
               "fp16_hier": "fp16, hierarchical allreduce (HOROVOD_HIERARCHICAL_ALLREDUCE=1)"}
 
 
@@ -228,9 +230,9 @@ def _print(args: argparse.Namespace, m: dict[str, Any], x: scaling.Inputs,
           f"link {m['bw_bytes_per_s'] * 8 / 1e9:.3f} Gbit/s per node, per-hop latency "
           f"{m['alpha_s'] * 1e6:.0f} us, per-round overhead {m['cycle_s'] * 1e3:.1f} ms, "
           f"overlap hides {m['overlap']:.0%} of the allreduce")
-    print(f"  {'mode':<10} {'img/s':>9} {'efficiency':>10} {'step s':>8}")
+    print(f"  {'mode':<14} {'img/s':>9} {'efficiency':>10} {'step s':>8}")
     for mode, v in pred.items():
         mark = "  <- recommended" if mode == best else ""
-        print(f"  {mode:<10} {v['img_per_sec']:>9.2f} {v['efficiency']:>10.2f} "
+        print(f"  {mode:<14} {v['img_per_sec']:>9.2f} {v['efficiency']:>10.2f} "
               f"{v['step_s']:>8.3f}{mark}")
     print(f"recommended: {MODES_TEXT[best]}")
