@@ -75,7 +75,8 @@ def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
     """PowerSGD rank 1 (from the first step) and local SGD every 2 steps report the payload
     their optimizers sent over the timed steps: PowerSGD's is exactly its P, Q and
     uncompressed tensors per step; local SGD's is one average of the parameters and BatchNorm
-    statistics every 2 steps: fp32, or their change in fp16."""
+    statistics every 2 steps: fp32, or their change in fp16; overlapped, the same bytes in a
+    slice a step."""
     from hvd_yolo.comm.powersgd import wire_elements
     from hvd_yolo.model.yolov3 import build_model
 
@@ -87,10 +88,13 @@ def test_bench_train_powersgd_and_local_sgd_count_their_bytes(tmp_path):
                                                      for p in model.parameters())
     assert ps["allreduce_bytes_per_step"] < ps["parameters"] / 10  # < 1/20 of fp16's bytes
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    for compression, width in (("none", 4), ("fp16", 2)):  # the weights; the change in fp16
+    # the weights; the change in fp16; the change in fp16, overlapped
+    for compression, width, extra in (("none", 4, []), ("fp16", 2, []),
+                                      ("fp16", 2, ["--local-overlap"])):
         local = _train(tmp_path, "--sync", "local", "--local-steps", "2",
-                       "--compression", compression)
+                       "--compression", compression, *extra)
         assert local["allreduce_bytes_counted"] and local["local_steps"] == 2
+        assert local["local_overlap"] == bool(extra)
         assert local["allreduce_bytes_per_step"] == width * (ps["parameters"] + buffers) / 2
 
 

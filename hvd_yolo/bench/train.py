@@ -59,9 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--local-steps steps (Horovod only, --overlap on)")
     p.add_argument("--local-steps", type=int, default=4, help="--sync local: steps per average")
     p.add_argument("--local-overlap", action="store_true",
-                   help="--sync local: each average travels during the next period and lands "
-                        "at its end (dist.local_overlap); time whole periods after the first "
-                        "(--warmup >= --local-steps, --iterations a multiple of it)")
+                   help="--sync local: averages sent during the next period (dist.local_overlap; "
+                        "time whole periods: --warmup, --iterations multiples of --local-steps)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="--compression powersgd: rank r")
     p.add_argument("--powersgd-start-step", type=int, default=0,
                    help="--compression powersgd: plain allreduce before this step (warm-up "
@@ -87,16 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("batch_size", "accumulate", "iterations", "classes"):
+    for name in ("batch_size", "accumulate", "iterations", "classes", "local_steps",
+                 "powersgd_rank"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.size % 32 or args.size < 32:
         raise UsageError(f"--size must be a positive multiple of 32, got {args.size}")
-    for name in ("local_steps", "powersgd_rank"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.backend == "ddp" and (args.sync == "local" or args.compression == "powersgd"):
         raise UsageError("--sync local and --compression powersgd run on --backend horovod "
                          "(the DDP baseline has --compression none and fp16)")
@@ -164,9 +161,8 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
 
             opt = build_sync(DistConfig(
                 compression=args.compression, sync=args.sync, local_steps=args.local_steps,
-                local_overlap=args.local_overlap,
-                powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step),
-                opt, model, accumulate=k, seed=args.seed)
+                local_overlap=args.local_overlap, powersgd_rank=args.powersgd_rank,
+                powersgd_start_step=args.powersgd_start_step), opt, model, accumulate=k, seed=args.seed)
         else:
             hvd_ext = dist  # --overlap off: one grouped allreduce after backward
         dist.broadcast_state(model, opt.optimizer if args.overlap == "on" else opt)
@@ -199,8 +195,7 @@ def _benchmark(args: argparse.Namespace, comm: BenchComm) -> dict[str, Any]:
         t1 = time.perf_counter()
         if args.backend == "horovod" and args.overlap == "on":
             opt.synchronize()
-            # Horovod: the small allreduce of the training loop's every step (the stop and
-            # non-finite decision): it queues behind whatever collective is still running
+            # Horovod: the training loop's per-step stop/non-finite decision (queues behind all)
             dist.nonfinite_ranks(False, None, "bench.decide")
         elif args.overlap == "off" and distributed:
             grads = [p.grad for p in params]
@@ -347,8 +342,7 @@ def _report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     wait_s = "n/a (inside backward)" if wait is None else f"{wait * 1000:.1f} ms/step"
     print(f"bench train: {r['backend']} {r['model']} {r['size']}px batch {r['batch']}x"
           f"{r['accumulate']} compression={r['compression']} overlap={r['overlap']} "
-          f"sync={r['sync']} "
-          f"ranks={r['world_size']} threads={r['threads']['intra_op']}")
+          f"sync={r['sync']} ranks={r['world_size']} threads={r['threads']['intra_op']}")
     print(f"img/s per rank: {r['img_per_sec_per_rank']:.2f} +- "
           f"{r['img_per_sec_per_rank_ci95']:.2f} (95% CI)")
     print(f"img/s total ({r['world_size']} ranks): {r['img_per_sec_total']:.2f}; "
