@@ -134,13 +134,14 @@ def regime_runs(record: dict) -> dict[str, dict]:
 
 
 def link_fraction(record: dict, launcher: str, nodes: int,
-                  mpi_config: str = "links4") -> float | None:
+                  mpi_config: str | None) -> float | None:
     """The fraction of the link Horovod's 16 MiB allreduce moved on ``nodes`` nodes, measured
     apart from the training runs: under mpirun, with Open MPI TCP setting ``mpi_config`` at
-    25 Mbit/s (mpi section; runs before a comm run recorded its ``mpi_config`` used 4
-    connections per peer pair); under Gloo, the nodes section's sweep at 1 Gbit/s."""
+    25 Mbit/s (mpi section; None: a comm run from before ``mpi_config`` was recorded, which
+    used 4 connections per peer pair, ``links4``); under Gloo, the nodes section's sweep at
+    1 Gbit/s."""
     if launcher == "mpi":
-        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get(mpi_config, {})
+        v = record.get("mpi", {}).get(f"{nodes}x25mbit", {}).get(mpi_config or "links4", {})
     else:
         v = record.get("nodes", {}).get(str(nodes), {})
     return v.get("sizes", {}).get(str(16 << 20), {}).get("link_fraction")
@@ -165,8 +166,7 @@ def validate_measured(record: dict, overlap: float) -> list[dict]:
     rows = []
     for run, comm in regime_runs(record).items():
         nodes = comm.get("nodes", 2)
-        frac = link_fraction(record, comm.get("launcher", "gloo"), nodes,
-                             comm.get("mpi_config") or "links4")
+        frac = link_fraction(record, comm.get("launcher", "gloo"), nodes, comm.get("mpi_config"))
         if frac is None:
             continue
         single = comm["single"]
