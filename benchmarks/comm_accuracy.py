@@ -7,9 +7,9 @@ shapes, AdamW) once per mode, the final validation mAP of each against synchrono
     .venv/bin/python benchmarks/comm_accuracy.py --epochs 12 --size 256 --train-images 384 \
         --json benchmarks/results/comm_accuracy_demo.json
 
-Modes: fp16 (the demo's default), none, powersgd_r1, powersgd_r4 (PowerSGD from the end of the
-demo's 30-step LR warm-up), local_k4, local_k16 (local SGD, weights averaged every k steps),
-local_k4_overlap (each average landing one period late, dist.local_overlap).
+Modes (`benchmarks/sync_modes.py`): fp16 (the demo's default), fp32, powersgd_r1, powersgd_r4
+(PowerSGD from the end of the demo's 30-step LR warm-up), local_k4, local_k16 (local SGD,
+averaged every k steps), local_k4_overlap (each average landing one period late).
 The same data, seed and schedule in every run of a seed; one run per mode and seed. Writes the
 JSON (default benchmarks/results/comm_accuracy.json) after every run; results of other seeds
 are named MODE_seedN and kept.
@@ -26,23 +26,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {
-    "fp16": [],
-    "none": ["dist.compression=none"],
-    "powersgd_r1": ["dist.compression=powersgd", "dist.powersgd_rank=1",
-                    "dist.powersgd_start_step=30"],
-    "powersgd_r4": ["dist.compression=powersgd", "dist.powersgd_rank=4",
-                    "dist.powersgd_start_step=30"],
-    "local_k4": ["dist.sync=local", "dist.local_steps=4"],
-    "local_k16": ["dist.sync=local", "dist.local_steps=16"],
-    "local_k4_overlap": ["dist.sync=local", "dist.local_steps=4", "dist.local_overlap=true"],
-}
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.sync_modes import SYNC_MODES  # noqa: E402
 
 
 def run_mode(name: str, demo_args: list[str], work: Path) -> dict:
     out = work / name
     argv = [str(Path(sys.executable).parent / "hvd-yolo"), "demo", *demo_args, "--out", str(out)]
-    for item in MODES[name]:
+    for item in SYNC_MODES[name]:
         argv += ["--set", item]
     t0 = time.time()
     with (work / f"{name}.log").open("w") as log:
@@ -55,7 +47,20 @@ def run_mode(name: str, demo_args: list[str], work: Path) -> dict:
     steps = [r for r in records if r["type"] == "step"]
     return {"rc": 0, "seconds": took, "steps": steps[-1]["step"], "mAP50": final["mAP50"],
             "mAP": final["mAP"], "final_loss": steps[-1]["loss"],
-            "bytes_sent_rank0": steps[-1].get("bytes_sent"), "set": MODES[name]}
+            "bytes_sent_rank0": steps[-1].get("bytes_sent"), "set": SYNC_MODES[name]}
+
+
+def compare_within_seed(results: dict[str, dict], seed: int) -> None:
+    """Each of the seed's results gains its mAP@0.5 minus fp16's and fp32's of the same seed."""
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    for base in ("fp16", "fp32"):
+        ref = results.get(base + suffix, {})
+        if ref.get("rc") != 0:
+            continue
+        for name in SYNC_MODES:
+            got = results.get(name + suffix, {})
+            if got.get("rc") == 0:
+                got[f"mAP50_minus_{base}"] = got["mAP50"] - ref["mAP50"]
 
 
 def main() -> None:
@@ -65,7 +70,7 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0,
                     help="the demo's seed (data, weights); results named MODE_seedN when not 0")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(SYNC_MODES))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "comm_accuracy.json"))
     args = ap.parse_args()
     path = Path(args.json)
@@ -84,9 +89,7 @@ def main() -> None:
         for name in args.modes.split(","):
             key = name if args.seed == 0 else f"{name}_seed{args.seed}"
             results[key] = run_mode(name, demo_args, Path(tmp))
-            base = results.get("fp16" if args.seed == 0 else f"fp16_seed{args.seed}", {})
-            if results[key].get("rc") == 0 and base.get("rc") == 0:
-                results[key]["mAP50_minus_fp16"] = results[key]["mAP50"] - base["mAP50"]
+            compare_within_seed(results, args.seed)
             print(f"{key}: {results[key]}", flush=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
 

@@ -1,17 +1,17 @@
 """Time to accuracy of each synchronisation mode in an emulated GPU-cluster regime.
 
-`hvd-yolo train` on 2 simulated nodes (`hvd_yolo.cluster`, one rank each, horovodrun --gloo)
-whose link is set from the regime (`hvd_yolo.regime`: this machine's img/s for the model and
-size against the accelerator's), on the demo's drawn-shapes data with the demo's schedule
-(YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch. The same data, seed and
-schedule for every mode, one run each, in turn. For each mode: the training time to each
-evaluation (the sum over steps of the step's images / its logged img/s, so the evaluations'
-own time is left out), the final mAP, and the time to the first evaluation at or above
-``--target`` mAP@0.5.
+`hvd-yolo train` on 2 (``--nodes``) simulated nodes (`hvd_yolo.cluster`, one rank each,
+horovodrun --gloo) whose link is set from the regime (`hvd_yolo.regime`: this machine's img/s
+for the model and size against the accelerator's), on the demo's drawn-shapes data with the
+demo's schedule (YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch. The same
+data, seed and schedule for every mode, one run each, in turn. For each mode: the training time
+to each evaluation (the sum over steps of the step's images / its logged img/s, so the
+evaluations' own time is left out), the final mAP, and the time to the first evaluation at or
+above ``--target`` mAP@0.5.
 
     python -m benchmarks.time_to_accuracy [--regime h100:10gbit] [--epochs 8] [--size 128]
         [--modes fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup] [--target 0.5]
-        [--seed 0]
+        [--seed 0] [--nodes 2]
 
 Writes benchmarks/results/time_to_accuracy.json (``--json``) and, beside it, a plot of each
 mode's mAP@0.5 against training time (``.png``).
@@ -35,24 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import cluster_bench as cb  # noqa: E402
+from benchmarks.sync_modes import SYNC_MODES  # noqa: E402
 from hvd_yolo import cluster, regime  # noqa: E402
 from hvd_yolo.commands.demo import demo_config  # noqa: E402
 from hvd_yolo.data.synthetic import write_yolo_dataset  # noqa: E402
 from hvd_yolo.shards.convert import convert_dataset  # noqa: E402
-
-# name -> --set options (PowerSGD from the end of the 30-step warm-up, as the demo; the warm-up
-# in fp16, the default, or fp32 as torch's hook sends it)
-MODES = {
-    "fp32": ["dist.compression=none"],
-    "fp16": ["dist.compression=fp16"],
-    "powersgd_r4": ["dist.compression=powersgd", "dist.powersgd_rank=4",
-                    "dist.powersgd_start_step=30"],
-    "powersgd_r4_fp32_warmup": ["dist.compression=powersgd", "dist.powersgd_rank=4",
-                                "dist.powersgd_start_step=30",
-                                "dist.powersgd_warmup_compression=none"],
-    "local_k4": ["dist.sync=local", "dist.local_steps=4"],
-    "local_k4_overlap": ["dist.sync=local", "dist.local_steps=4", "dist.local_overlap=true"],
-}
 
 
 def curve(records: list[dict[str, Any]], global_batch: int) -> list[dict[str, float]]:
@@ -68,24 +55,24 @@ def curve(records: list[dict[str, Any]], global_batch: int) -> list[dict[str, fl
 
 
 def run_mode(name: str, cfg: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One `hvd-yolo train` of ``name`` on the 2 nodes; its evaluation curve."""
+    """One `hvd-yolo train` of ``name`` on the simulated nodes; its evaluation curve."""
     out = work / name
     argv = ["train", "--config", str(cfg), "--set", f"run.out_dir={out}"]
-    for item in MODES[name]:
+    for item in SYNC_MODES[name]:
         argv += ["--set", item]
     t0 = time.time()
-    rc = cb.run(cb.job_argv("gloo", 2, cb.hosts_of(2), argv), args.timeout,
+    rc = cb.run(cb.job_argv("gloo", args.nodes, cb.hosts_of(args.nodes), argv), args.timeout,
                 work / f"{name}.log")
     if rc != 0:
         return {"rc": rc, "log": (work / f"{name}.log").read_text()[-3000:]}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = curve(records, 2 * args.batch_size)
+    evals = curve(records, args.nodes * args.batch_size)
     reached = next((e for e in evals if e["mAP50"] >= args.target), None)
     return {"rc": 0, "wall_s": round(time.time() - t0, 1), "evals": evals,
             "final_mAP50": evals[-1]["mAP50"], "final_mAP": evals[-1]["mAP"],
             "train_s": evals[-1]["train_s"],
             "time_to_target_s": reached["train_s"] if reached else None,
-            "step_at_target": reached["step"] if reached else None, "set": MODES[name]}
+            "step_at_target": reached["step"] if reached else None, "set": SYNC_MODES[name]}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -121,7 +108,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     marker="o", label=name)
     ax.axhline(result["target"], ls="--", color="grey", lw=1)
     ax.set(xlabel="training time (s, evaluations excluded)", ylabel="validation mAP@0.5",
-           title=f"time to accuracy at emulated {result['regime']['regime']} (2 nodes)")
+           title=f"time to accuracy at emulated {result['regime']['regime']} "
+                 f"({result['nodes']} nodes)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -138,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", type=int, default=256)
     p.add_argument("--val-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nodes", type=int, default=2,
+                   help="simulated nodes, one rank each (more than 2 share this machine's cores: "
+                        "give --host-img-s as one rank's img/s with all of them training)")
     p.add_argument("--modes", default="fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup")
     p.add_argument("--target", type=float, default=0.5, help="mAP@0.5 to reach")
     p.add_argument("--host-img-s", type=float, default=None,
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": "python -m benchmarks.time_to_accuracy " + " ".join(argv or sys.argv[1:]),
         "regime": plan, "epochs": args.epochs, "size": args.size, "batch_per_rank":
-        args.batch_size, "nodes": 2, "launcher": "horovodrun --gloo", "seed": args.seed,
+        args.batch_size, "nodes": args.nodes, "launcher": "horovodrun --gloo", "seed": args.seed,
         "target": args.target, "machine": {"platform": platform.platform(),
                                            "cores": os.cpu_count()},
         "load_before": os.getloadavg(), "modes": {}}
@@ -170,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = demo_config(demo, work)
         cfg["eval"]["every"], cfg["run"]["log_every"], cfg["run"]["progress"] = 1, 1, False
         (work / "tta.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cb.bring_up(2, plan["link"])
+        cb.bring_up(args.nodes, plan["link"])
         try:
             for name in args.modes.split(","):
                 result["modes"][name] = run_mode(name, work / "tta.yaml", work, args)

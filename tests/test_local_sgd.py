@@ -63,7 +63,8 @@ def test_local_sgd_every_step_is_synchronous_sgd(shards: Path, tmp_path: Path) -
         assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
 
 
-CHANGES = """
+# two ranks, a small model, local_steps=2, each rank's own inputs (COMPRESSION, OVERLAP filled in)
+SETUP = """
     import hashlib, json, torch
     from hvd_yolo.comm import horovod as dist
     from hvd_yolo.comm.local_sgd import LocalSGDSync, model_tensors
@@ -72,10 +73,19 @@ CHANGES = """
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
     opt = LocalSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model, local_steps=2,
-                       compression="COMPRESSION")
+                       compression="COMPRESSION", overlap=OVERLAP)
     dist.broadcast_state(model)
     opt.start_at(0)  # as the loop does, after the broadcast
     g = torch.Generator().manual_seed(50 + ctx.rank)
+"""
+
+
+def script(body: str, compression: str, overlap: bool) -> str:
+    """SETUP followed by ``body``, for ``compression`` with or without overlap."""
+    return (SETUP + body).replace("COMPRESSION", compression).replace("OVERLAP", str(overlap))
+
+
+CHANGES = """
     out = []
     for step in range(1, 7):
         model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
@@ -109,7 +119,7 @@ def test_averages_send_the_change_in_fp16_or_the_weights_in_fp32(compression: st
     since start_at) as fp16, 2 bytes a number, and the tensors land within fp16 rounding of
     that change (1e-3 of it) of the exact mean; with none, the weights in fp32 (4 bytes), the
     exact mean."""
-    res = run_python(CHANGES.replace("COMPRESSION", compression), np=2, timeout=120)
+    res = run_python(script(CHANGES, compression, False), np=2, timeout=120)
     got = {r: json.loads(v) for r, v in res.values("result").items()}
     assert sorted(got) == [0, 1], res.output
     width = 2 if compression == "fp16" else 4
@@ -127,24 +137,12 @@ def test_averages_send_the_change_in_fp16_or_the_weights_in_fp32(compression: st
 
 
 OVERLAP = """
-    import hashlib, json, torch
-    from hvd_yolo.comm import horovod as dist
-    from hvd_yolo.comm.local_sgd import LocalSGDSync, model_tensors
-
     def flat(tensors):
         return torch.cat([t.flatten() for t in tensors])
 
     def digest(tensors):
         return hashlib.sha256(flat(tensors).numpy().tobytes()).hexdigest()
 
-    ctx = dist.init(threads=1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
-    opt = LocalSGDSync(torch.optim.SGD(model.parameters(), lr=0.1), model, local_steps=2,
-                       compression="COMPRESSION", overlap=True)
-    dist.broadcast_state(model)
-    opt.start_at(0)  # as the loop does, after the broadcast
-    g = torch.Generator().manual_seed(50 + ctx.rank)
     out, sent = [], []
     for step in range(1, 9):
         model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
@@ -189,7 +187,7 @@ def test_overlapped_averages_land_one_period_late_keeping_each_ranks_progress(
     and move by the ranks' mean change (within fp16 rounding of it, or exactly in fp32), each
     rank's weights keep what it learned meanwhile (1e-6), the ranks stay apart between
     checkpoints, and average_all lands the last one and leaves them identical."""
-    res = run_python(OVERLAP.replace("COMPRESSION", compression), np=2, timeout=120)
+    res = run_python(script(OVERLAP, compression, True), np=2, timeout=120)
     got = {r: json.loads(v) for r, v in res.values("result").items()}
     assert sorted(got) == [0, 1], res.output
     width = 2 if compression == "fp16" else 4
