@@ -83,11 +83,22 @@ MPI_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def job_argv(launcher: str, np: int, hosts: str, args: list[str]) -> list[str]:
+# a rank's core with --comm-pin: its rank (mpirun's or horovodrun's) mod this machine's cores
+RANK_CORE = f"${{OMPI_COMM_WORLD_RANK:-${{HOROVOD_RANK:-0}}}} % {os.cpu_count() or 1}"
+
+
+def pinned(argv: list[str], core: str) -> list[str]:
+    """``argv`` on one core (taskset): ``core`` is a shell arithmetic expression."""
+    return ["sh", "-c", f'exec taskset -c "$(({core}))" "$@"', "sh", *argv]
+
+
+def job_argv(launcher: str, np: int, hosts: str, args: list[str],
+             pin: bool = False) -> list[str]:
     """``hvd-yolo ARGS`` on ``np`` ranks of the cluster, launched from its login node.
 
     ``launcher``: ``gloo`` (horovodrun --gloo), ``mpi`` (the default mpirun line),
-    ``mpi-sockbuf``, or ``mpi:CONFIG`` with CONFIG a key of :data:`MPI_CONFIGS`."""
+    ``mpi-sockbuf``, or ``mpi:CONFIG`` with CONFIG a key of :data:`MPI_CONFIGS`. ``pin``:
+    rank r on core r mod this machine's cores, as :func:`single_on_every_node` pins node r+1."""
     if launcher == "gloo":
         inner = [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(np), "-H", hosts,
                  "--network-interfaces", cluster.IFACE, "--start-timeout", "60"]
@@ -97,7 +108,10 @@ def job_argv(launcher: str, np: int, hosts: str, args: list[str]) -> list[str]:
     else:
         inner = mpirun_argv(np, hosts=hosts, network=SUBNET,
                             extra=SOCKBUF if launcher == "mpi-sockbuf" else None)
-    return cluster.exec_argv(NAME, inner + hvd_yolo_argv(*args))
+    app = hvd_yolo_argv(*args)
+    if pin:
+        app = pinned(app, RANK_CORE)
+    return cluster.exec_argv(NAME, inner + app)
 
 
 def run(argv: list[str], timeout: float, log: Path) -> int:
@@ -295,12 +309,13 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[str],
                      rounds: int, work: Path, launcher: str = "gloo",
-                     nodes: int = 2) -> dict[str, Any]:
+                     nodes: int = 2, pin: bool = False) -> dict[str, Any]:
     """``bench train`` (``common``) once alone on one node ("single": the efficiency baseline)
     and once per config on ``nodes`` nodes, in alternating order for ``rounds`` rounds; the
     medians of ``KEEP`` per config, with each round's img/s. With more nodes than this
     machine's cores the baseline is one rank on every node at once, nothing sent (a rank's
-    speed when the ranks share the cores as in the run): "single" is their mean."""
+    speed when the ranks share the cores as in the run): "single" is their mean. ``pin``: each
+    node's rank on one core, the same cores in the baseline and in the configs."""
     names = ["single", *configs]
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
     shared = nodes > (os.cpu_count() or 1)
@@ -308,7 +323,7 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
         for name in names if r % 2 == 0 else names[::-1]:
             out = work / f"{section}_{name}_r{r}.json"
             if name == "single" and shared:
-                rec = single_on_every_node(common, nodes, work / f"{section}_single_r{r}")
+                rec = single_on_every_node(common, nodes, work / f"{section}_single_r{r}", pin)
                 if rec:
                     per[name].append(rec)
                 print(f"  {section} single ({nodes} at once) round {r}: "
@@ -320,7 +335,7 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
                 argv = mpirun_argv(2) + hvd_yolo_argv(*common, *configs[name], "--json", str(out))
             else:
                 argv = job_argv(launcher, nodes, hosts_of(nodes),
-                                [*common, *configs[name], "--json", str(out)])
+                                [*common, *configs[name], "--json", str(out)], pin)
             rc = run(argv, 900, work / f"{section}_{name}_r{r}.log")
             if rc == 0 and out.exists():
                 rec = json.loads(out.read_text())
@@ -337,12 +352,16 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
     return result
 
 
-def single_on_every_node(common: list[str], nodes: int, stem: Path) -> dict[str, Any] | None:
+def single_on_every_node(common: list[str], nodes: int, stem: Path,
+                         pin: bool = False) -> dict[str, Any] | None:
     """``bench train`` as one rank on each of ``nodes`` nodes at once (no collective between
-    them): ``KEEP`` of one rank, img/s the mean over the nodes; None if one failed."""
+    them): ``KEEP`` of one rank, img/s the mean over the nodes; None if one failed. ``pin``:
+    node k's rank on core k-1 mod this machine's cores."""
     outs = [Path(f"{stem}_n{k}.json") for k in range(1, nodes + 1)]
-    argvs = [cluster.exec_argv(NAME, hvd_yolo_argv(*common, "--json", str(out)), k)
-             for k, out in enumerate(outs, start=1)]
+    apps = [hvd_yolo_argv(*common, "--json", str(out)) for out in outs]
+    if pin:
+        apps = [pinned(app, f"{k % (os.cpu_count() or 1)}") for k, app in enumerate(apps)]
+    argvs = [cluster.exec_argv(NAME, app, k) for k, app in enumerate(apps, start=1)]
     logs = [out.with_suffix(".log") for out in outs]
     with ThreadPoolExecutor(nodes) as pool:  # run() waits: one thread per node, all at once
         rcs = list(pool.map(run, argvs, [900] * nodes, logs))
@@ -386,10 +405,11 @@ def section_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
               if not args.comm_configs or k in args.comm_configs.split(",")}
     configs = {**chosen, **({f"shm_{k}": v for k, v in chosen.items()} if args.comm_shm else {})}
     result = alternate_rounds("comm", configs, common, args.rounds, work, args.comm_launcher,
-                              args.comm_nodes)
+                              args.comm_nodes, args.comm_pin)
     cluster.down(NAME)
     result.update(link=args.comm_link, model=args.comm_model, size=args.comm_size,
                   batch=args.comm_batch, nodes=args.comm_nodes, launcher=args.comm_launcher,
+                  pinned=args.comm_pin,
                   mpi_config="line" if args.comm_launcher == "mpi" else None,
                   regime=regime_plan, load_before=load, load_after=os.getloadavg())
     if "single" in result:
@@ -428,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
                         "(hvd_yolo/regime.py; overrides --comm-link)")
     p.add_argument("--host-img-s", type=float, default=None,
                    help="--regime: one rank's img/s here if known (default: measured)")
+    p.add_argument("--comm-pin", action="store_true",
+                   help="each node's rank on one core (taskset, node k on core k-1 mod the "
+                        "cores): with more nodes than cores, the kernel otherwise may run 3 "
+                        "ranks on one core and 1 on the other, and every collective waits for "
+                        "the slowest")
     p.add_argument("--comm-shm", action="store_true",
                    help="the comm section also on 2 ranks of this machine (shared memory)")
     p.add_argument("--mpi-cases", default="2x1gbit,4x1gbit,2x25mbit,4x25mbit",
