@@ -26,7 +26,9 @@ started from its login node like a real job. Sections:
   tbf        how closely the tbf-limited links hold 10-1000 Mbit/s: raw TCP, one way and both
              ways at once, bytes counted by the receiving interface.
   --regime h100:10gbit sets the comm section's link from an emulated GPU regime
-  (hvd_yolo/regime.py); --comm-launcher mpi runs it under the package's mpirun line.
+  (hvd_yolo/regime.py); --comm-launcher mpi runs it under the package's mpirun line;
+  --comm-pin puts each node's rank on one core, as a real node has its own (more nodes than
+  cores: the baseline's ranks are pinned the same way).
 Every configuration runs in each of --rounds rounds, in alternating order (A B A B ...);
 reported values are medians over rounds. Writes benchmarks/results/cluster/cluster.json.
 Skipped, with the reason, where a cluster cannot be built (not root, no sshd).
