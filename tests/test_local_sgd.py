@@ -5,6 +5,7 @@ each, and a run killed with -9 resumes on the uninterrupted run's trajectory."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -322,3 +323,45 @@ def test_combinations_without_meaning_are_refused_by_name(keys: list[str], messa
 
     with pytest.raises(config.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config.load(None, ["data.train=x", *keys])
+
+
+LATE = """
+import sys, time
+from hvd_yolo.comm import horovod as dist, local_sgd
+
+# At each epoch's end (10 steps, a period's end) rank 1 starts the next average 2 s after rank
+# 0, as a rank held up (say, by the OS) would: rank 0 reaches the join with it in flight.
+cls = local_sgd.LocalSGDSync
+after_step = cls.after_step
+
+
+def late_after_step(self):
+    if self.due() and self.steps % 10 == 0 and dist.rank() == 1:
+        time.sleep(2)
+    return after_step(self)
+
+
+cls.after_step = late_after_step
+from hvd_yolo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.mpi
+def test_an_overlapped_average_in_flight_at_an_epochs_end_lands_before_the_ranks_join(
+        shards: Path, tmp_path: Path) -> None:
+    """dist.local_overlap with every epoch's end a period's end (10 steps an epoch, k=2) and
+    rank 1 late there: the slice started at the epoch's last step is waited for before the
+    epoch-end join (Horovod's join with an allreduce in flight hung a rank, or crashed it), so
+    both epochs finish, every logged loss is finite and the last checkpoint is step 20's."""
+    out = tmp_path / "run"
+    run_job([sys.executable, "-c", LATE, *args(
+        shards, out, "--set", "dist.sync=local", "--set", "dist.local_steps=2",
+        "--set", "dist.local_overlap=true", "--set", "optim.epochs=2",
+        "--set", "dist.stall_warning_s=10", "--set", "dist.stall_shutdown_s=40",
+        "--set", "run.log_every=3")],  # no logged step at 10: its allreduce would wait for rank 1
+        np=2, timeout=240)
+    got = losses(out)
+    assert sorted(got) == [3, 6, 9, 12, 15, 18, 20], sorted(got)
+    assert all(math.isfinite(v) for v in got.values()), got
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 20

@@ -61,6 +61,11 @@ class GradSync:
     def after_step(self) -> None:
         """After the update (every rank): local SGD averages the weights when a period ends."""
 
+    def settle(self) -> None:
+        """Every rank, before Horovod's join: wait for whatever collective is still in flight
+        (an allreduce in flight across a join hangs a rank or averages in zeros). Here none is:
+        every step's allreduces finish within it."""
+
     def before_save(self, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
         """Every rank, before a checkpoint or an evaluation: make every rank hold the model it
         saves. Here: the BatchNorm running statistics (model and EMA) averaged over ranks."""

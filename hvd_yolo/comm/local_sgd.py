@@ -61,12 +61,12 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 class InFlight:
     """An overlapped average on its way: this rank's change (flat, the model's dtype), the flat
     wire buffer averaged in place (fp16 or a copy), its slices not started yet, and the
-    Horovod handles of those started."""
+    Horovod handles of those started (None once waited for)."""
 
     own: torch.Tensor
     wire: torch.Tensor
     unsent: list[torch.Tensor]
-    handles: list[int]
+    handles: list[int | None]
 
 
 class LocalSGDSync(GradSync):
@@ -133,6 +133,17 @@ class LocalSGDSync(GradSync):
                 self._average(momentum)
         self.averages += 1
         return True
+
+    def settle(self) -> None:
+        """Wait for the slices of the overlapped average started so far; their result stays in
+        the wire buffer until the average lands, as it would have."""
+        flight = self.in_flight
+        if flight is None:
+            return
+        for i, handle in enumerate(flight.handles):
+            if handle is not None:
+                dist.wait(handle)  # Horovod: a slice every rank started at the same step
+                flight.handles[i] = None
 
     def before_save(self, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
         """Every rank holds the same weights, buffers, optimizer state and EMA afterwards."""
@@ -212,9 +223,8 @@ class LocalSGDSync(GradSync):
             return
         while flight.unsent:  # (an average of everything mid-period: the rest goes now)
             self._send_slice()
+        self.settle()  # Horovod: the slices started since the period's end (every rank)
         self.in_flight = None
-        for handle in flight.handles:
-            dist.wait(handle)  # Horovod: the slices started since the period's end (every rank)
         average, at = flight.wire.to(flight.own.dtype), 0
         for t, s in zip(model_tensors(self.model), self.start):
             a = average[at:at + t.numel()].view_as(t)

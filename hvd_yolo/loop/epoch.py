@@ -103,6 +103,7 @@ def run_epoch(parts: Parts, world: World, progress: Progress, epoch: int,
     if bar is not None:
         bar.close()
     world.watch.progress(f"waiting for the other ranks at the end of epoch {epoch}", progress.step)
+    parts.sync.settle()  # overlapped local SGD: no allreduce of ours in flight across the join
     dist.join()  # Horovod: guard: every rank has finished the epoch's collectives
     count_corrupt(parts, world, progress, epoch, corrupt)
     return done
