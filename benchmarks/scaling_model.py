@@ -147,6 +147,15 @@ def link_fraction(record: dict, launcher: str, nodes: int,
     return v.get("sizes", {}).get(str(16 << 20), {}).get("link_fraction")
 
 
+def model_params(record: dict, comm: dict) -> float:
+    """The network's parameter count: half the fp16 bytes per step of the run's fp16 mode, or
+    of another regime run of the same model where this one ran without fp16."""
+    for run in [comm, *regime_runs(record).values()]:
+        if run.get("model") == comm.get("model") and "fp16_sync" in run:
+            return run["fp16_sync"]["allreduce_bytes_per_step"] / 2
+    raise KeyError(f"no fp16_sync run of {comm.get('model')} in cluster.json")
+
+
 def local_width(comm: dict, params: float) -> int:
     """Bytes per number of the run's local SGD average (4: fp32 weights, as before the fp16
     change was sent; 2: the fp16 change), from its measured bytes per step (k=4)."""
@@ -170,7 +179,7 @@ def validate_measured(record: dict, overlap: float) -> list[dict]:
         if frac is None:
             continue
         single = comm["single"]
-        params = comm["fp16_sync"]["allreduce_bytes_per_step"] / 2
+        params = model_params(record, comm)
         compute = single["compute_time_mean_s"]
         x = scaling.Inputs(compute_s=compute, backward_s=compute * 2 / 3, params=int(params),
                            batch=int(single["batch"]), alpha_s=0.0, cycle_s=5e-3,
