@@ -85,8 +85,9 @@ MPI_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+CORES = os.cpu_count() or 1  # this machine's, which every simulated node shares
 # a rank's core with --comm-pin: its rank (mpirun's or horovodrun's) mod this machine's cores
-RANK_CORE = f"${{OMPI_COMM_WORLD_RANK:-${{HOROVOD_RANK:-0}}}} % {os.cpu_count() or 1}"
+RANK_CORE = f"${{OMPI_COMM_WORLD_RANK:-${{HOROVOD_RANK:-0}}}} % {CORES}"
 
 
 def pinned(argv: list[str], core: str) -> list[str]:
@@ -320,7 +321,7 @@ def alternate_rounds(section: str, configs: dict[str, list[str]], common: list[s
     node's rank on one core, the same cores in the baseline and in the configs."""
     names = ["single", *configs]
     per: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
-    shared = nodes > (os.cpu_count() or 1)
+    shared = nodes > CORES
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             out = work / f"{section}_{name}_r{r}.json"
@@ -362,7 +363,7 @@ def single_on_every_node(common: list[str], nodes: int, stem: Path,
     outs = [Path(f"{stem}_n{k}.json") for k in range(1, nodes + 1)]
     apps = [hvd_yolo_argv(*common, "--json", str(out)) for out in outs]
     if pin:
-        apps = [pinned(app, f"{k % (os.cpu_count() or 1)}") for k, app in enumerate(apps)]
+        apps = [pinned(app, str(k % CORES)) for k, app in enumerate(apps)]
     argvs = [cluster.exec_argv(NAME, app, k) for k, app in enumerate(apps, start=1)]
     logs = [out.with_suffix(".log") for out in outs]
     with ThreadPoolExecutor(nodes) as pool:  # run() waits: one thread per node, all at once

@@ -16,13 +16,12 @@ AFFINITY = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(
 
 @pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_RANK", "HOROVOD_RANK"])
 def test_a_pinned_rank_runs_on_the_core_its_rank_names(var: str) -> None:
-    cores = os.cpu_count() or 1
     env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_RANK",
                                                             "HOROVOD_RANK")}
-    for rank in range(cores + 1):
+    for rank in range(cb.CORES + 1):
         out = subprocess.run(cb.pinned(AFFINITY, cb.RANK_CORE), env={**env, var: str(rank)},
                              capture_output=True, text=True, check=True).stdout
-        assert out.strip() == str([rank % cores]), (rank, out)
+        assert out.strip() == str([rank % cb.CORES]), (rank, out)
 
 
 def test_job_argv_pins_the_application_only_when_asked() -> None:

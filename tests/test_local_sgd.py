@@ -348,7 +348,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.mpi
-def test_an_overlapped_average_in_flight_at_an_epochs_end_lands_before_the_ranks_join(
+def test_an_overlapped_average_in_flight_at_an_epochs_end_is_waited_for_before_the_join(
         shards: Path, tmp_path: Path) -> None:
     """dist.local_overlap with every epoch's end a period's end (10 steps an epoch, k=2) and
     rank 1 late there: the slice started at the epoch's last step is waited for before the
