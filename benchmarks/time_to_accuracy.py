@@ -3,15 +3,15 @@
 `hvd-yolo train` on 2 (``--nodes``) simulated nodes (`hvd_yolo.cluster`, one rank each,
 horovodrun --gloo) whose link is set from the regime (`hvd_yolo.regime`: this machine's img/s
 for the model and size against the accelerator's), on the demo's drawn-shapes data with the
-demo's schedule (YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch. The same
-data, seed and schedule for every mode, one run each, in turn. For each mode: the training time
-to each evaluation (the sum over steps of the step's images / its logged img/s, so the
-evaluations' own time is left out), the final mAP, and the time to the first evaluation at or
-above ``--target`` mAP@0.5.
+demo's schedule (YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch
+(``--eval-every``). The same data, seed and schedule for every mode, one run each, in turn. For
+each mode: the training time to each evaluation (the sum over steps of the step's images / its
+logged img/s, so the evaluations' own time is left out), the final mAP, and the time to the
+first evaluation at or above ``--target`` mAP@0.5.
 
     python -m benchmarks.time_to_accuracy [--regime h100:10gbit] [--epochs 8] [--size 128]
         [--modes fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup] [--target 0.5]
-        [--seed 0] [--nodes 2]
+        [--seed 0] [--nodes 2] [--pin] [--eval-every 1]
 
 Writes benchmarks/results/time_to_accuracy.json (``--json``) and, beside it, a plot of each
 mode's mAP@0.5 against training time (``.png``).
@@ -61,8 +61,8 @@ def run_mode(name: str, cfg: Path, work: Path, args: argparse.Namespace) -> dict
     for item in SYNC_MODES[name]:
         argv += ["--set", item]
     t0 = time.time()
-    rc = cb.run(cb.job_argv("gloo", args.nodes, cb.hosts_of(args.nodes), argv), args.timeout,
-                work / f"{name}.log")
+    rc = cb.run(cb.job_argv("gloo", args.nodes, cb.hosts_of(args.nodes), argv, args.pin),
+                args.timeout, work / f"{name}.log")
     if rc != 0:
         return {"rc": rc, "log": (work / f"{name}.log").read_text()[-3000:]}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2,
                    help="simulated nodes, one rank each (more than 2 share this machine's cores: "
                         "give --host-img-s as one rank's img/s with all of them training)")
+    p.add_argument("--pin", action="store_true",
+                   help="each node's rank on one core, as cluster_bench --comm-pin")
     p.add_argument("--modes", default="fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="epochs between evaluations (local SGD averages in full before each)")
     p.add_argument("--target", type=float, default=0.5, help="mAP@0.5 to reach")
     p.add_argument("--host-img-s", type=float, default=None,
                    help="one rank's img/s here at --size (default: measured)")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": "python -m benchmarks.time_to_accuracy " + " ".join(argv or sys.argv[1:]),
         "regime": plan, "epochs": args.epochs, "size": args.size, "batch_per_rank":
-        args.batch_size, "nodes": args.nodes, "launcher": "horovodrun --gloo", "seed": args.seed,
+        args.batch_size, "nodes": args.nodes, "pinned": args.pin,
+        "launcher": "horovodrun --gloo", "seed": args.seed,
         "target": args.target, "machine": {"platform": platform.platform(),
                                            "cores": os.cpu_count()},
         "load_before": os.getloadavg(), "modes": {}}
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         demo = argparse.Namespace(size=args.size, batch_size=args.batch_size,
                                   epochs=args.epochs, seed=args.seed)
         cfg = demo_config(demo, work)
-        cfg["eval"]["every"], cfg["run"]["log_every"], cfg["run"]["progress"] = 1, 1, False
+        cfg["eval"]["every"], cfg["run"]["log_every"] = args.eval_every, 1
+        cfg["run"]["progress"] = False
         (work / "tta.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         cb.bring_up(args.nodes, plan["link"])
         try:
