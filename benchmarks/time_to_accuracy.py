@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="each node's rank on one core, as cluster_bench --comm-pin")
     p.add_argument("--modes", default="fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup")
     p.add_argument("--eval-every", type=int, default=1,
-                   help="epochs between evaluations (local SGD averages in full before each)")
+                   help="epochs between evaluations (local SGD averages in full before each, "
+                        "as before every epoch-end checkpoint)")
     p.add_argument("--target", type=float, default=0.5, help="mAP@0.5 to reach")
     p.add_argument("--host-img-s", type=float, default=None,
                    help="one rank's img/s here at --size (default: measured)")
