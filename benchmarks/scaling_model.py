@@ -74,6 +74,19 @@ def train_overlap(record: dict) -> float:
     return 0.6
 
 
+def train_contention(record: dict) -> float:
+    """How much compute slowed per second of allreduce in flight beside it, from the same two
+    runs as :func:`train_overlap`: (compute with overlap - compute without) / the allreduce's
+    time beside backward (its wait without overlap, at most backward: 2/3 of compute)."""
+    train = record.get("train", {})
+    on, off = train.get("fp32_overlap_acc1"), train.get("fp32_nooverlap_acc1")
+    if not (on and off):
+        return 0.0
+    beside = min(off["allreduce_wait_mean_s"], off["compute_time_mean_s"] * 2 / 3)
+    gain = on["compute_time_mean_s"] - off["compute_time_mean_s"]
+    return max(0.0, gain) / beside if beside > 0 else 0.0
+
+
 def ring_time(n: int, nbytes: float, alpha: float, bw: float) -> float:
     return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / bw
 
@@ -163,13 +176,13 @@ def local_width(comm: dict, params: float) -> int:
     return 2 if not local else max(2, min(4, round(local * 4 / params)))
 
 
-def validate_measured(record: dict, overlap: float) -> list[dict]:
+def validate_measured(record: dict, overlap: float, contention: float) -> list[dict]:
     """Check (a): the measured img/s per mode of every run at an emulated rate (``comm_regime*``)
     against the model fed with inputs measured apart from them: one rank's compute time (its
     own run in the same rounds; with more nodes than cores, every node's rank at once), the
     link fraction of Horovod's 16 MiB allreduce on as many nodes with the same launcher
-    (:func:`link_fraction`), the fp32 overlap share (train section); PowerSGD's extra compute
-    per step is its measured compute time minus one rank's."""
+    (:func:`link_fraction`), the fp32 overlap share and contention (train section); PowerSGD's
+    extra compute per step is its measured compute time minus one rank's."""
     from hvd_yolo.cluster import rate_bps
 
     rows = []
@@ -184,6 +197,7 @@ def validate_measured(record: dict, overlap: float) -> list[dict]:
         x = scaling.Inputs(compute_s=compute, backward_s=compute * 2 / 3, params=int(params),
                            batch=int(single["batch"]), alpha_s=0.0, cycle_s=5e-3,
                            bw=rate_bps(comm["link"]) / 8 * frac, overlap=overlap,
+                           contention=contention,
                            powersgd_bytes=comm.get("powersgd_r4", {}).get(
                                "allreduce_bytes_per_step", 0.0),
                            powersgd_compute_s=max(0.0, comm.get("powersgd_r4", {}).get(
@@ -230,14 +244,16 @@ def main() -> int:
     plans = sorted(OUT.glob("plan_*.json"))
     plan = json.loads(plans[0].read_text()) if plans else None
     overlap = plan["measured"]["overlap"] if plan else train_overlap(record)
+    contention = plan["measured"].get("contention", 0.0) if plan else train_contention(record)
     fwd = plan["measured"]["forward_share"] if plan else 1 / 3
     # The link fraction of Horovod's 16 MiB allreduce under the package's mpirun line, 2 nodes
     # at 25 Mbit/s (mpi section): what a transport that keeps both directions busy reaches.
     fraction = link_fraction(record, "mpi", 2, "line") or MPI_LINK_FRACTION
     model = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "overlap": overlap,
+             "contention": contention,
              "link_fraction": fraction, "alpha_gpu_s": ALPHA_GPU_S,
              "published": validate_published(overlap, fraction),
-             "measured": validate_measured(record, overlap),
+             "measured": validate_measured(record, overlap, contention),
              "projection": project(plan, fraction, overlap, fwd), "plan": plan,
              "sources": HOROVOD_BENCH_SOURCE}
     (OUT / "scaling_model.json").write_text(json.dumps(model, indent=1) + "\n")
@@ -310,7 +326,11 @@ def markdown(m: dict) -> str:
              "`benchmarks/scaling_model.py` (model: `hvd_yolo/scaling.py`), "
              f"{m['created']}. Inputs: the share of the fp32 allreduce that overlap hides, "
              f"{m['overlap']:.2f} (measured: `hvd-yolo plan` when a plan_*.json is here, else "
-             "cluster.json's 2-node training section, overlap on vs off); the link fraction of "
+             "cluster.json's 2-node training section, overlap on vs off); how much compute "
+             f"slows per second of transfer in flight beside it, {m.get('contention', 0.0):.2f} "
+             "(measured from the same two runs: applied to the measured points of (a); 0 in (b) "
+             "and the projection, where GPUs compute and CPU cores move the bytes); the link "
+             "fraction of "
              f"Horovod's 16 MiB allreduce under the package's mpirun line, {m['link_fraction']:.2f} "
              "(measured: mpi section, 2 nodes at 25 Mbit/s); per-hop latency of a GPU cluster "
              f"{m['alpha_gpu_s'] * 1e6:.0f} us (assumed: not measurable here).", "",
@@ -326,7 +346,8 @@ def markdown(m: dict) -> str:
         lines += ["## (a) The measured points at the emulated H100 + 10 GbE rate", "",
                   "Inputs measured apart from these runs (see validate_measured): one rank's "
                   "compute, the link fraction of Horovod's 16 MiB allreduce with the run's "
-                  "launcher on as many nodes, the overlap share, PowerSGD's extra compute.", "",
+                  "launcher on as many nodes, the overlap share and contention, PowerSGD's "
+                  "extra compute.", "",
                   "| run | nodes | link | launcher | link fraction | config | measured img/s "
                   "| model img/s | error |", "|---|---|---|---|---|---|---|---|---|"]
         for r in m["measured"]:

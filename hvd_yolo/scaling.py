@@ -9,6 +9,11 @@ Four inputs, each measured (``benchmarks/scaling_model.py`` and ``hvd-yolo plan`
 - ``overlap``: the fraction of the gradient allreduce that backward hides when backward is long
   enough (from ``bench train`` with overlap on and off: 1 - wait_on / wait_off).
 
+One more, measured from the same two runs: ``contention``, how much compute slows while a
+transfer is in flight beside it (per second in flight: (compute_on - compute_off) / wait_off).
+On CPU ranks the transfer's own work (Horovod's thread, the MPI and TCP stacks) shares the
+compute's cores; on GPU nodes it runs on other cores and the model's projections take 0.
+
 One allreduce of S bytes in R fused rounds on n nodes:
 ``t_ar = R (cycle + 2(n-1) alpha) + 2(n-1)/n S / bw``. A synchronous step (fp32, fp16) is
 ``compute + max((1 - overlap) t_ar, t_ar - backward)``: the part overlap cannot hide, or what
@@ -18,6 +23,9 @@ no gradient collective; every k steps it averages the weights after the step (no
 rank's change in fp16 (``local_width`` 2, the default) or the fp32 weights (4), so each step
 pays 1/k of it; overlapped (``local_overlap``, ``dist.local_overlap``) the average travels
 during the next k steps' compute, and a step pays 1/k of what does not fit under it.
+A transfer beside compute (a synchronous allreduce beside backward, PowerSGD's P round, the
+overlapped average beside the next period) lengthens the compute by ``contention`` times the
+seconds it is in flight there.
 Hierarchical allreduce (g GPUs per node): reduce-scatter and
 allgather inside the node at ``intra_bw``, the ring between nodes only, so the per-hop latency is
 paid 2(n-1) times instead of 2(ng-1), and each node's link carries the gradient once.
@@ -50,6 +58,7 @@ class Inputs:
     powersgd_compute_s: float = 0.0  # PowerSGD's own compute per step (QR, products)
     local_steps: int = 4
     local_width: int = 2  # bytes per number of local SGD's average (fp16 change; 4: fp32 weights)
+    contention: float = 0.0  # compute's slowdown per second of transfer in flight beside it
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -97,19 +106,25 @@ def step_s(x: Inputs, nodes: int, mode: str) -> float:
         nbytes = x.params * (4 if mode == "fp32" else 2)
         rounds = rounds_of(nbytes, x.fusion_bytes)
         t_ar = (_hier if mode == "fp16_hier" else _flat)(x, nodes, nbytes, rounds)
-        return x.compute_s + exposed_s(t_ar, x.backward_s, x.overlap)
+        beside = x.contention * min(x.backward_s, t_ar)  # in flight beside backward
+        return x.compute_s + beside + exposed_s(t_ar, x.backward_s, x.overlap)
     if mode == "powersgd":
         half = x.powersgd_bytes / 2  # P and Q rounds carry about the same numbers
         t_p = _flat(x, nodes, half, 1)
         t_q = _flat(x, nodes, half, 1)
-        return (x.compute_s + x.powersgd_compute_s + exposed_s(t_p, x.backward_s, x.overlap)
-                + t_q)
+        beside = x.contention * min(x.backward_s, t_p)
+        return (x.compute_s + x.powersgd_compute_s + beside
+                + exposed_s(t_p, x.backward_s, x.overlap) + t_q)
     if mode in ("local", "local_overlap"):
         nbytes = x.local_width * x.params
         t_avg = _flat(x, nodes, nbytes, rounds_of(nbytes, x.fusion_bytes))
-        if mode == "local_overlap":  # hidden behind the next period's compute where it fits
-            t_avg = max(0.0, t_avg - x.local_steps * x.compute_s)
-        return x.compute_s + t_avg / x.local_steps
+        if mode == "local":  # after the step, nothing beside it
+            return x.compute_s + t_avg / x.local_steps
+        # Overlapped: in flight beside the next period's compute, which it slows; a step pays
+        # 1/k of what does not fit under that period.
+        period = x.local_steps * x.compute_s
+        period += x.contention * min(period, t_avg)
+        return period / x.local_steps + max(0.0, t_avg - period) / x.local_steps
     raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
 
 

@@ -47,7 +47,8 @@ def test_plan_measures_the_link_and_predicts_every_mode(sim: dict, tmp_path: Pat
     assert rec["link_bps"] == cluster.rate_bps(LINK)
     assert f"the allreduce moved {fraction:.2f} of the {LINK} link" in res.output
     assert m["mpi_tiny_allreduce_s"] is not None and m["alpha_s"] > 0
-    assert 0 <= m["overlap"] <= 1 and 0 < m["forward_share"] < 1
+    assert 0 <= m["overlap"] <= 1 and 0 < m["forward_share"] < 1 and m["contention"] >= 0
+    assert rec["inputs"]["contention"] == m["contention"]
     modes = rec["modes"]
     assert {"fp32", "fp16", "powersgd", "local", "local_overlap"} <= set(modes)
     assert rec["recommended"] in modes
@@ -113,6 +114,27 @@ def test_step_time_per_mode_follows_the_bytes_sent() -> None:
     assert scaling.step_s(slow, 2, "fp32") == pytest.approx(1.0 + t_ar - 0.6)
     # One rank alone communicates nothing.
     assert scaling.step_s(x, 1, "fp32") == x.compute_s
+
+
+def test_a_transfer_beside_compute_slows_it_by_the_contention() -> None:
+    x = inputs(contention=0.2)
+    # fp32: its 0.041 s allreduce is in flight beside backward, which slows by 0.2 of that.
+    t_ar = 1e-3 + 2e-5 + 4e7 / 1e9
+    assert scaling.step_s(x, 2, "fp32") == pytest.approx(1.0 + 0.2 * t_ar + 0.5 * t_ar)
+    # Beside backward for at most backward's length.
+    slow = inputs(bw=1e7, contention=0.2)
+    t_slow = 1e-3 + 2e-5 + 4e7 / 1e7
+    assert scaling.step_s(slow, 2, "fp32") == pytest.approx(1.0 + 0.2 * 0.6 + t_slow - 0.6)
+    # Overlapped local SGD: the average (5 s at 4 MB/s) is in flight through the whole next
+    # period (4 s of compute), which grows to 4.8 s, so 0.2 s is left to pay over 4 steps.
+    t_avg = 1e-3 + 2e-5 + 2e7 / 4e6
+    period = 4.0 + 0.2 * 4.0
+    assert scaling.step_s(inputs(bw=4e6, contention=0.2), 2, "local_overlap") == pytest.approx(
+        period / 4 + (t_avg - period) / 4)
+    # Plain local SGD averages after the step: nothing beside compute.
+    assert scaling.step_s(x, 2, "local") == scaling.step_s(inputs(), 2, "local")
+    # One rank alone: nothing in flight.
+    assert scaling.step_s(x, 1, "fp32") == 1.0
 
 
 def test_hierarchical_allreduce_pays_fewer_hops_on_multi_gpu_nodes() -> None:

@@ -143,13 +143,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     off, on = runs["off"], runs["on"]
     wait_off, wait_on = off["allreduce_wait_mean_s"], on["allreduce_wait_mean_s"]
     overlap = min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
-    compute = statistics.fmean([off["compute_time_mean_s"], on["compute_time_mean_s"]])
+    # Compute alone is the run without overlap (its allreduce runs after backward); with
+    # overlap the same allreduce is in flight beside backward, and what that adds to compute,
+    # per second in flight, is the contention.
+    compute = off["compute_time_mean_s"]
+    beside = min(wait_off, compute * (1 - fwd_share))
+    contention = (max(0.0, on["compute_time_mean_s"] - compute) / beside) if beside > 0 else 0.0
     half_cycle = float(settings.get("HOROVOD_CYCLE_TIME", 1.0)) / 2e3
     return {"world_size": n, "ranks_per_node": local, "nodes": nodes,
             "negotiation_s": max(0.0, cycle - half_cycle),
             "horovod": settings, "tiny_allreduce_s": tiny, "mpi_tiny_allreduce_s": mpi_tiny,
             "link_allreduce_s": big, "link_allreduce_bytes": nbytes, "alpha_s": alpha,
-            "cycle_s": cycle, "bw_bytes_per_s": bw, "overlap": overlap,
+            "cycle_s": cycle, "bw_bytes_per_s": bw, "overlap": overlap, "contention": contention,
             "allreduce_wait_off_s": wait_off, "allreduce_wait_on_s": wait_on,
             "compute_s": compute, "forward_share": fwd_share,
             "params": off["parameters"], "img_per_sec_measured_fp32": on["img_per_sec_total"]}
@@ -162,7 +167,7 @@ def inputs_from(m: dict[str, Any], args: argparse.Namespace, shapes: list[tuple[
     return scaling.Inputs(
         compute_s=m["compute_s"], backward_s=m["compute_s"] * (1 - m["forward_share"]),
         params=m["params"], batch=args.batch_size, alpha_s=m["alpha_s"], cycle_s=m["cycle_s"],
-        bw=m["bw_bytes_per_s"] or 1.0, overlap=m["overlap"],
+        bw=m["bw_bytes_per_s"] or 1.0, overlap=m["overlap"], contention=m.get("contention", 0.0),
         gpus_per_node=m["ranks_per_node"],
         powersgd_bytes=4 * sum(scaling.powersgd_wire_elements(s, args.powersgd_rank)
                                for s in shapes),
@@ -229,7 +234,8 @@ def _print(args: argparse.Namespace, m: dict[str, Any], x: scaling.Inputs,
     print(f"  measured: compute {m['compute_s']:.3f} s/step (forward {m['forward_share']:.0%}), "
           f"link {m['bw_bytes_per_s'] * 8 / 1e9:.3f} Gbit/s per node, per-hop latency "
           f"{m['alpha_s'] * 1e6:.0f} us, per-round overhead {m['cycle_s'] * 1e3:.1f} ms, "
-          f"overlap hides {m['overlap']:.0%} of the allreduce")
+          f"overlap hides {m['overlap']:.0%} of the allreduce, a transfer beside compute "
+          f"slows it by {m['contention']:.2f} s per s in flight")
     print(f"  {'mode':<14} {'img/s':>9} {'efficiency':>10} {'step s':>8}")
     for mode, v in pred.items():
         mark = "  <- recommended" if mode == best else ""
