@@ -84,7 +84,7 @@ def train_contention(record: dict) -> float:
         return 0.0
     beside = min(off["allreduce_wait_mean_s"], off["compute_time_mean_s"] * 2 / 3)
     gain = on["compute_time_mean_s"] - off["compute_time_mean_s"]
-    return max(0.0, gain) / beside if beside > 0 else 0.0
+    return min(1.0, max(0.0, gain) / beside) if beside > 0 else 0.0  # at most a core's worth
 
 
 def ring_time(n: int, nbytes: float, alpha: float, bw: float) -> float:

@@ -10,7 +10,8 @@ Four inputs, each measured (``benchmarks/scaling_model.py`` and ``hvd-yolo plan`
   enough (from ``bench train`` with overlap on and off: 1 - wait_on / wait_off).
 
 One more, measured from the same two runs: ``contention``, how much compute slows while a
-transfer is in flight beside it (per second in flight: (compute_on - compute_off) / wait_off).
+transfer is in flight beside it (per second in flight: (compute_on - compute_off) / the
+allreduce's time beside backward, wait_off or backward if shorter).
 On CPU ranks the transfer's own work (Horovod's thread, the MPI and TCP stacks) shares the
 compute's cores; on GPU nodes it runs on other cores and the model's projections take 0.
 

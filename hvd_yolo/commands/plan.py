@@ -145,10 +145,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     overlap = min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
     # Compute alone is the run without overlap (its allreduce runs after backward); with
     # overlap the same allreduce is in flight beside backward, and what that adds to compute,
-    # per second in flight, is the contention.
+    # per second in flight, is the contention (at most 1: a whole core's worth; a short
+    # allreduce beside backward leaves the ratio mostly noise).
     compute = off["compute_time_mean_s"]
     beside = min(wait_off, compute * (1 - fwd_share))
-    contention = (max(0.0, on["compute_time_mean_s"] - compute) / beside) if beside > 0 else 0.0
+    slower = max(0.0, on["compute_time_mean_s"] - compute)
+    contention = min(1.0, slower / beside) if beside > 0 else 0.0
     half_cycle = float(settings.get("HOROVOD_CYCLE_TIME", 1.0)) / 2e3
     return {"world_size": n, "ranks_per_node": local, "nodes": nodes,
             "negotiation_s": max(0.0, cycle - half_cycle),
