@@ -82,9 +82,8 @@ def train_contention(record: dict) -> float:
     on, off = train.get("fp32_overlap_acc1"), train.get("fp32_nooverlap_acc1")
     if not (on and off):
         return 0.0
-    beside = min(off["allreduce_wait_mean_s"], off["compute_time_mean_s"] * 2 / 3)
-    gain = on["compute_time_mean_s"] - off["compute_time_mean_s"]
-    return min(1.0, max(0.0, gain) / beside) if beside > 0 else 0.0  # at most a core's worth
+    return scaling.contention_of(on["compute_time_mean_s"], off["compute_time_mean_s"],
+                                 off["allreduce_wait_mean_s"], off["compute_time_mean_s"] * 2 / 3)
 
 
 def ring_time(n: int, nbytes: float, alpha: float, bw: float) -> float:

@@ -77,6 +77,16 @@ def rounds_of(nbytes: float, fusion: float) -> int:
     return max(1, math.ceil(nbytes / fusion))
 
 
+def contention_of(compute_on: float, compute_off: float, wait_off: float,
+                  backward: float) -> float:
+    """Compute lost per second of allreduce in flight beside backward, from the same steps run
+    with overlap (``compute_on``) and without (``compute_off``; its allreduce, after backward,
+    waited ``wait_off``). At most 1, a whole core's worth: a short allreduce beside backward
+    leaves the ratio mostly noise."""
+    beside = min(wait_off, backward)
+    return min(1.0, max(0.0, compute_on - compute_off) / beside) if beside > 0 else 0.0
+
+
 def exposed_s(t_ar: float, backward: float, overlap: float) -> float:
     """What an allreduce started from backward's hooks adds to the step."""
     return max((1 - overlap) * t_ar, t_ar - backward, 0.0)
@@ -125,7 +135,7 @@ def step_s(x: Inputs, nodes: int, mode: str) -> float:
         # 1/k of what does not fit under that period.
         period = x.local_steps * x.compute_s
         period += x.contention * min(period, t_avg)
-        return period / x.local_steps + max(0.0, t_avg - period) / x.local_steps
+        return max(period, t_avg) / x.local_steps
     raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
 
 

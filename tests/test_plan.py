@@ -137,6 +137,16 @@ def test_a_transfer_beside_compute_slows_it_by_the_contention() -> None:
     assert scaling.step_s(x, 1, "fp32") == 1.0
 
 
+def test_contention_is_the_compute_lost_per_second_beside_backward() -> None:
+    # 0.1 s more compute with overlap, beside 0.5 s of allreduce (shorter than backward).
+    assert scaling.contention_of(1.1, 1.0, 0.5, 0.6) == pytest.approx(0.2)
+    # Beside backward only: a 5 s allreduce counts backward's 0.6 s.
+    assert scaling.contention_of(1.1, 1.0, 5.0, 0.6) == pytest.approx(0.1 / 0.6)
+    assert scaling.contention_of(1.5, 1.0, 0.01, 0.6) == 1.0  # at most a core's worth
+    assert scaling.contention_of(0.9, 1.0, 0.5, 0.6) == 0.0  # faster with overlap: none
+    assert scaling.contention_of(1.1, 1.0, 0.0, 0.6) == 0.0  # nothing sent
+
+
 def test_hierarchical_allreduce_pays_fewer_hops_on_multi_gpu_nodes() -> None:
     x = inputs(gpus_per_node=8, alpha_s=1e-4, intra_bw=1e11)
     pred = scaling.predict(x, 64)

@@ -144,13 +144,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     wait_off, wait_on = off["allreduce_wait_mean_s"], on["allreduce_wait_mean_s"]
     overlap = min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
     # Compute alone is the run without overlap (its allreduce runs after backward); with
-    # overlap the same allreduce is in flight beside backward, and what that adds to compute,
-    # per second in flight, is the contention (at most 1: a whole core's worth; a short
-    # allreduce beside backward leaves the ratio mostly noise).
+    # overlap the same allreduce is in flight beside backward and slows it: the contention.
     compute = off["compute_time_mean_s"]
-    beside = min(wait_off, compute * (1 - fwd_share))
-    slower = max(0.0, on["compute_time_mean_s"] - compute)
-    contention = min(1.0, slower / beside) if beside > 0 else 0.0
+    contention = scaling.contention_of(on["compute_time_mean_s"], compute, wait_off,
+                                       compute * (1 - fwd_share))
     half_cycle = float(settings.get("HOROVOD_CYCLE_TIME", 1.0)) / 2e3
     return {"world_size": n, "ranks_per_node": local, "nodes": nodes,
             "negotiation_s": max(0.0, cycle - half_cycle),
@@ -169,7 +166,7 @@ def inputs_from(m: dict[str, Any], args: argparse.Namespace, shapes: list[tuple[
     return scaling.Inputs(
         compute_s=m["compute_s"], backward_s=m["compute_s"] * (1 - m["forward_share"]),
         params=m["params"], batch=args.batch_size, alpha_s=m["alpha_s"], cycle_s=m["cycle_s"],
-        bw=m["bw_bytes_per_s"] or 1.0, overlap=m["overlap"], contention=m.get("contention", 0.0),
+        bw=m["bw_bytes_per_s"] or 1.0, overlap=m["overlap"], contention=m["contention"],
         gpus_per_node=m["ranks_per_node"],
         powersgd_bytes=4 * sum(scaling.powersgd_wire_elements(s, args.powersgd_rank)
                                for s in shapes),
