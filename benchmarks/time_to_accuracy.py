@@ -4,14 +4,15 @@
 horovodrun --gloo) whose link is set from the regime (`hvd_yolo.regime`: this machine's img/s
 for the model and size against the accelerator's), on the demo's drawn-shapes data with the
 demo's schedule (YOLOv3-tiny, AdamW, batch 8 per rank), evaluated after every epoch
-(``--eval-every``). The same data, seed and schedule for every mode, one run each, in turn. For
+(``--eval-every``). The same data, seed and schedule for every mode, one run each, in turn
+(``--repeats N``: N alternating rounds, and each mode's final mAP over its runs). For
 each mode: the training time to each evaluation (the sum over steps of the step's images / its
 logged img/s, so the evaluations' own time is left out), the final mAP, and the time to the
 first evaluation at or above ``--target`` mAP@0.5.
 
     python -m benchmarks.time_to_accuracy [--regime h100:10gbit] [--epochs 8] [--size 128]
         [--modes fp16,powersgd_r4,local_k4,fp32,powersgd_r4_fp32_warmup] [--target 0.5]
-        [--seed 0] [--nodes 2] [--pin] [--eval-every 1]
+        [--seed 0] [--nodes 2] [--pin] [--eval-every 1] [--repeats 1]
 
 Writes benchmarks/results/time_to_accuracy.json (``--json``) and, beside it, a plot of each
 mode's mAP@0.5 against training time (``.png``).
@@ -54,25 +55,62 @@ def curve(records: list[dict[str, Any]], global_batch: int) -> list[dict[str, fl
     return out
 
 
-def run_mode(name: str, cfg: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One `hvd-yolo train` of ``name`` on the simulated nodes; its evaluation curve."""
-    out = work / name
+def run_key(mode: str, repeat: int) -> str:
+    """The result's key of a mode's run: the mode's name, then ``MODE_run2``, ``MODE_run3``..."""
+    return mode if repeat == 1 else f"{mode}_run{repeat}"
+
+
+def run_mode(key: str, mode: str, cfg: Path, work: Path,
+             args: argparse.Namespace) -> dict[str, Any]:
+    """One `hvd-yolo train` of ``mode`` on the simulated nodes (run ``key``); its evaluation
+    curve."""
+    out = work / key
     argv = ["train", "--config", str(cfg), "--set", f"run.out_dir={out}"]
-    for item in SYNC_MODES[name]:
+    for item in SYNC_MODES[mode]:
         argv += ["--set", item]
     t0 = time.time()
     rc = cb.run(cb.job_argv("gloo", args.nodes, cb.hosts_of(args.nodes), argv, args.pin),
-                args.timeout, work / f"{name}.log")
+                args.timeout, work / f"{key}.log")
     if rc != 0:
-        return {"rc": rc, "log": (work / f"{name}.log").read_text()[-3000:]}
+        return {"rc": rc, "mode": mode, "log": (work / f"{key}.log").read_text()[-3000:]}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = curve(records, args.nodes * args.batch_size)
     reached = next((e for e in evals if e["mAP50"] >= args.target), None)
-    return {"rc": 0, "wall_s": round(time.time() - t0, 1), "evals": evals,
+    return {"rc": 0, "mode": mode, "wall_s": round(time.time() - t0, 1), "evals": evals,
             "final_mAP50": evals[-1]["mAP50"], "final_mAP": evals[-1]["mAP"],
             "train_s": evals[-1]["train_s"],
             "time_to_target_s": reached["train_s"] if reached else None,
-            "step_at_target": reached["step"] if reached else None, "set": SYNC_MODES[name]}
+            "step_at_target": reached["step"] if reached else None, "set": SYNC_MODES[mode]}
+
+
+def spread(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per mode over its runs (``--repeats``): how many, the final mAP@0.5's mean, min and max,
+    mAP@0.5:0.95's mean, and the mean final mAP@0.5 minus fp32's mean (when fp32 ran)."""
+    finals: dict[str, list[tuple[float, float]]] = {}
+    for key, r in result["modes"].items():
+        if not r.get("rc"):
+            finals.setdefault(r.get("mode", key), []).append((r["final_mAP50"], r["final_mAP"]))
+    rows = []
+    for mode, got in finals.items():
+        m50 = [g[0] for g in got]
+        rows.append({"mode": mode, "runs": len(got), "mAP50_mean": sum(m50) / len(m50),
+                     "mAP50_min": min(m50), "mAP50_max": max(m50),
+                     "mAP_mean": sum(g[1] for g in got) / len(got)})
+    ref = next((r["mAP50_mean"] for r in rows if r["mode"] == "fp32"), None)
+    for r in rows:
+        r["mAP50_vs_fp32"] = None if ref is None else r["mAP50_mean"] - ref
+    return rows
+
+
+def spread_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown of :func:`spread`."""
+    lines = ["| mode | runs | final mAP@0.5 mean (min-max) | final mAP@0.5:0.95 mean | "
+             "mAP@0.5 vs fp32 |", "| --- | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        vs = "" if r["mAP50_vs_fp32"] is None else f"{r['mAP50_vs_fp32']:+.3f}"
+        lines.append(f"| {r['mode']} | {r['runs']} | {r['mAP50_mean']:.3f} "
+                     f"({r['mAP50_min']:.3f}-{r['mAP50_max']:.3f}) | {r['mAP_mean']:.3f} | {vs} |")
+    return "\n".join(lines)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -102,10 +140,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    colours: dict[str, str] = {}
     for name, r in result["modes"].items():
         if not r.get("rc"):
+            mode = r.get("mode", name)
+            first = mode not in colours
+            colours.setdefault(mode, f"C{len(colours)}")
             ax.plot([e["train_s"] for e in r["evals"]], [e["mAP50"] for e in r["evals"]],
-                    marker="o", label=name)
+                    marker="o", color=colours[mode], label=mode if first else None,
+                    alpha=1.0 if first else 0.5)
     ax.axhline(result["target"], ls="--", color="grey", lw=1)
     ax.set(xlabel="training time (s, evaluations excluded)", ylabel="validation mAP@0.5",
            title=f"time to accuracy at emulated {result['regime']['regime']} "
@@ -138,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.5, help="mAP@0.5 to reach")
     p.add_argument("--host-img-s", type=float, default=None,
                    help="one rank's img/s here at --size (default: measured)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every mode, in alternating rounds (4-rank runs differ from run "
+                        "to run): the JSON's 'spread' gives each mode's mean, min and max")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" /
                    "time_to_accuracy.json")
@@ -170,17 +216,23 @@ def main(argv: list[str] | None = None) -> int:
         (work / "tta.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         cb.bring_up(args.nodes, plan["link"])
         try:
-            for name in args.modes.split(","):
-                result["modes"][name] = run_mode(name, work / "tta.yaml", work, args)
-                print(name, json.dumps({k: v for k, v in result["modes"][name].items()
-                                        if k != "evals"}), flush=True)
-                args.json.write_text(json.dumps(result, indent=1) + "\n")
+            for repeat in range(1, args.repeats + 1):
+                for mode in args.modes.split(","):
+                    key = run_key(mode, repeat)
+                    result["modes"][key] = run_mode(key, mode, work / "tta.yaml", work, args)
+                    print(key, json.dumps({k: v for k, v in result["modes"][key].items()
+                                           if k != "evals"}), flush=True)
+                    args.json.write_text(json.dumps(result, indent=1) + "\n")
         finally:
             cluster.down(cb.NAME)
     result["load_after"] = os.getloadavg()
+    if args.repeats > 1:
+        result["spread"] = spread(result)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.json.with_suffix(".png"))
     print(table(result))
+    if args.repeats > 1:
+        print(spread_table(result["spread"]))
     return 0
 
 
