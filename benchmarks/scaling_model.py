@@ -70,7 +70,7 @@ def train_overlap(record: dict) -> float:
     train = record.get("train", {})
     on, off = train.get("fp32_overlap_acc1"), train.get("fp32_nooverlap_acc1")
     if on and off and off["allreduce_wait_mean_s"] > 0:
-        return 1 - on["allreduce_wait_mean_s"] / off["allreduce_wait_mean_s"]
+        return scaling.overlap_of(on["allreduce_wait_mean_s"], off["allreduce_wait_mean_s"])
     return 0.6
 
 

@@ -77,6 +77,13 @@ def rounds_of(nbytes: float, fusion: float) -> int:
     return max(1, math.ceil(nbytes / fusion))
 
 
+def overlap_of(wait_on: float, wait_off: float) -> float:
+    """The share of the allreduce that backward hid, from the same steps run with overlap (their
+    allreduce waited ``wait_on`` after backward) and without (``wait_off``); in [0, 1], and 0
+    when nothing was waited for without overlap."""
+    return min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
+
+
 def contention_of(compute_on: float, compute_off: float, wait_off: float,
                   backward: float) -> float:
     """Compute lost per second of allreduce in flight beside backward, from the same steps run

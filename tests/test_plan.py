@@ -147,6 +147,13 @@ def test_contention_is_the_compute_lost_per_second_beside_backward() -> None:
     assert scaling.contention_of(1.1, 1.0, 0.0, 0.6) == 0.0  # nothing sent
 
 
+def test_overlap_is_the_share_of_the_wait_backward_hid() -> None:
+    assert scaling.overlap_of(1.0, 4.0) == pytest.approx(0.75)
+    assert scaling.overlap_of(5.0, 4.0) == 0.0  # waited longer with overlap: none hidden
+    assert scaling.overlap_of(0.0, 4.0) == 1.0
+    assert scaling.overlap_of(0.1, 0.0) == 0.0  # nothing waited for without overlap
+
+
 def test_hierarchical_allreduce_pays_fewer_hops_on_multi_gpu_nodes() -> None:
     x = inputs(gpus_per_node=8, alpha_s=1e-4, intra_bw=1e11)
     pred = scaling.predict(x, 64)

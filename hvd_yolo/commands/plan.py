@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     bw = (2 * (n - 1) / n * nbytes / max(big - cycle - hops * alpha, 1e-6)) if n > 1 else 0.0
     off, on = runs["off"], runs["on"]
     wait_off, wait_on = off["allreduce_wait_mean_s"], on["allreduce_wait_mean_s"]
-    overlap = min(1.0, max(0.0, 1 - wait_on / wait_off)) if wait_off > 0 else 0.0
+    overlap = scaling.overlap_of(wait_on, wait_off)
     # Compute alone is the run without overlap (its allreduce runs after backward); with
     # overlap the same allreduce is in flight beside backward and slows it: the contention.
     compute = off["compute_time_mean_s"]
