@@ -27,13 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hvd_yolo.config import Config, ConfigError
-from hvd_yolo.data.augment import (
-    AugmentedDataset,
-    collate,
-    ignore_stop_signals,
-    start_workers,
-    worker_context,
-)
+from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals, start_workers
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.matches import match_images, merge_matches
@@ -279,8 +273,7 @@ def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext) -> DataLoa
                                         shuffle=False, tail="pad"))
     return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
                       batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                      collate_fn=collate, worker_init_fn=ignore_stop_signals,
-                      multiprocessing_context=worker_context(cfg.data.workers))
+                      collate_fn=collate, worker_init_fn=ignore_stop_signals)
 
 
 def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,

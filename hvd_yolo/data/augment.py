@@ -10,9 +10,6 @@ schedule, not the same trajectory.)
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -129,31 +126,6 @@ def ignore_stop_signals(_worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-# What the forkserver imports once (the main script: as multiprocessing does by default), so
-# that each worker it forks starts with them loaded.
-WORKER_PRELOAD = ["__main__", "hvd_yolo.data.augment", "hvd_yolo.data.dataset"]
-
-
-def worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
-    """How a DataLoader's workers start: forked from a forkserver, never from the rank itself.
-    A rank runs threads beside its own (Horovod's background thread among them), and CPython
-    before 3.12 can fork while one of them holds the interpreter's thread-state lock: the
-    worker then hangs in its first instruction and the rank with it (cpython gh-112275; seen
-    here at an evaluation of a 4-rank run). The forkserver is one single-threaded process
-    started by exec, and its children start with the data modules already imported. It is
-    started here with the stop signals held (:func:`hold_stop_signals`), so each worker it
-    forks holds them too until :func:`ignore_stop_signals` has run."""
-    if workers == 0:
-        return None
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(WORKER_PRELOAD)
-    # The resource tracker first: starting it unblocks SIGTERM in this thread afterwards.
-    multiprocessing.resource_tracker.ensure_running()
-    with hold_stop_signals():
-        multiprocessing.forkserver.ensure_running()
-    return ctx
 
 
 def start_workers(loader: Iterable[Any]) -> Iterator[Any]:

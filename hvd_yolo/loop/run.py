@@ -21,7 +21,7 @@ from hvd_yolo import checkpoint, comm
 from hvd_yolo.comm import horovod as dist
 from hvd_yolo.comm.syncbn import sync_batchnorm
 from hvd_yolo.config import Config
-from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals, worker_context
+from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
 from hvd_yolo.evaluate import check_validation_set, make_eval_loader
@@ -197,20 +197,6 @@ def make_sampler(cfg: Config, train_ds: ShardDataset, ctx: dist.DistContext,
                         shuffle=True, tail=cfg.data.tail, pad_to=pad_to)
 
 
-def make_train_loader(train_ds: ShardDataset, sampler: ShardSampler, cfg: Config,
-                      pin_memory: bool) -> DataLoader:
-    """This rank's augmented training batches, in ``sampler``'s order (workers from a
-    forkserver: :func:`hvd_yolo.data.augment.worker_context`)."""
-    canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
-    return DataLoader(
-        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
-                         hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
-        sampler=EpochIndices(sampler), batch_size=cfg.optim.batch_size,
-        num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
-        drop_last=True, pin_memory=pin_memory, persistent_workers=False,
-        multiprocessing_context=worker_context(cfg.data.workers))
-
-
 def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: dict[str, str],
           sampler_of: Callable[[ShardDataset], ShardSampler]) -> tuple[Parts, ShardSampler]:
     """The datasets, model, GradSync, loader, log and stop handler; and the first sampler
@@ -221,7 +207,13 @@ def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: 
     # Adasum updates each parameter inside its backward hook, before a loss scale could be removed.
     use_amp = ctx.device.type == "cuda" and cfg.dist.op != "adasum"
     sampler = sampler_of(train_ds)
-    loader = make_train_loader(train_ds, sampler, cfg, use_amp)
+    canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
+    loader = DataLoader(
+        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
+                         hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
+        sampler=EpochIndices(sampler), batch_size=cfg.optim.batch_size,
+        num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+        drop_last=True, pin_memory=use_amp, persistent_workers=False)
     parts = Parts(cfg, Path(cfg.run.out_dir), lock, hvd_env, train_ds, val_ds, model,
                   YoloLoss(model).to(ctx.device), sync, ema,
                   torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, loader,
