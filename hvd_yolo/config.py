@@ -66,7 +66,7 @@ OPTIMIZERS = ("sgd", "adamw")
 class DataConfig:
     train: str = ""  # shard directory (hvd-yolo convert output)
     val: str | None = None  # shard directory for periodic evaluation
-    workers: int = 2  # DataLoader workers per rank
+    workers: int = 2  # DataLoader workers per rank and loader (training, evaluation): forked once
     tail: str = "pad"  # "pad" (repeat samples) or "drop": how ranks are made even
     on_corrupt: str = "skip"  # sample failing its CRC32/decode: "skip" (named, replaced, counted) or "error"
 

@@ -27,9 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hvd_yolo.config import Config, ConfigError
-from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals, start_workers
+from hvd_yolo.data.augment import AugmentedDataset, collate
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
+from hvd_yolo.data.workers import ignore_stop_signals, start_workers
 from hvd_yolo.matches import match_images, merge_matches
 from hvd_yolo.metrics import coco_evaluate, to_coco_results
 from hvd_yolo.model.postprocess import postprocess, to_original
@@ -267,13 +268,22 @@ def _draw(plots: PlotRequest, gathered: list, gt: dict[str, Any],
         return {"plots_error": f"{plots.out_dir}: {type(exc).__name__}: {exc}"}
 
 
-def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext) -> DataLoader:
-    """Each rank's share of the validation set, letterboxed at ``input.size`` (padded evenly)."""
-    sampler = EpochIndices(ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed,
-                                        shuffle=False, tail="pad"))
-    return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False), sampler=sampler,
+def eval_share(ds: ShardDataset, cfg: Config, ctx: DistContext) -> ShardSampler:
+    """This rank's share of the validation set, in order (padded evenly)."""
+    return ShardSampler(ds.shard_sizes, ctx.rank, ctx.size, seed=cfg.run.seed, shuffle=False,
+                        tail="pad")
+
+
+def make_eval_loader(ds: ShardDataset, cfg: Config, ctx: DistContext,
+                     persistent: bool = False) -> DataLoader:
+    """Each rank's share of the validation set (:func:`eval_share`), letterboxed at
+    ``input.size``; ``persistent`` keeps its workers from one evaluation to the next (the
+    training loop's: ``loader.sampler.sampler`` is re-dealt per world)."""
+    return DataLoader(AugmentedDataset(ds, cfg.input.size, train=False),
+                      sampler=EpochIndices(eval_share(ds, cfg, ctx)),
                       batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers,
-                      collate_fn=collate, worker_init_fn=ignore_stop_signals)
+                      collate_fn=collate, worker_init_fn=ignore_stop_signals,
+                      persistent_workers=persistent and cfg.data.workers > 0)
 
 
 def eval_batches(loader: DataLoader, device: torch.device, watch: StallWatch | None = None,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hvd_yolo.data.augment import ignore_stop_signals, start_workers
+from hvd_yolo.data.workers import ignore_stop_signals, start_workers
 
 torch.set_num_threads(1)
 WINDOW_S = 1.5

@@ -9,9 +9,6 @@ schedule, not the same trajectory.)
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -113,37 +110,3 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     return {"images": images, "targets": torch.cat(targets) if targets else torch.zeros(0, 6),
             "metas": [s["meta"] for s in samples]}
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1: Slurm signals every process of a step, and a
-    worker killed by it would abort the main process before it can checkpoint. The main
-    process stops them itself when it exits. A signal held back since the fork
-    (:func:`hold_stop_signals`) is discarded here."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def start_workers(loader: Iterable[Any]) -> Iterator[Any]:
-    """``iter(loader)`` with its new workers' stop signals held until they ignore them
-    (:func:`hold_stop_signals`): how the training loop and the evaluation start a loader."""
-    with hold_stop_signals():
-        return iter(loader)
-
-
-@contextlib.contextmanager
-def hold_stop_signals() -> Iterator[None]:
-    """Start a DataLoader's workers (``iter(loader)``) inside this: SIGTERM/SIGUSR1 stay blocked
-    in each new worker until :func:`ignore_stop_signals` has run. Without it a signal in between
-    meets torch's own worker handler, which dies of a SIGTERM not sent by its parent, and the
-    rank fails with "DataLoader worker ... exited unexpectedly". The main process gets a signal
-    that came meanwhile when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from hvd_yolo.comm import horovod as dist
-from hvd_yolo.data.augment import start_workers
+from hvd_yolo.data.workers import start_workers
 from hvd_yolo.loop import events
 from hvd_yolo.loop.logs import append_jsonl
 from hvd_yolo.loop.run import Parts, Progress, World

@@ -21,10 +21,11 @@ from hvd_yolo import checkpoint, comm
 from hvd_yolo.comm import horovod as dist
 from hvd_yolo.comm.syncbn import sync_batchnorm
 from hvd_yolo.config import Config
-from hvd_yolo.data.augment import AugmentedDataset, collate, ignore_stop_signals
+from hvd_yolo.data.augment import AugmentedDataset, collate
 from hvd_yolo.data.dataset import ShardDataset
 from hvd_yolo.data.sampler import EpochIndices, ShardSampler
-from hvd_yolo.evaluate import check_validation_set, make_eval_loader
+from hvd_yolo.data.workers import fork_workers, ignore_stop_signals
+from hvd_yolo.evaluate import check_validation_set, eval_share, make_eval_loader
 from hvd_yolo.loop.logs import MetricsLog, StopRequest, rank_log_path
 from hvd_yolo.loop.plan import Plan
 from hvd_yolo.model import anchors as anchor_check
@@ -53,6 +54,7 @@ class Parts:
     scaler: torch.amp.GradScaler
     use_amp: bool
     loader: DataLoader  # its sampler (EpochIndices) reads the World's ShardSampler
+    eval_loader: DataLoader | None  # the same, over this world's share of the validation set
     log: MetricsLog
     stop: StopRequest
 
@@ -72,7 +74,6 @@ class World:
     ctx: dist.DistContext
     sampler: ShardSampler
     plan: Plan
-    eval_loader: DataLoader | None
     watch: StallWatch
     rank_log: Path
     world_id: str | None = None  # elastic runs: the id every step line of this world carries
@@ -199,11 +200,9 @@ def make_sampler(cfg: Config, train_ds: ShardDataset, ctx: dist.DistContext,
 
 def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: dict[str, str],
           sampler_of: Callable[[ShardDataset], ShardSampler]) -> tuple[Parts, ShardSampler]:
-    """The datasets, model, GradSync, loader, log and stop handler; and the first sampler
+    """The datasets, loaders, model, GradSync, log and stop handler; and the first sampler
     (``sampler_of(train_ds)``)."""
     train_ds, val_ds = load_datasets(cfg)
-    model, sync, ema = build_model_and_sync(cfg, len(train_ds.class_names), ctx.device,
-                                            ctx.is_root)
     # Adasum updates each parameter inside its backward hook, before a loss scale could be removed.
     use_amp = ctx.device.type == "cuda" and cfg.dist.op != "adasum"
     sampler = sampler_of(train_ds)
@@ -213,10 +212,20 @@ def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: 
                          hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
         sampler=EpochIndices(sampler), batch_size=cfg.optim.batch_size,
         num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
-        drop_last=True, pin_memory=use_amp, persistent_workers=False)
+        drop_last=True, pin_memory=use_amp, persistent_workers=cfg.data.workers > 0)
+    eval_loader = (make_eval_loader(val_ds, cfg, ctx, persistent=True)
+                   if val_ds is not None else None)
+    # Both loaders' workers, forked now, before the model is broadcast: a fork while Horovod
+    # frees a collective's tensors can hang the worker (hvd_yolo.data.workers). They serve
+    # every epoch and evaluation of the run.
+    for workers_of in (loader, eval_loader):
+        if workers_of is not None:
+            fork_workers(workers_of)
+    model, sync, ema = build_model_and_sync(cfg, len(train_ds.class_names), ctx.device,
+                                            ctx.is_root)
     parts = Parts(cfg, Path(cfg.run.out_dir), lock, hvd_env, train_ds, val_ds, model,
                   YoloLoss(model).to(ctx.device), sync, ema,
-                  torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, loader,
+                  torch.amp.GradScaler("cuda", enabled=use_amp), use_amp, loader, eval_loader,
                   MetricsLog(Path(cfg.run.out_dir), ctx.is_root, cfg.run.tensorboard),
                   StopRequest())
     return parts, sampler
@@ -226,7 +235,6 @@ def open_world(parts: Parts, ctx: dist.DistContext, sampler: ShardSampler, plan:
                watch: StallWatch, world_id: str | None = None) -> World:
     """This world: the loader reads ``sampler``, the evaluation loader this world's share."""
     parts.loader.sampler.sampler = sampler
-    eval_loader = (make_eval_loader(parts.val_ds, parts.cfg, ctx)
-                   if parts.val_ds is not None else None)
-    return World(ctx, sampler, plan, eval_loader, watch, rank_log_path(parts.out_dir, ctx.rank),
-                 world_id)
+    if parts.eval_loader is not None:
+        parts.eval_loader.sampler.sampler = eval_share(parts.val_ds, parts.cfg, ctx)
+    return World(ctx, sampler, plan, watch, rank_log_path(parts.out_dir, ctx.rank), world_id)

@@ -10,6 +10,7 @@ from typing import Any
 
 from hvd_yolo import checkpoint, plots
 from hvd_yolo.comm import state as comm_state
+from hvd_yolo.data.workers import stop_workers
 from hvd_yolo.evaluate import evaluate
 from hvd_yolo.loop import events
 from hvd_yolo.loop.run import Parts, Progress, World
@@ -60,7 +61,7 @@ def evaluate_epoch(parts: Parts, world: World, progress: Progress, epoch: int) -
     # averaged over ranks, so every rank evaluates the model the checkpoint holds.
     path = save_checkpoint(parts, world, progress, epoch + 1, 0)
     last = epoch + 1 == parts.cfg.optim.epochs or progress.done  # the last one draws its figures
-    figures = evaluate(parts.ema_model or parts.model, world.eval_loader, parts.val_ds,
+    figures = evaluate(parts.ema_model or parts.model, parts.eval_loader, parts.val_ds,
                        parts.cfg, world.ctx.device, watch=world.watch, step=progress.step,
                        plots_dir=parts.out_dir / "plots" if last else None)
     is_best = figures["mAP"] > progress.best_map
@@ -85,7 +86,7 @@ def end_epoch(parts: Parts, world: World, progress: Progress, epoch: int,
     epoch_done = batches_done >= world.plan.batches_per_epoch
     last_epoch = epoch + 1 == cfg.optim.epochs or progress.done
     figures = None
-    if world.eval_loader is not None and epoch_done and (
+    if parts.eval_loader is not None and epoch_done and (
             (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0) or last_epoch):
         figures = evaluate_epoch(parts, world, progress, epoch)
     else:
@@ -98,12 +99,16 @@ def end_epoch(parts: Parts, world: World, progress: Progress, epoch: int,
 
 def finish(parts: Parts, world: World, progress: Progress, figures: dict[str, Any] | None,
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's summary (logged, returned), the stall watch stopped, the out_dir released."""
+    """The run's summary (logged, returned); the workers, the stall watch and the out_dir
+    released."""
     summary = {"steps": progress.step, "stopped": progress.stopped, **(extra or {}),
                "mAP": figures["mAP"] if figures else None,
                "mAP50": figures["mAP50"] if figures else None, "best_mAP": progress.best_map,
                "out_dir": str(parts.out_dir), "checkpoint": str(parts.ckpt_dir / "last.pt")}
     parts.log.write({"type": "summary", "step": progress.step, **summary})
+    for loader in (parts.loader, parts.eval_loader):
+        if loader is not None:
+            stop_workers(loader)
     world.watch.close()
     if parts.lock is not None:
         parts.lock.release()
