@@ -59,23 +59,26 @@ def hold_stop_signals() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def fork_workers(loader: DataLoader) -> None:
-    """Fork a persistent loader's workers now, idle: its index source (an ``EpochIndices``,
-    whose ``sampler`` the loop deals per world) reads nothing meanwhile. Every later
-    ``iter(loader)`` reuses them."""
-    if loader.num_workers == 0:
-        return
-    if not loader.persistent_workers:
-        raise ValueError("fork_workers needs a DataLoader with persistent_workers=True")
-    indices = loader.sampler
-    dealt, indices.sampler = indices.sampler, []
-    try:
-        start_workers(loader)
-    finally:
-        indices.sampler = dealt
+def fork_workers(*loaders: DataLoader | None) -> None:
+    """Fork each persistent loader's workers now, idle: its index source (an
+    ``EpochIndices``, whose ``sampler`` the loop deals per world) reads nothing meanwhile.
+    Every later ``iter(loader)`` reuses them. ``None`` (no such loader) is skipped."""
+    for loader in loaders:
+        if loader is None or loader.num_workers == 0:
+            continue
+        if not loader.persistent_workers:
+            raise ValueError("fork_workers needs a DataLoader with persistent_workers=True")
+        indices = loader.sampler
+        dealt, indices.sampler = indices.sampler, []
+        try:
+            start_workers(loader)
+        finally:
+            indices.sampler = dealt
 
 
-def stop_workers(loader: DataLoader) -> None:
-    """End a persistent loader's workers now rather than at exit: dropping torch's kept
-    iterator shuts them down."""
-    loader._iterator = None
+def stop_workers(*loaders: DataLoader | None) -> None:
+    """End persistent loaders' workers now rather than at exit: dropping torch's kept
+    iterator shuts them down. ``None`` is skipped."""
+    for loader in loaders:
+        if loader is not None:
+            loader._iterator = None

@@ -198,6 +198,19 @@ def make_sampler(cfg: Config, train_ds: ShardDataset, ctx: dist.DistContext,
                         shuffle=True, tail=cfg.data.tail, pad_to=pad_to)
 
 
+def make_train_loader(train_ds: ShardDataset, sampler: ShardSampler, cfg: Config,
+                      pin_memory: bool) -> DataLoader:
+    """This rank's augmented training batches, in ``sampler``'s order; persistent workers
+    (:mod:`hvd_yolo.data.workers`)."""
+    canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
+    return DataLoader(
+        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
+                         hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
+        sampler=EpochIndices(sampler), batch_size=cfg.optim.batch_size,
+        num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
+        drop_last=True, pin_memory=pin_memory, persistent_workers=cfg.data.workers > 0)
+
+
 def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: dict[str, str],
           sampler_of: Callable[[ShardDataset], ShardSampler]) -> tuple[Parts, ShardSampler]:
     """The datasets, loaders, model, GradSync, log and stop handler; and the first sampler
@@ -206,21 +219,13 @@ def build(cfg: Config, ctx: dist.DistContext, lock: OutDirLock | None, hvd_env: 
     # Adasum updates each parameter inside its backward hook, before a loss scale could be removed.
     use_amp = ctx.device.type == "cuda" and cfg.dist.op != "adasum"
     sampler = sampler_of(train_ds)
-    canvas = cfg.input.max_size if cfg.input.multiscale else cfg.input.size
-    loader = DataLoader(
-        AugmentedDataset(train_ds, canvas, seed=cfg.run.seed, flip=cfg.augment.flip,
-                         hsv=cfg.augment.hsv, mosaic=cfg.augment.mosaic),
-        sampler=EpochIndices(sampler), batch_size=cfg.optim.batch_size,
-        num_workers=cfg.data.workers, collate_fn=collate, worker_init_fn=ignore_stop_signals,
-        drop_last=True, pin_memory=use_amp, persistent_workers=cfg.data.workers > 0)
+    loader = make_train_loader(train_ds, sampler, cfg, use_amp)
     eval_loader = (make_eval_loader(val_ds, cfg, ctx, persistent=True)
                    if val_ds is not None else None)
     # Both loaders' workers, forked now, before the model is broadcast: a fork while Horovod
     # frees a collective's tensors can hang the worker (hvd_yolo.data.workers). They serve
     # every epoch and evaluation of the run.
-    for workers_of in (loader, eval_loader):
-        if workers_of is not None:
-            fork_workers(workers_of)
+    fork_workers(loader, eval_loader)
     model, sync, ema = build_model_and_sync(cfg, len(train_ds.class_names), ctx.device,
                                             ctx.is_root)
     parts = Parts(cfg, Path(cfg.run.out_dir), lock, hvd_env, train_ds, val_ds, model,

@@ -106,9 +106,7 @@ def finish(parts: Parts, world: World, progress: Progress, figures: dict[str, An
                "mAP50": figures["mAP50"] if figures else None, "best_mAP": progress.best_map,
                "out_dir": str(parts.out_dir), "checkpoint": str(parts.ckpt_dir / "last.pt")}
     parts.log.write({"type": "summary", "step": progress.step, **summary})
-    for loader in (parts.loader, parts.eval_loader):
-        if loader is not None:
-            stop_workers(loader)
+    stop_workers(parts.loader, parts.eval_loader)
     world.watch.close()
     if parts.lock is not None:
         parts.lock.release()
